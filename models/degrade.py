@@ -1,0 +1,72 @@
+"""Low-resolution simulation for training (AudioSR's recipe, done in the frequency domain).
+
+A zero-phase low-pass is a multiplication by |H(f)|^p on the FFT grid, and resampling down to a
+rate just above twice the cutoff and back is (ideally) a brick-wall mask at the new Nyquist.
+Precomputing a bank of such responses once lets a whole batch be degraded with one FFT on the
+training device instead of filtering sample by sample on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import signal
+
+from rtsr.features import SR
+
+COMMON_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000)
+FAMILIES = ("cheby1", "butter", "ellip", "bessel", "brickwall")
+
+
+def _lowpass_sos(family: str, order: int, cutoff: float) -> np.ndarray:
+    wn = min(cutoff / (SR / 2), 0.999)
+    if family == "cheby1":
+        return signal.cheby1(order, 0.1, wn, output="sos")
+    if family == "ellip":
+        return signal.ellip(order, 0.1, 60, wn, output="sos")
+    if family == "bessel":
+        return signal.bessel(order, wn, output="sos", norm="mag")
+    return signal.butter(order, wn, output="sos")
+
+
+def random_response(n_fft: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """One random degradation as (|response| on the rfft grid of n_fft, the cutoff to declare)."""
+    f = np.fft.rfftfreq(n_fft, 1.0 / SR)
+    if rng.random() < 0.08:  # telephone band: 300-3400 Hz through an 8 kHz channel
+        sos = signal.butter(4, [300, 3400], btype="band", fs=SR, output="sos")
+        _, h = signal.sosfreqz(sos, worN=f, fs=SR)
+        return (np.abs(h) * (f < 4000)).astype(np.float32), float(3400 * rng.uniform(1.0, 1.15))
+    if rng.random() < 0.5:
+        rate = float(rng.choice(COMMON_RATES))
+        cutoff = rate / 2 * rng.uniform(0.9, 0.99)
+    else:
+        cutoff = rng.uniform(2000.0, 16000.0)
+        rate = 2 * cutoff * rng.uniform(1.0, 1.1)
+    family = FAMILIES[rng.integers(len(FAMILIES))]
+    if family == "brickwall":
+        resp = (f < cutoff).astype(np.float64)
+    else:
+        _, h = signal.sosfreqz(_lowpass_sos(family, int(rng.integers(2, 11)), cutoff), worN=f, fs=SR)
+        resp = np.abs(h) ** rng.choice([1.0, 2.0])  # one pass, or forward-backward (filtfilt)
+    if rng.random() < 0.5:
+        resp = resp * (f < rate / 2)  # the resample down and back up
+    declared = min(cutoff, rate / 2) * rng.uniform(0.97, 1.04)
+    return resp.astype(np.float32), float(declared)
+
+
+class DegradationBank:
+    """A fixed bank of random responses; degrade() applies random entries to a batch."""
+
+    def __init__(self, n_fft: int, size: int = 2048, seed: int = 0, device: str = "cpu"):
+        rng = np.random.default_rng(seed)
+        pairs = [random_response(n_fft, rng) for _ in range(size)]
+        self.n_fft = n_fft
+        self.responses = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device, torch.float16)
+        self.cutoffs = torch.tensor([p[1] for p in pairs], device=device)
+
+    def degrade(self, hr: torch.Tensor, gen: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hr: (B, n_fft) -> (low-resolution audio at 48 kHz, declared cutoff in Hz per item)."""
+        idx = torch.randint(len(self.cutoffs), (hr.shape[0],), device=hr.device, generator=gen)
+        spec = torch.fft.rfft(hr.float(), n=self.n_fft) * self.responses[idx].float()
+        return torch.fft.irfft(spec, n=self.n_fft), self.cutoffs[idx]

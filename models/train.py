@@ -1,0 +1,371 @@
+"""Training: diffusion teacher + vocoder + regression baseline, then progressive distillation.
+
+    python -m rtsr.models.train --data corpus --out runs/basic --stage joint --budget-s 3600
+    python -m rtsr.models.train --data corpus --out runs/basic --stage distill --budget-s 1800
+    python -m rtsr.models.train --data corpus --out runs/basic --stage speech --budget-s 1800
+
+Every stage is bounded by wall time (so a run fits a machine lease), checkpoints to OUT every
+`--ckpt-s` seconds and resumes from its last checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from rtsr.models.degrade import DegradationBank
+from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
+from rtsr.models.nets import Denoiser, Vocoder, to_complex
+
+from rtsr.features import HOP, N_FFT, cutoff_mask, istft, log_mel, stft
+
+log = logging.getLogger("rtsr.train")
+MARGIN = 4800  # samples each side degraded with the crop, then cut: hides FFT wrap-around
+LOOKAHEAD = 1  # conditioning frames the denoiser sees ahead of the frame it denoises
+TEACHER_STEPS = 32
+
+
+class AudioPool:
+    """All training audio on the device, sampled as random crops with per-kind weights."""
+
+    def __init__(self, root: Path, split: str, kinds: dict[str, float], device: str, seed: int):
+        rows = [json.loads(line) for line in open(root / "manifest.jsonl")]
+        rows = [r for r in rows if r.get("split", split) == split and r["kind"] in kinds]
+        if not rows:
+            raise SystemExit(f"no {split} audio of kinds {sorted(kinds)} under {root}")
+        self.kinds, self.audio, self.starts = [], {}, {}
+        for kind, weight in kinds.items():
+            clips = [sf.read(root / r["path"], dtype="float32")[0] for r in rows if r["kind"] == kind]
+            if not clips or weight <= 0:
+                continue
+            self.kinds.append((kind, weight))
+            self.audio[kind] = torch.from_numpy(np.concatenate(clips)).to(device)
+            log.info("%s %s: %d files, %.2f h", split, kind, len(clips), len(self.audio[kind]) / 48000 / 3600)
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def crops(self, batch: int, length: int) -> tuple[torch.Tensor, list[str]]:
+        """Random crops, skipping near-silent ones (they teach nothing about high bands)."""
+        w = torch.tensor([k[1] for k in self.kinds])
+        picks = torch.multinomial(w / w.sum(), batch, replacement=True, generator=self.gen)
+        out, names = [], []
+        for p in picks.tolist():
+            kind = self.kinds[p][0]
+            a = self.audio[kind]
+            for _ in range(8):
+                s = int(torch.randint(0, max(len(a) - length, 1), (1,), generator=self.gen))
+                x = a[s:s + length]
+                if len(x) == length and x.square().mean() > 1e-7:
+                    break
+            out.append(F.pad(x, (0, length - len(x))))
+            names.append(kind)
+        gain = 10 ** (torch.empty(batch).uniform_(-20, 3, generator=self.gen) / 20)
+        return torch.stack(out) * gain.to(out[0].device)[:, None], names
+
+
+def features(hr: torch.Tensor, lr: torch.Tensor, frames: int):
+    """Waveforms (B, samples) -> HR spectrum, HR mel, LR mel (B, mels, frames), cropped margins."""
+    pad = (N_FFT // 2, N_FFT // 2)
+    hr_spec = stft(F.pad(hr, pad))[:, :frames]
+    lr_spec = stft(F.pad(lr, pad))[:, :frames]
+    return hr_spec, log_mel(hr_spec).transpose(1, 2), log_mel(lr_spec).transpose(1, 2)
+
+
+def band_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Loss weight per mel band: the bands above the cutoff are the ones to learn."""
+    return (1.0 - 0.9 * mask)[:, :, None]
+
+
+def vocoder_loss(voc: Vocoder, mel: torch.Tensor, hr_spec: torch.Tensor, hr: torch.Tensor):
+    out = voc(mel)
+    spec = to_complex(out)
+    loss = (out[:, 0].transpose(1, 2) - torch.log(hr_spec.abs().clamp_min(1e-5))).abs().mean()
+    y = istft(spec)[:, :hr.shape[-1]]
+    for n_fft in (256, 1024, 2048):
+        win = torch.hann_window(n_fft, device=y.device)
+        sy = torch.stft(y, n_fft, n_fft // 4, window=win, return_complex=True).abs()
+        sr = torch.stft(hr, n_fft, n_fft // 4, window=win, return_complex=True).abs()
+        loss = loss + (torch.log(sy.clamp_min(1e-5)) - torch.log(sr.clamp_min(1e-5))).abs().mean()
+        loss = loss + torch.linalg.norm(sy - sr) / torch.linalg.norm(sr).clamp_min(1e-5)
+    return loss
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.out = args, Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = args.device
+        self.frames = args.frames
+        self.samples = self.frames * HOP
+        self.bank = DegradationBank(self.samples + 2 * MARGIN, args.bank, args.seed, self.device)
+        self.amp = torch.autocast("cuda", torch.bfloat16) if self.device.startswith("cuda") else None
+
+    def batch(self, pool: AudioPool, size: int):
+        raw, _ = pool.crops(size, self.samples + 2 * MARGIN)
+        lr, cutoff = self.bank.degrade(raw)
+        hr, lr = raw[:, MARGIN:-MARGIN], lr[:, MARGIN:-MARGIN]
+        hr_spec, hr_mel, lr_mel = features(hr, lr, self.frames)
+        return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff)
+
+    def autocast(self):
+        return self.amp if self.amp is not None else torch.autocast("cpu", enabled=False)
+
+    def save(self, name: str, state: dict) -> None:
+        tmp = self.out / f"{name}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.out / f"{name}.pt")
+
+    def load(self, name: str) -> dict | None:
+        p = self.out / f"{name}.pt"
+        return torch.load(p, map_location=self.device) if p.exists() else None
+
+
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), net.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+def aligned(hr_mel: torch.Tensor, lr_mel: torch.Tensor):
+    """Target frames and the conditioning LOOKAHEAD frames ahead of them."""
+    return hr_mel[..., :hr_mel.shape[-1] - LOOKAHEAD], lr_mel[..., LOOKAHEAD:]
+
+
+def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
+    """Teacher denoiser, vocoder and the same-size regression baseline, on the same batches."""
+    a = tr.args
+    nets = {"teacher": Denoiser(), "vocoder": Vocoder(), "regression": Denoiser()}
+    for n in nets.values():
+        n.to(tr.device)
+    ema = copy.deepcopy(nets["teacher"]).requires_grad_(False)
+    params = [p for n in nets.values() for p in n.parameters()]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
+    step, spent = 0, 0.0
+    ck = tr.load("joint")
+    if ck:
+        for k, n in nets.items():
+            n.load_state_dict(ck[k])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        step, spent = ck["step"], ck["spent"]
+        log.info("resumed joint at step %d (%.0f s)", step, spent)
+    t0, last_ck = time.time() - spent, time.time()
+    while time.time() - t0 < a.budget_s:
+        for g in opt.param_groups:  # cosine decay over the stage's time budget
+            done = min((time.time() - t0) / a.budget_s, 1.0)
+            g["lr"] = a.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.475 * (1 + math.cos(math.pi * done)))
+        hr, hr_spec, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
+        x0, cond = aligned(hr_mel, lr_mel)
+        w = band_weights(mask)
+        drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
+        t = torch.rand(x0.shape[0], device=x0.device)
+        eps = torch.randn_like(x0)
+        with tr.autocast():
+            v = nets["teacher"](noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
+            l_teacher = ((v.float() - v_target(x0, eps, t)) ** 2 * w).mean()
+            r = nets["regression"](torch.zeros_like(x0), cond, mask, torch.zeros_like(t))
+            l_reg = ((r.float() - x0).abs() * w).mean()
+            l_voc = vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr)
+        opt.zero_grad(set_to_none=True)
+        (l_teacher + l_reg + l_voc).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema, nets["teacher"], 0.999 if step > 1000 else 0.99)
+        step += 1
+        if step % a.log_every == 0:
+            log.info("joint step %d %.0fs teacher %.4f reg %.4f voc %.4f", step, time.time() - t0,
+                     l_teacher.item(), l_reg.item(), l_voc.item())
+        if time.time() - last_ck > a.ckpt_s:
+            last_ck = time.time()
+            tr.save("joint", {**{k: n.state_dict() for k, n in nets.items()}, "ema": ema.state_dict(),
+                              "opt": opt.state_dict(), "step": step, "spent": time.time() - t0})
+    tr.save("joint", {**{k: n.state_dict() for k, n in nets.items()}, "ema": ema.state_dict(),
+                      "opt": opt.state_dict(), "step": step, "spent": time.time() - t0})
+    log.info("joint done: %d steps; val %s", step, json.dumps(evaluate(tr, val, ema, nets["regression"])))
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer, val: AudioPool, teacher: Denoiser, regression: Denoiser | None = None,
+             students: dict[int, Denoiser] | None = None, guidance: float = 1.0, batches: int = 4) -> dict:
+    """Mean |error| of the log-mel above the cutoff (in dB-ish units) on fixed validation crops."""
+    gen_state = val.gen.get_state()
+    val.gen.manual_seed(1234)
+    res: dict[str, list[float]] = {}
+    for _ in range(batches):
+        _, _, hr_mel, lr_mel, mask = tr.batch(val, 16)
+        x0, cond = aligned(hr_mel, lr_mel)
+        above = (1 - mask)[:, :, None].expand_as(x0)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7)).to(x0.device)
+
+        def err(pred, x0=x0, above=above):
+            return float(((pred - x0).abs() * above).sum() / above.sum())
+        with tr.autocast():
+            res.setdefault("sinc_like", []).append(err(torch.where(above > 0, cond[:, :, :1] * 0 - 2.5, cond)))
+            res.setdefault(f"teacher{TEACHER_STEPS}", []).append(
+                err(sample(teacher, noise, cond, mask, TEACHER_STEPS, guidance).float()))
+            if regression is not None:
+                res.setdefault("regression", []).append(
+                    err(regression(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device)).float()))
+            for k, s in (students or {}).items():
+                res.setdefault(f"student{k}", []).append(err(sample(s, noise, cond, mask, k).float()))
+    val.gen.set_state(gen_state)
+    return {k: round(float(np.mean(v)), 4) for k, v in res.items()}
+
+
+def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Denoiser, steps: int,
+                  guidance: float, budget_s: float) -> int:
+    """One progressive-distillation phase: `student` learns 2 teacher steps (of 2*steps) in one."""
+    a = tr.args
+    opt = torch.optim.AdamW(student.parameters(), lr=a.lr * 0.5, weight_decay=0.0)
+    t0, n = time.time(), 0
+    while time.time() - t0 < budget_s:
+        _, _, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
+        x0, cond = aligned(hr_mel, lr_mel)
+        k = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
+        t = 1.0 - k.float() / steps
+        t_mid, t_end = t - 0.5 / steps, t - 1.0 / steps
+        z = noisy(x0, torch.randn_like(x0), t)
+        with torch.no_grad(), tr.autocast():
+            z_mid = ddim_update(z, guided_v(teacher, z, cond, mask, t, guidance), t, t_mid)
+            z_end = ddim_update(z_mid, guided_v(teacher, z_mid, cond, mask, t_mid, guidance), t_mid, t_end)
+            target = distill_target(z, z_end, t, t_end)
+        with tr.autocast():
+            v = student(z, cond, mask, t)
+        loss = ((v.float() - target) ** 2 * band_weights(mask)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        n += 1
+        if n % a.log_every == 0:
+            log.info("distill %d steps: it %d loss %.4f", steps, n, loss.item())
+    return n
+
+
+def train_distill(tr: Trainer, pool: AudioPool, val: AudioPool, tag: str = "") -> None:
+    """Pick the guidance scale on validation, then halve the steps down to 1, saving each student."""
+    ck = tr.load("joint")
+    teacher = Denoiser().to(tr.device)
+    teacher.load_state_dict(ck["ema"] if not tag else tr.load(f"teacher{tag}")["ema"])
+    teacher.requires_grad_(False)
+    scores = {g: evaluate(tr, val, teacher, guidance=g)[f"teacher{TEACHER_STEPS}"] for g in (1.0, 1.5, 2.5)}
+    guidance = min(scores, key=scores.get)
+    log.info("guidance scores %s -> %.1f", scores, guidance)
+    phases = [TEACHER_STEPS // 2 ** i for i in range(1, int(math.log2(TEACHER_STEPS)) + 1)]
+    per_phase = tr.args.budget_s / len(phases)
+    current, g = teacher, guidance
+    students = {}
+    for steps in phases:
+        prev = tr.load(f"student{tag}{steps}")
+        student = copy.deepcopy(current).requires_grad_(True)
+        if prev:
+            student.load_state_dict(prev["net"])
+        else:
+            n = distill_phase(tr, pool, current, student, steps, g, per_phase)
+            tr.save(f"student{tag}{steps}", {"net": student.state_dict(), "iters": n, "guidance": guidance})
+        student.requires_grad_(False)
+        students[steps] = student
+        current, g = student, 1.0  # guidance is baked in after the first phase
+    log.info("distill%s done: val %s", tag, json.dumps(evaluate(tr, val, teacher, None,
+                                                               {k: students[k] for k in (4, 2, 1)}, guidance)))
+
+
+def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
+    """Fine-tune the basic teacher on speech alone (the `speech` model's teacher)."""
+    a = tr.args
+    if tr.load("teacher_speech"):
+        return
+    net = Denoiser().to(tr.device)
+    net.load_state_dict(tr.load("joint")["ema"])
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
+    t0, n = time.time(), 0
+    while time.time() - t0 < a.budget_s:
+        _, _, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
+        x0, cond = aligned(hr_mel, lr_mel)
+        drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
+        t = torch.rand(x0.shape[0], device=x0.device)
+        eps = torch.randn_like(x0)
+        with tr.autocast():
+            v = net(noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
+        loss = ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(ema, net, 0.995)
+        n += 1
+        if n % a.log_every == 0:
+            log.info("speech teacher it %d loss %.4f", n, loss.item())
+    tr.save("teacher_speech", {"ema": ema.state_dict(), "iters": n})
+
+
+def write_slim(run: Path, dest: Path) -> None:
+    """fp16 weights only, grouped in a few files (a lease returns at most 8 files of 16 MiB)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    groups = {"nets_basic": {"joint": ("ema", "vocoder", "regression")},
+              "students_basic": {f"student{k}": ("net",) for k in (4, 2, 1)},
+              "students_speech": {f"student_speech{k}": ("net",) for k in (4, 2, 1)}}
+    for name, files in groups.items():
+        slim = {}
+        for f, keys in files.items():
+            p = run / f"{f}.pt"
+            if p.exists():
+                ck = torch.load(p, map_location="cpu")
+                slim.update({f"{f}.{k}": {n: v.half() for n, v in ck[k].items()} for k in keys})
+                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step") if k in ck})
+        if slim:
+            torch.save(slim, dest / f"{name}.pt")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="folder with manifest.jsonl and FLACs")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--stages", default="joint", help="comma list of joint, distill, speech")
+    p.add_argument("--budgets", default="3600", help="wall seconds per stage, comma list")
+    p.add_argument("--slim-dir", type=Path, help="also write small fp16 weight files here per stage")
+    p.add_argument("--ckpt-s", type=float, default=300.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--frames", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bank", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--val-split", default="val", help="manifest split used for validation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(a.out / "train.log")])
+    torch.manual_seed(a.seed)
+    tr = Trainer(a)
+    mix = {"speech": 0.35, "music": 0.4, "sfx": 0.25}
+    pool = AudioPool(a.data, "train", mix, tr.device, a.seed)
+    val = AudioPool(a.data, a.val_split, mix, tr.device, a.seed + 1)
+    speech = AudioPool(a.data, "train", {"speech": 1.0}, tr.device, a.seed + 2)
+    speech_val = AudioPool(a.data, a.val_split, {"speech": 1.0}, tr.device, a.seed + 3)
+    for stage, budget in zip(a.stages.split(","), a.budgets.split(","), strict=True):
+        a.budget_s = float(budget)
+        if stage == "joint":
+            train_joint(tr, pool, val)
+        elif stage == "distill":
+            train_distill(tr, pool, val)
+        elif stage == "speech":
+            train_speech_teacher(tr, speech)
+            train_distill(tr, speech, speech_val, tag="_speech")
+        else:
+            raise SystemExit(f"unknown stage {stage}")
+        if a.slim_dir:
+            write_slim(a.out, a.slim_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The streaming engine: one object per stream, one method per stage of the data path.
+
+    feed(block) -> input validation -> _resample (48 kHz) -> _analyse (STFT frames, log-mel,
+    cutoff) -> _synthesise (per hop: few-step sampler -> mel low-band replacement -> vocoder ->
+    STFT low-band merge -> overlap-add crossfade) -> finished samples out.
+
+Every stage works on absolute frame/sample indices and keeps only the state it still needs, so
+feeding a signal in any block sizes gives the same output as feeding it at once; the offline
+`upscale` is literally this stream fed the whole signal and flushed. Output sample n is handed out
+as soon as nothing later can change it, which is at most `latency_samples` after its own input.
+
+    python -m rtsr.engine    # prints streaming-vs-offline delta, latency and real-time factor
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from rtsr.cutoff import CutoffTracker
+from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, window
+from rtsr.kernels.noise import frame_noise
+from rtsr.kernels.ola import overlap_add
+from rtsr.model import SuperResModel
+from rtsr.resample import StreamingResampler
+
+HALF = N_FFT // 2
+
+
+@lru_cache(maxsize=256)
+def _merge_row(cutoff_hz: float) -> np.ndarray:
+    return merge_weights(cutoff_hz)
+
+
+def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
+    """Validate one block of audio and return it as (frames, channels) float32."""
+    x = np.asarray(block)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"audio must be numeric, got dtype {x.dtype}")
+    if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1)
+        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+    x = x.astype(np.float32, copy=False)
+    if x.ndim == 1 and channels == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[1] != channels:
+        raise ValueError(f"expected (frames,{'' if channels == 1 else ' '}{channels}) audio, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"audio holds {int((~np.isfinite(x)).sum())} NaN/Inf samples")
+    return x
+
+
+class Stream:
+    """Upscale one live signal (any rate, any channel count) to 48 kHz, block by block."""
+
+    def __init__(self, model: SuperResModel, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
+                 seed: int = 0, cutoff_hz: float | None = None):
+        if not 8000 <= input_sr <= 384000:
+            raise ValueError(f"input rate {input_sr} Hz is outside 8000..384000")
+        if channels < 1:
+            raise ValueError("channels must be >= 1")
+        hop = round(hop_ms * SR / 1000)
+        if hop < HOP or hop % HOP:
+            raise ValueError(f"hop_ms must be a positive multiple of {1000 * HOP / SR:g} ms")
+        self.model, self.input_sr, self.channels, self.seed = model, input_sr, channels, seed
+        self.hop_frames = hop // HOP
+        self.resampler = StreamingResampler(input_sr, SR, channels)
+        self.cutoff = CutoffTracker(input_sr / 2, cutoff_hz)
+        self.model_state = model.new_state()
+        self._n_in = 0
+        self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
+        self._x48_base = -HALF  # absolute 48 kHz index of _x48[:, 0]
+        self._frames = 0  # LR frames analysed
+        self._pos = 0  # output frames synthesised; the LR buffers below start at this frame
+        self._lr_spec = np.zeros((channels, 0, N_FFT // 2 + 1), np.complex64)
+        self._lr_mel = torch.zeros(channels, N_MELS, 0)
+        self._cut = np.zeros(0, np.float32)
+        self._acc = np.zeros((channels, N_FFT), np.float32)  # overlap-add accumulator
+        self._acc_base = -HALF
+        self._emitted = 0
+        self._finished = False
+
+    @property
+    def latency_samples(self) -> int:
+        """Worst-case delay (48 kHz samples) from an input sample's arrival to its output's.
+
+        A hop of output waits for its last frame's analysis window (HALF samples past the frame
+        centre), for `lookahead` conditioning frames beyond it, and for the resampler's filter.
+        """
+        return (self.hop_frames + self.model.lookahead) * HOP + HALF + self.resampler.delay_out
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000.0 * self.latency_samples / SR
+
+    def feed(self, block: np.ndarray) -> np.ndarray:
+        """Push any number of input samples; returns the 48 kHz samples finished by them."""
+        if self._finished:
+            raise RuntimeError("stream already flushed")
+        x = as_frames(block, self.channels)
+        self._n_in += len(x)
+        self._append48(self.resampler.process(x))
+        self._analyse()
+        return self._synthesise(final=False)
+
+    def flush(self) -> np.ndarray:
+        """End of input: returns the rest, so the total is round(n_in * 48000 / input_sr)."""
+        if self._finished:
+            raise RuntimeError("stream already flushed")
+        self._finished = True
+        self._append48(self.resampler.flush())
+        self._n_out = self._x48_base + self._x48.shape[1]
+        last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
+        need = (last + self.model.lookahead) * HOP + HALF
+        self._append48(np.zeros((max(need - self._n_out, 0), self.channels), np.float32))
+        self._analyse()
+        return self._synthesise(final=True, last=last)
+
+    # --- stages -----------------------------------------------------------------------------
+
+    def _append48(self, y: np.ndarray) -> None:
+        if len(y):
+            self._x48 = np.concatenate([self._x48, y.T], axis=1)
+
+    def _analyse(self) -> None:
+        """STFT + log-mel + cutoff of every frame whose window has fully arrived."""
+        end = self._x48_base + self._x48.shape[1]
+        t1 = (end - HALF) // HOP + 1 if end >= HALF else 0
+        if t1 <= self._frames:
+            return
+        lo = self._frames * HOP - HALF - self._x48_base
+        hi = (t1 - 1) * HOP + HALF - self._x48_base
+        spec = stft(torch.from_numpy(self._x48[:, lo:hi]))  # (B, frames, bins)
+        self._lr_spec = np.concatenate([self._lr_spec, spec.numpy()], axis=1)
+        self._lr_mel = torch.cat([self._lr_mel, log_mel(spec).transpose(1, 2)], dim=2)
+        self._cut = np.concatenate([self._cut, self.cutoff.update(spec.abs().numpy())])
+        self._frames = t1
+        keep_from = t1 * HOP - HALF - self._x48_base
+        self._x48 = self._x48[:, keep_from:]
+        self._x48_base += keep_from
+
+    def _synthesise(self, final: bool, last: int = 0) -> np.ndarray:
+        """Run the model hop by hop on ready frames; overlap-add; return finished samples."""
+        out = []
+        la = self.model.lookahead
+        while True:
+            ready = (last + 1 - self._pos) if final else (self._frames - la - self._pos)
+            n = min(self.hop_frames, ready)
+            if n <= 0 or (not final and n < self.hop_frames):
+                break
+            out.append(self._hop(n))
+        return np.concatenate(out, axis=1).T if out else np.zeros((0, self.channels), np.float32)
+
+    def _hop(self, n: int) -> np.ndarray:
+        la = self.model.lookahead
+        cut = self._cut[:n]
+        noise = torch.from_numpy(frame_noise(self.seed, self._pos, n, self._lr_mel.shape[1], self.channels))
+        gen = self.model.run(self.model_state, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n],
+                             torch.from_numpy(cut), noise).numpy()
+        w = np.stack([_merge_row(float(c)) for c in cut])  # (n, bins): weight of the input
+        merged = w * self._lr_spec[:, :n] + (1 - w) * gen  # STFT-domain low-band replacement
+        frames = np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
+        need = (self._pos + n - 1) * HOP + HALF - self._acc_base  # accumulator length needed
+        if need > self._acc.shape[1]:
+            self._acc = np.concatenate([self._acc, np.zeros((self.channels, need - self._acc.shape[1]),
+                                                            np.float32)], axis=1)
+        overlap_add(frames, window(), self._acc, self._pos * HOP - HALF - self._acc_base, HOP)
+        self._pos += n
+        self._lr_spec, self._lr_mel, self._cut = self._lr_spec[:, n:], self._lr_mel[:, :, n:], self._cut[n:]
+        done = (self._pos - 1) * HOP  # samples before this are final
+        if self._finished:
+            done = min(done, self._n_out)
+        lo, hi = self._emitted - self._acc_base, done - self._acc_base
+        y = self._acc[:, lo:hi].copy() if hi > lo else np.zeros((self.channels, 0), np.float32)
+        self._emitted = max(done, self._emitted)
+        self._acc = self._acc[:, max(hi, lo):]
+        self._acc_base += max(hi, lo)
+        return y

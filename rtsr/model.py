@@ -1,0 +1,111 @@
+"""The model behind the engine: few-step sampler -> mel low-band replacement -> vocoder.
+
+The engine only needs `new_state()` and `run()`; which networks and how many steps sit behind
+them is the model's business (a distilled student, the teacher with guidance, or a test-sized
+random network of the same architecture). Weights load from safetensors only, after their sha256
+is checked against the config, so a corrupted or swapped file is refused before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from rtsr.features import mel_centers
+from rtsr.models.diffusion import sample
+from rtsr.models.nets import Cache, Denoiser, Vocoder, to_complex
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models"
+WEIGHTS = "weights.safetensors"
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used: missing, untrained, corrupted or incompatible."""
+
+
+@dataclass
+class ModelState:
+    """Streaming state of one stream (all its channels): one conv cache per sampler step."""
+
+    steps: list[Cache]
+    vocoder: Cache = field(default_factory=dict)
+
+
+class SuperResModel:
+    def __init__(self, denoiser: Denoiser, vocoder: Vocoder, steps: int, guidance: float = 1.0,
+                 lookahead: int = 1, name: str = "custom", device: str = "cpu", info: dict | None = None):
+        self.denoiser = denoiser.to(device).eval().requires_grad_(False)
+        self.vocoder = vocoder.to(device).eval().requires_grad_(False)
+        self.steps, self.guidance, self.lookahead = steps, guidance, lookahead
+        self.name, self.device, self.info = name, device, info or {}
+
+    @classmethod
+    def random(cls, channels: int = 32, blocks: int = 2, steps: int = 2, seed: int = 0,
+               device: str = "cpu") -> SuperResModel:
+        """Untrained, tiny, same architecture: for engine tests, never for users."""
+        torch.manual_seed(seed)
+        return cls(Denoiser(channels, blocks, emb_dim=32), Vocoder(channels, blocks), steps,
+                   name="random-test", device=device)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str = "cpu", steps: int | None = None) -> SuperResModel:
+        path = Path(path)
+        cfg_path, w_path = path / "config.json", path / WEIGHTS
+        if not cfg_path.exists() or not w_path.exists():
+            raise ModelError(f"no trained model installed at {path} (needs config.json and {WEIGHTS})")
+        cfg = json.loads(cfg_path.read_text())
+        digest = hashlib.sha256(w_path.read_bytes()).hexdigest()
+        if digest != cfg.get("sha256"):
+            raise ModelError(f"{w_path} does not match the sha256 in its config.json: the file is "
+                             "corrupted or was replaced; reinstall the model")
+        try:
+            tensors = load_file(str(w_path))
+        except Exception as e:  # safetensors raises several types for a damaged header
+            raise ModelError(f"cannot read {w_path}: {e}") from e
+        den, voc = Denoiser(**cfg["denoiser"]), Vocoder(**cfg["vocoder"])
+        for prefix, net in (("denoiser.", den), ("vocoder.", voc)):
+            net.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+        return cls(den, voc, steps or cfg["steps"], cfg.get("guidance", 1.0), cfg["lookahead"],
+                   cfg.get("name", path.name), device, cfg)
+
+    def new_state(self) -> ModelState:
+        return ModelState(steps=[{} for _ in range(self.steps)])
+
+    @torch.inference_mode()
+    def run(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
+            noise: torch.Tensor) -> torch.Tensor:
+        """Frames -> complex spectra.
+
+        cond: (B, mels, T) LR log-mel `lookahead` frames ahead of the output frames; low: the LR
+        log-mel of the output frames themselves; cutoff: (T,) Hz per frame; noise: (B, mels, T).
+        Returns (B, T, bins) complex.
+        """
+        centers = torch.from_numpy(mel_centers())
+        mask = (centers[None, :, None] < cutoff[None, None, :]).float().expand(cond.shape[0], -1, -1)
+        mel = sample(self.denoiser, noise, cond, mask, self.steps, self.guidance, state.steps)
+        keep = (centers[None, :, None] < 0.88 * cutoff[None, None, :]).float()
+        mel = keep * low + (1 - keep) * mel  # below the cutoff the mel *is* the input's
+        return to_complex(self.vocoder(mel, state.vocoder))
+
+
+def bundled_path(name: str) -> Path:
+    return BUNDLED / name
+
+
+def load_model(name_or_path: str, device: str = "cpu", steps: int | None = None) -> SuperResModel:
+    """A bundled model by name ("basic", "speech") or a model directory."""
+    p = Path(name_or_path)
+    if not p.is_dir():
+        if name_or_path not in available_models() and not bundled_path(name_or_path).is_dir():
+            raise ModelError(f"unknown model {name_or_path!r}; bundled: {', '.join(available_models()) or 'none'}")
+        p = bundled_path(name_or_path)
+    return SuperResModel.from_dir(p, device, steps)
+
+
+def available_models() -> list[str]:
+    return sorted(d.name for d in BUNDLED.iterdir() if (d / "config.json").exists()) if BUNDLED.is_dir() else []

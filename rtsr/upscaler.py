@@ -1,0 +1,58 @@
+"""The public API: load a model once, then upscale whole signals or open streams.
+
+    up = Upscaler.load("basic", device="cpu")
+    y = up.upscale(x, sr)                     # offline: the stream below, fed at once
+    s = up.stream(input_sr=16000, channels=1, hop_ms=20)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rtsr.engine import Stream
+from rtsr.features import SR
+from rtsr.model import SuperResModel, load_model
+from rtsr.resample import resample
+
+OFFLINE_HOP_MS = 500.0  # big hops: fewer, larger model calls; identical output to any hop
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but PyTorch sees no CUDA device")
+    return device
+
+
+class Upscaler:
+    def __init__(self, model: SuperResModel, seed: int = 0):
+        self.model, self.seed = model, seed
+
+    @classmethod
+    def load(cls, name_or_path: str = "basic", device: str = "cpu", steps: int | None = None,
+             seed: int = 0) -> Upscaler:
+        """A bundled model by name ("basic", "speech") or a model directory."""
+        return cls(load_model(name_or_path, resolve_device(device), steps), seed)
+
+    def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
+               cutoff_hz: float | None = None) -> Stream:
+        return Stream(self.model, input_sr, channels, hop_ms, self.seed, cutoff_hz)
+
+    def upscale(self, x: np.ndarray, sr: int, cutoff_hz: float | None = None) -> np.ndarray:
+        """(frames,) or (frames, channels) at `sr` -> the same layout at 48 kHz, exact length
+        round(frames * 48000 / sr), zero lag, loudness untouched.
+
+        Input already at 48 kHz or above is band-limited to 48 kHz and passed through: there is
+        nothing above its band for the model to add within a 48 kHz output.
+        """
+        x = np.asarray(x, dtype=np.float32)
+        mono = x.ndim == 1
+        frames = x[:, None] if mono else x
+        if sr >= SR:
+            y = resample(frames, sr, SR)
+        else:
+            s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, cutoff_hz)
+            y = np.concatenate([s.feed(frames), s.flush()])
+        return y[:, 0] if mono else y
