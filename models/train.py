@@ -38,7 +38,7 @@ class AudioPool:
     """All training audio on the device, sampled as random crops with per-kind weights."""
 
     def __init__(self, root: Path, split: str, kinds: dict[str, float], device: str, seed: int):
-        rows = [json.loads(line) for line in open(root / "manifest.jsonl")]
+        rows = [json.loads(line) for line in open(root / "manifest.jsonl") if line.strip()]
         rows = [r for r in rows if r.get("split", split) == split and r["kind"] in kinds]
         if not rows:
             raise SystemExit(f"no {split} audio of kinds {sorted(kinds)} under {root}")
@@ -85,7 +85,7 @@ def band_weights(mask: torch.Tensor) -> torch.Tensor:
 
 
 def vocoder_loss(voc: Vocoder, mel: torch.Tensor, hr_spec: torch.Tensor, hr: torch.Tensor):
-    out = voc(mel)
+    out = voc(mel).float()  # the complex and FFT ops below run in float32 under autocast
     spec = to_complex(out)
     loss = (out[:, 0].transpose(1, 2) - torch.log(hr_spec.abs().clamp_min(1e-5))).abs().mean()
     y = istft(spec)[:, :hr.shape[-1]]
@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.StreamHandler(), logging.FileHandler(a.out / "train.log")])
     torch.manual_seed(a.seed)
+    if a.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+        log.info("device %s", torch.cuda.get_device_name())
     tr = Trainer(a)
     mix = {"speech": 0.35, "music": 0.4, "sfx": 0.25}
     pool = AudioPool(a.data, "train", mix, tr.device, a.seed)

@@ -1,0 +1,68 @@
+"""Turn training checkpoints into a shipped model folder: models/<name>/{weights.safetensors,config.json}.
+
+    python -m rtsr.models.export --slim runs/gpu/slim --name basic --student 2
+    python -m rtsr.models.export --slim runs/gpu/slim --name speech --student 2 --speech
+
+Weights are stored as float16 safetensors (no pickle on load) and the config records their
+sha256, which the loader checks before using them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rtsr.features import HOP, N_FFT, N_MELS, SR
+from rtsr.models.nets import Denoiser, Vocoder
+from rtsr.models.train import LOOKAHEAD
+
+MODELS = Path(__file__).resolve().parent
+
+
+def export(denoiser: dict, vocoder: dict, dest: Path, name: str, steps: int, guidance: float,
+           info: dict) -> Path:
+    den_cfg, voc_cfg = Denoiser().config, Vocoder().config
+    tensors = {f"denoiser.{k}": v.half().contiguous() for k, v in denoiser.items()}
+    tensors.update({f"vocoder.{k}": v.half().contiguous() for k, v in vocoder.items()})
+    dest.mkdir(parents=True, exist_ok=True)
+    w = dest / "weights.safetensors"
+    save_file(tensors, str(w))
+    cfg = {"name": name, "format": 1, "steps": steps, "guidance": guidance, "lookahead": LOOKAHEAD,
+           "features": {"sr": SR, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS},
+           "denoiser": den_cfg, "vocoder": voc_cfg,
+           "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "training": info}
+    (dest / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slim", type=Path, required=True, help="folder written by train --slim-dir")
+    p.add_argument("--name", required=True)
+    p.add_argument("--student", type=int, default=2, help="sampler steps of the student to ship; 0 = teacher")
+    p.add_argument("--teacher-steps", type=int, default=32)
+    p.add_argument("--speech", action="store_true", help="take the speech-finetuned students")
+    p.add_argument("--out", type=Path, help="destination (default models/<name>)")
+    p.add_argument("--info", default="{}", help="JSON merged into the config's training record")
+    a = p.parse_args(argv)
+    nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
+    info = json.loads(a.info)
+    if a.student:
+        group = "students_speech" if a.speech else "students_basic"
+        key = f"student{'_speech' if a.speech else ''}{a.student}"
+        studs = torch.load(a.slim / f"{group}.pt", map_location="cpu")
+        den, steps, guidance = studs[f"{key}.net"], a.student, 1.0
+        info.update(distill_iters_last_phase=studs.get(f"{key}.iters"), guidance_baked=studs.get(f"{key}.guidance"))
+    else:
+        den, steps, guidance = nets["joint.ema"], a.teacher_steps, 1.0
+    info["joint_steps"] = nets.get("joint.step")
+    print(export(den, nets["joint.vocoder"], a.out or MODELS / a.name, a.name, steps, guidance, info))
+
+
+if __name__ == "__main__":
+    main()
