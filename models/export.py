@@ -24,17 +24,17 @@ from rtsr.models.train import LOOKAHEAD
 MODELS = Path(__file__).resolve().parent
 
 
-def export(denoiser: dict, vocoder: dict, dest: Path, name: str, steps: int, guidance: float,
+def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: int, guidance: float,
            info: dict) -> Path:
-    den_cfg, voc_cfg = Denoiser().config, Vocoder().config
-    tensors = {f"denoiser.{k}": v.half().contiguous() for k, v in denoiser.items()}
-    tensors.update({f"vocoder.{k}": v.half().contiguous() for k, v in vocoder.items()})
+    """Write weights (float16) and config; the networks' own configs travel with them."""
+    tensors = {f"denoiser.{k}": v.half().contiguous() for k, v in denoiser.state_dict().items()}
+    tensors.update({f"vocoder.{k}": v.half().contiguous() for k, v in vocoder.state_dict().items()})
     dest.mkdir(parents=True, exist_ok=True)
     w = dest / "weights.safetensors"
     save_file(tensors, str(w))
     cfg = {"name": name, "format": 1, "steps": steps, "guidance": guidance, "lookahead": LOOKAHEAD,
            "features": {"sr": SR, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS},
-           "denoiser": den_cfg, "vocoder": voc_cfg,
+           "denoiser": denoiser.config, "vocoder": vocoder.config,
            "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "training": info}
     (dest / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     return dest
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slim", type=Path, required=True, help="folder written by train --slim-dir")
     p.add_argument("--name", required=True)
     p.add_argument("--student", type=int, default=2, help="sampler steps of the student to ship; 0 = teacher")
+    p.add_argument("--regression", action="store_true", help="export the one-step regression baseline")
     p.add_argument("--teacher-steps", type=int, default=32)
     p.add_argument("--speech", action="store_true", help="take the speech-finetuned students")
     p.add_argument("--out", type=Path, help="destination (default models/<name>)")
@@ -52,16 +53,22 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
     info = json.loads(a.info)
-    if a.student:
+    if a.regression:
+        den, steps, guidance = nets["joint.regression"], 0, 1.0
+    elif a.student:
         group = "students_speech" if a.speech else "students_basic"
         key = f"student{'_speech' if a.speech else ''}{a.student}"
         studs = torch.load(a.slim / f"{group}.pt", map_location="cpu")
         den, steps, guidance = studs[f"{key}.net"], a.student, 1.0
         info.update(distill_iters_last_phase=studs.get(f"{key}.iters"), guidance_baked=studs.get(f"{key}.guidance"))
     else:
-        den, steps, guidance = nets["joint.ema"], a.teacher_steps, 1.0
+        den, steps = nets["joint.ema"], a.teacher_steps
+        guidance = torch.load(a.slim / "students_basic.pt", map_location="cpu").get("student4.guidance", 1.0)
     info["joint_steps"] = nets.get("joint.step")
-    print(export(den, nets["joint.vocoder"], a.out or MODELS / a.name, a.name, steps, guidance, info))
+    den_net, voc_net = Denoiser(), Vocoder()
+    den_net.load_state_dict({k: v.float() for k, v in den.items()})
+    voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
+    print(export(den_net, voc_net, a.out or MODELS / a.name, a.name, steps, guidance, info))
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ class AudioPool:
             raise SystemExit(f"no {split} audio of kinds {sorted(kinds)} under {root}")
         self.kinds, self.audio, self.starts = [], {}, {}
         for kind, weight in kinds.items():
-            clips = [sf.read(root / r["path"], dtype="float32")[0] for r in rows if r["kind"] == kind]
+            clips = [sf.read(root / r["path"], dtype="int16")[0] for r in rows if r["kind"] == kind]
             if not clips or weight <= 0:
                 continue
             self.kinds.append((kind, weight))
-            self.audio[kind] = torch.from_numpy(np.concatenate(clips)).to(device)
+            self.audio[kind] = torch.from_numpy(np.concatenate(clips)).to(device)  # int16: half the RAM
             log.info("%s %s: %d files, %.2f h", split, kind, len(clips), len(self.audio[kind]) / 48000 / 3600)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -62,7 +62,7 @@ class AudioPool:
             a = self.audio[kind]
             for _ in range(8):
                 s = int(torch.randint(0, max(len(a) - length, 1), (1,), generator=self.gen))
-                x = a[s:s + length]
+                x = a[s:s + length].float() / 32768.0
                 if len(x) == length and x.square().mean() > 1e-7:
                     break
             out.append(F.pad(x, (0, length - len(x))))
@@ -146,7 +146,9 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
     for n in nets.values():
         n.to(tr.device)
     ema = copy.deepcopy(nets["teacher"]).requires_grad_(False)
-    params = [p for n in nets.values() for p in n.parameters()]
+    if a.skip_vocoder:
+        nets["vocoder"].requires_grad_(False)
+    params = [p for n in nets.values() for p in n.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
     step, spent = 0, 0.0
     ck = tr.load("joint")
@@ -157,6 +159,13 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         opt.load_state_dict(ck["opt"])
         step, spent = ck["step"], ck["spent"]
         log.info("resumed joint at step %d (%.0f s)", step, spent)
+    elif a.init_slim:
+        slim = torch.load(a.init_slim / "nets_basic.pt", map_location=tr.device)
+        for k, n in nets.items():
+            n.load_state_dict({p: v.float() for p, v in slim[f"joint.{'ema' if k == 'teacher' else k}"].items()})
+        ema.load_state_dict(nets["teacher"].state_dict())
+        step = int(slim.get("joint.step", 0))
+        log.info("started joint from %s (step %d)", a.init_slim, step)
     t0, last_ck = time.time() - spent, time.time()
     while time.time() - t0 < a.budget_s:
         for g in opt.param_groups:  # cosine decay over the stage's time budget
@@ -173,7 +182,7 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
             l_teacher = ((v.float() - v_target(x0, eps, t)) ** 2 * w).mean()
             r = nets["regression"](torch.zeros_like(x0), cond, mask, torch.zeros_like(t))
             l_reg = ((r.float() - x0).abs() * w).mean()
-            l_voc = vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr)
+            l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr)
         opt.zero_grad(set_to_none=True)
         (l_teacher + l_reg + l_voc).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -332,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default="joint", help="comma list of joint, distill, speech")
     p.add_argument("--budgets", default="3600", help="wall seconds per stage, comma list")
     p.add_argument("--slim-dir", type=Path, help="also write small fp16 weight files here per stage")
+    p.add_argument("--init-slim", type=Path, help="start the joint stage from these slim weights")
+    p.add_argument("--skip-vocoder", action="store_true", help="joint stage: keep the vocoder as it is")
     p.add_argument("--ckpt-s", type=float, default=300.0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--frames", type=int, default=128)

@@ -177,3 +177,49 @@ class Stream:
         self._acc = self._acc[:, max(hi, lo):]
         self._acc_base += max(hi, lo)
         return y
+
+
+def _demo(argv: list[str] | None = None) -> None:
+    """Streaming-vs-offline delta, latency and real-time factor on this machine."""
+    import argparse
+    import time
+
+    from rtsr.model import ModelError, load_model
+
+    p = argparse.ArgumentParser(prog="python -m rtsr.engine", description=_demo.__doc__)
+    p.add_argument("--model", default="basic")
+    p.add_argument("--sr", type=int, default=16000)
+    p.add_argument("--hop-ms", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=5.0)
+    a = p.parse_args(argv)
+    try:
+        model = load_model(a.model)
+    except ModelError as e:
+        print(f"{e}; using an untrained test-size model")
+        model = SuperResModel.random()
+    rng = np.random.default_rng(0)
+    t = np.arange(int(a.sr * a.seconds)) / a.sr
+    x = (0.1 * np.sin(2 * np.pi * 220 * t * (1 + t)) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    offline = Stream(model, a.sr, 1, 500.0)
+    ref = np.concatenate([offline.feed(x), offline.flush()])
+    torch.set_num_threads(1)
+    s = Stream(model, a.sr, 1, a.hop_ms)
+    block = round(a.sr * a.hop_ms / 1000)
+    times, out = [], []
+    for i in range(0, len(x), block):
+        t0 = time.perf_counter()
+        out.append(s.feed(x[i:i + block]))
+        times.append(time.perf_counter() - t0)
+    out.append(s.flush())
+    y = np.concatenate(out)
+    delta = np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)
+    print(f"model {model.name} ({model.steps} steps), input {a.sr} Hz, hop {a.hop_ms:g} ms, 1 thread")
+    print(f"streaming vs offline: max relative delta {delta:.2e}, lengths {len(y)} / {len(ref)}")
+    print(f"latency: {s.latency_samples} samples = {s.latency_ms:.2f} ms (computed from the parameters)")
+    ms = 1000 * np.array(times)
+    print(f"per-block compute: p50 {np.percentile(ms, 50):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms, "
+          f"max {ms.max():.2f} ms; RTF {ms.sum() / 1000 / a.seconds:.3f}")
+
+
+if __name__ == "__main__":
+    _demo()

@@ -74,7 +74,8 @@ class SuperResModel:
                    cfg.get("name", path.name), device, cfg)
 
     def new_state(self) -> ModelState:
-        return ModelState(steps=[{} for _ in range(self.steps)])
+        """Fresh caches: one per sampler step (the regression variant, steps == 0, uses one)."""
+        return ModelState(steps=[{} for _ in range(max(self.steps, 1))])
 
     @torch.inference_mode()
     def run(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
@@ -87,7 +88,10 @@ class SuperResModel:
         """
         centers = torch.from_numpy(mel_centers())
         mask = (centers[None, :, None] < cutoff[None, None, :]).float().expand(cond.shape[0], -1, -1)
-        mel = sample(self.denoiser, noise, cond, mask, self.steps, self.guidance, state.steps)
+        if self.steps:
+            mel = sample(self.denoiser, noise, cond, mask, self.steps, self.guidance, state.steps)
+        else:  # steps == 0: the one-step regression baseline predicts the mel directly
+            mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0]), state.steps[0])
         keep = (centers[None, :, None] < 0.88 * cutoff[None, None, :]).float()
         mel = keep * low + (1 - keep) * mel  # below the cutoff the mel *is* the input's
         return to_complex(self.vocoder(mel, state.vocoder))

@@ -1,0 +1,107 @@
+"""Audio files in and out, with one-line errors a batch can print and move past.
+
+Reading returns float32 (frames, channels) exactly as stored: no normalisation, no dithering.
+Writing goes to a hidden temporary file beside the destination and is renamed into place, so a
+crash, a full disk or an unwritable format never leaves a partial file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from rtsr.engine import as_frames
+
+MIN_SR, MAX_SR = 8000, 384000  # the input rates the engine accepts
+FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}  # fmt -> (container, subtype)
+FLAC_MAX = 1.0 - 2.0**-23  # largest 24-bit PCM value: [-1, 1) is all it can hold
+WAV_LIMIT = 0xFFFF0000  # RIFF sizes are 32-bit; bigger float data goes into RF64
+
+
+class AudioError(Exception):
+    """A file that cannot be read or written; str() is one line: "<path>: <reason>".
+
+    `reason` alone is kept for callers that already show the path (a batch's result line).
+    """
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """(frames, channels) float32 samples and the rate, or AudioError saying what is wrong."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(p, "no such file")
+    if p.is_dir():
+        raise AudioError(p, "is a folder, not an audio file")
+    if not os.access(p, os.R_OK):
+        raise AudioError(p, "no permission to read it")
+    try:
+        f = sf.SoundFile(p)
+    except (sf.SoundFileError, RuntimeError, TypeError) as e:
+        raise AudioError(p, f"not a readable audio file ({_reason(e)})") from e
+    with f:
+        sr = f.samplerate
+        try:
+            x = f.read(dtype="float32", always_2d=True)
+        except (sf.SoundFileError, RuntimeError) as e:
+            raise AudioError(p, f"corrupt or truncated audio ({_reason(e)})") from e
+    return _checked(p, x, sr), sr
+
+
+def _reason(e: Exception) -> str:
+    return str(getattr(e, "error_string", None) or e).strip().rstrip(".")
+
+
+def _checked(p: Path, x: np.ndarray, sr: int) -> np.ndarray:
+    """Refuse what the engine cannot use, before any model time is spent on it."""
+    if len(x) == 0:
+        raise AudioError(p, "empty (0 audio frames)")
+    if not MIN_SR <= sr <= MAX_SR:
+        raise AudioError(p, f"sample rate {sr} Hz is outside {MIN_SR}..{MAX_SR}")
+    try:
+        return as_frames(x, x.shape[1])
+    except ValueError as e:  # NaN/Inf samples
+        raise AudioError(p, str(e)) from e
+
+
+def check_writable(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse to replace an existing file unless asked: checked before any compute, and again on write."""
+    if Path(path).exists() and not overwrite:
+        raise AudioError(path, "already exists (use --overwrite to replace it)")
+
+
+def write_audio(path: str | Path, y: np.ndarray, sr: int, fmt: str = "wav", overwrite: bool = False) -> int:
+    """Write (frames,) or (frames, channels) audio atomically; returns how many samples were clipped.
+
+    wav is 32-bit float: levels above full scale survive, so nothing is ever clipped. flac is
+    24-bit PCM, which holds [-1, 1) only; samples outside are clipped and counted so the caller
+    can say so.
+    """
+    dest = Path(path)
+    if fmt not in FORMATS:
+        raise AudioError(dest, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    check_writable(dest, overwrite)
+    y = np.asarray(y, dtype=np.float32)
+    container, subtype = FORMATS[fmt]
+    clipped = 0
+    if fmt == "flac":
+        clipped = int(np.count_nonzero((y < -1.0) | (y > FLAC_MAX)))
+        y = np.clip(y, -1.0, FLAC_MAX)
+    elif y.nbytes > WAV_LIMIT:
+        container = "RF64"
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        sf.write(tmp, y, sr, subtype=subtype, format=container)
+        os.replace(tmp, dest)
+    except (sf.SoundFileError, RuntimeError, ValueError, OSError) as e:
+        raise AudioError(dest, f"cannot write {fmt} ({_reason(e)})") from e
+    finally:  # also on KeyboardInterrupt; after a successful replace there is nothing left to remove
+        tmp.unlink(missing_ok=True)
+    return clipped

@@ -1,0 +1,321 @@
+"""The `rtsr` command.
+
+    rtsr upscale -i talk.wav                           # -> talk_48k.wav next to it
+    rtsr upscale -i album/ --glob '*.flac' -o out/ --format flac
+
+Subcommands register through `_SUBCOMMANDS`: each entry is an `add_parser(subparsers)` that adds
+its own parser and sets `func=<callable(args) -> exit status>` with `set_defaults`. Adding one
+(say rtsr/live.py) is two lines here: import the module, list its `add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from time import perf_counter
+
+from tqdm import tqdm
+
+from rtsr import __version__
+from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
+from rtsr.features import SR
+from rtsr.model import ModelError
+from rtsr.upscaler import Upscaler
+
+AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64")  # what libsndfile reads
+OUT_SUFFIX = "_48k"
+PASSTHROUGH_NOTE = "already 48 kHz or more: resampled, nothing generated"
+
+
+class CliError(Exception):
+    """A problem with the command line as a whole (not one file): printed plainly, exit status 2."""
+
+
+# --- arguments ------------------------------------------------------------------------------
+
+
+def _cutoff(text: str) -> float | None:
+    """'auto' -> None (detected per stream), else a positive frequency in Hz."""
+    if text == "auto":
+        return None
+    try:
+        hz = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a frequency in Hz, got {text!r}") from None
+    if not (math.isfinite(hz) and hz > 0):
+        raise argparse.ArgumentTypeError(f"cutoff must be a positive frequency in Hz, got {text!r}")
+    return hz
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "upscale", help="upscale audio files and folders to 48 kHz",
+        description="Upscale audio files to 48 kHz: same length in time, same channels, zero lag, "
+                    "loudness untouched. Inputs at 48 kHz or more are only resampled to 48 kHz.",
+        epilog="exit status: 0 all files done, 1 some files failed, 2 bad command line or model")
+    p.add_argument("-i", "--input", dest="inputs", action="append", default=[], type=Path,
+                   metavar="FILE_OR_DIR", help="a file, or a folder searched recursively (repeatable)")
+    p.add_argument("-il", "--input-list", dest="lists", action="append", default=[], type=Path,
+                   metavar="LIST",
+                   help="a text file of inputs, one per line; blank lines and # comments skipped, "
+                        "relative paths taken from the list's folder (repeatable)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--outdir", type=Path, metavar="OUTDIR",
+                     help=f"write <stem>{OUT_SUFFIX}.<fmt> here, mirroring input subfolders "
+                          "(default: next to each input)")
+    out.add_argument("--output", type=Path, metavar="FILE", help="the output file, for exactly one input")
+    p.add_argument("--glob", metavar="PATTERN",
+                   help=f"which files to take from folders (default: *.{{{','.join(AUDIO_EXTS)}}}); "
+                        f"names ending in {OUT_SUFFIX} (earlier outputs) and hidden files are skipped")
+    p.add_argument("--format", choices=tuple(FORMATS),
+                   help="wav: 32-bit float, never clips; flac: 24-bit, clips outside [-1, 1) "
+                        "(default: from --output's suffix, else wav)")
+    p.add_argument("--model", default="basic", help="bundled model name or model folder (default: basic)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="sampler steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="noise seed; same seed, same output (default: 0)")
+    p.add_argument("--cutoff", type=_cutoff, default=None, metavar="auto|HZ",
+                   help="where the input's real band ends (default: auto, from its rate and spectrum)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--json", action="store_true", help="print one JSON object with per-file results")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only failures")
+    p.set_defaults(func=run_upscale)
+
+
+# --- planning: which files, written where ------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One input file and its output path, or the reason it cannot be planned."""
+
+    src: Path
+    dest: Path | None = None
+    error: str | None = None
+
+
+def _read_list(path: Path) -> list[Path]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"cannot read input list {path}: {e}") from e
+    entries = (line.strip() for line in lines)
+    return [path.parent / e for e in entries if e and not e.startswith("#")]
+
+
+def _scan(folder: Path, pattern: str | None) -> list[Path]:
+    """Files under a folder, recursively, minus hidden files and our own earlier outputs."""
+    if pattern:
+        found = folder.rglob(pattern)
+    else:
+        found = (f for f in folder.rglob("*") if f.suffix.lower().lstrip(".") in AUDIO_EXTS)
+    return sorted(f for f in found if f.is_file() and not f.name.startswith(".")
+                  and not f.stem.endswith(OUT_SUFFIX))
+
+
+def _sources(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
+    """Every input as (file, the folder it was found under or None); an empty folder is kept as
+    (folder, folder) so it gets its own failure line."""
+    paths = list(args.inputs)
+    for lst in args.lists:
+        paths += _read_list(lst)
+    if not paths:
+        raise CliError("no inputs: give -i FILE_OR_DIR or -il LIST")
+    out: list[tuple[Path, Path | None]] = []
+    for path in paths:
+        if path.is_dir():
+            out += [(f, path) for f in _scan(path, args.glob)] or [(path, path)]
+        else:
+            out.append((path, None))
+    return out
+
+
+def _dest(src: Path, root: Path | None, args: argparse.Namespace, fmt: str) -> Path:
+    if args.output is not None:
+        return args.output
+    name = f"{src.stem}{OUT_SUFFIX}.{fmt}"
+    if args.outdir is None:
+        return src.with_name(name)
+    return args.outdir / (src.parent.relative_to(root) if root else Path()) / name
+
+
+def plan(args: argparse.Namespace, fmt: str) -> list[Job]:
+    """Inputs in order, each file once; two inputs that would write the same output fail the second."""
+    jobs, seen, written_by = [], set(), {}
+    for src, root in _sources(args):
+        if src == root:
+            pattern = args.glob or "audio files"
+            jobs.append(Job(src, error=f"folder has no {pattern} (searched recursively)"))
+            continue
+        if src.resolve() in seen:
+            continue
+        seen.add(src.resolve())
+        dest = _dest(src, root, args, fmt)
+        other = written_by.setdefault(dest.resolve(), src)
+        jobs.append(Job(src, dest) if other is src else
+                    Job(src, error=f"its output {dest} is already the output of {other}"))
+    if args.output is not None and len(jobs) != 1:
+        raise CliError(f"--output needs exactly one input file, got {len(jobs)}; use -o OUTDIR")
+    return jobs
+
+
+def _format(args: argparse.Namespace) -> str:
+    """--format, else --output's suffix, else wav; a contradiction between them is refused."""
+    if args.output is None:
+        return args.format or "wav"
+    suffix = args.output.suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise CliError(f"--output {args.output} must end in {' or '.join('.' + f for f in FORMATS)}")
+    if args.format and args.format != suffix:
+        raise CliError(f"--output {args.output} does not match --format {args.format}")
+    return suffix
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One file's outcome: a line of the report and an entry of --json."""
+
+    input: str
+    output: str | None = None
+    sr_in: int | None = None
+    seconds: float | None = None  # input duration
+    channels: int | None = None
+    status: str = "failed"  # upscaled | resampled | failed
+    error: str | None = None
+    compute_s: float | None = None
+    clipped: int = 0  # samples clipped to fit 24-bit flac
+
+    def line(self) -> str:
+        if self.status == "failed":
+            return f"FAILED {self.input}: {self.error}"
+        notes = [f"{self.sr_in} Hz, {self.channels} ch, {self.seconds:.2f} s, {self.compute_s:.2f} s compute"]
+        if self.status == "resampled":
+            notes.append(PASSTHROUGH_NOTE)
+        if self.clipped:
+            notes.append(f"{self.clipped} samples clipped to fit 24-bit flac")
+        return f"{self.input} -> {self.output} ({'; '.join(notes)})"
+
+
+def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool) -> Result:
+    """Read, upscale, write one file; any failure becomes the result's error, so a batch goes on."""
+    res = Result(str(job.src), str(job.dest) if job.dest else None, error=job.error)
+    if job.dest is None:
+        return res
+    try:
+        check_writable(job.dest, overwrite)  # before the compute it would waste
+        x, sr = read_audio(job.src)
+        res.sr_in, res.channels, res.seconds = sr, x.shape[1], len(x) / sr
+        t0 = perf_counter()
+        y = up.upscale(x, sr, cutoff_hz=cutoff_hz)
+        res.compute_s = perf_counter() - t0
+        job.dest.parent.mkdir(parents=True, exist_ok=True)
+        res.clipped = write_audio(job.dest, y, SR, fmt, overwrite)
+        res.status = "resampled" if sr >= SR else "upscaled"
+    except AudioError as e:
+        res.error = e.reason if e.path == job.src else str(e)
+    except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def _totals(results: list[Result]) -> dict[str, float | int]:
+    count = {s: sum(r.status == s for r in results) for s in ("upscaled", "resampled", "failed")}
+    done = [r for r in results if r.status != "failed"]
+    return {"files": len(results), **count, "seconds": sum((r.seconds for r in done), 0.0),
+            "compute_s": sum((r.compute_s for r in done), 0.0)}
+
+
+def _summary(totals: dict[str, float | int]) -> str:
+    parts = [f"{totals['upscaled']} upscaled"]
+    if totals["resampled"]:
+        parts.append(f"{totals['resampled']} resampled")
+    return ", ".join(parts + [f"{totals['failed']} failed"])
+
+
+def _load(args: argparse.Namespace) -> Upscaler:
+    try:
+        return Upscaler.load(args.model, args.device, args.steps, args.seed)
+    except ModelError as e:
+        raise CliError(str(e)) from e
+    except RuntimeError as e:  # e.g. --device cuda without a GPU
+        raise CliError(f"cannot load model {args.model!r} on {args.device}: {e}") from e
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    """The batch: plan every output first, load the model once, then file by file."""
+    fmt = _format(args)
+    if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
+        raise CliError(f"-o {args.outdir} is a file, not a folder")
+    jobs = plan(args, fmt)
+    up = _load(args)
+    chatty = not (args.quiet or args.json)
+    results = []
+    for job in tqdm(jobs, unit="file", disable=not chatty or not sys.stderr.isatty(), file=sys.stderr):
+        res = upscale_file(up, job, fmt, args.cutoff, args.overwrite)
+        results.append(res)
+        if res.status == "failed":
+            tqdm.write(res.line(), file=sys.stderr)
+        elif chatty:
+            tqdm.write(res.line(), file=sys.stdout)
+    totals = _totals(results)
+    if args.json:
+        report = {"model": up.model.name, "device": up.model.device, "format": fmt,
+                  "results": [asdict(r) for r in results], "totals": totals}
+        print(json.dumps(report, indent=1))
+    elif chatty or totals["failed"]:
+        print(_summary(totals), file=sys.stdout if chatty else sys.stderr)
+    return 1 if totals["failed"] else 0
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_upscale_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtsr", description="Real-time audio super-resolution to 48 kHz.")
+    parser.add_argument("--version", action="version", version=f"rtsr {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser in _SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status instead of exiting, so tests can call it."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or argparse's own usage error (status 2)
+        return e.code if isinstance(e.code, int) else 2
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"rtsr {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Shared fixtures: a tiny random model exported like a real one, so tests never need trained weights."""
+
+from pathlib import Path
+
+import pytest
+from rtsr.models.export import export
+
+from rtsr.model import SuperResModel
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A loadable model folder (config.json + checked safetensors) holding an untrained tiny network."""
+    m = SuperResModel.random()
+    return export(m.denoiser, m.vocoder, tmp_path_factory.mktemp("models") / "tiny", "tiny", 2, 1.0, {})

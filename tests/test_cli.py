@@ -1,0 +1,330 @@
+"""`rtsr upscale` end to end on short files and the tiny random model: lengths, channels, lag,
+level, output naming, overwrite safety, and one clear failure line for every kind of bad input.
+
+The random model's generated band is noise of its own level (about -30 dBFS), so level checks
+look at the input's band, which the engine passes through; a trained model is not needed here.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from rtsr.audio_io import AudioError, read_audio, write_audio
+from rtsr.cli import main
+from rtsr.resample import resample
+from rtsr.upscaler import Upscaler
+
+SR = 48000
+
+
+def tone(sr: int, seconds: float = 0.25, channels: int = 1, amp: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Band-limited noise plus a tone: (frames, channels) float32, different in every channel."""
+    n = round(sr * seconds)
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None] / sr
+    x = np.sin(2 * np.pi * 440 * (1 + np.arange(channels)) * t) + rng.standard_normal((n, channels))
+    return (amp * x / np.abs(x).max()).astype(np.float32)
+
+
+def put(path: Path, x: np.ndarray, sr: int, subtype: str = "FLOAT") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x, sr, subtype=subtype)
+    return path
+
+
+def low_band(y: np.ndarray, sr: int, hz: float) -> np.ndarray:
+    """Everything below hz (FFT mask): the part of the output that must be the input itself."""
+    spec = np.fft.rfft(y, axis=0)
+    spec[np.fft.rfftfreq(len(y), 1 / sr) >= hz] = 0
+    return np.fft.irfft(spec, n=len(y), axis=0)
+
+
+@pytest.fixture
+def rtsr(capsys: pytest.CaptureFixture, tiny_model_dir: Path):
+    """Run `rtsr upscale ARGS --model <tiny> --device cpu`; returns rc, stdout, stderr."""
+
+    def run(*args: object) -> SimpleNamespace:
+        rc = main(["upscale", *map(str, args), "--model", str(tiny_model_dir), "--device", "cpu"])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(rc=rc, out=out, err=err)
+
+    return run
+
+
+# --- the signal: length, channels, the same samples as the API, zero lag, level ----------------
+
+CASES = [(8000, 1), (44100, 2), (16000, 8)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}Hz-{c[1]}ch")
+def upscaled(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One CLI run per case, shared by the tests below: (input, input rate, output as read back)."""
+    sr, ch = request.param
+    x = tone(sr, 0.25, ch, amp=0.01)
+    src = put(tmp_path_factory.mktemp("in") / "x.wav", x, sr)
+    assert main(["upscale", "-i", str(src), "--model", str(tiny_model_dir), "--device", "cpu", "-q"]) == 0
+    y, sr_out = sf.read(src.with_name("x_48k.wav"), dtype="float32", always_2d=True)
+    assert sr_out == SR
+    return SimpleNamespace(x=x, sr=sr, y=y)
+
+
+def test_exact_length_and_channels(upscaled: SimpleNamespace) -> None:
+    assert upscaled.y.shape == (round(len(upscaled.x) * SR / upscaled.sr), upscaled.x.shape[1])
+
+
+def test_output_is_the_api_output(upscaled: SimpleNamespace, tiny_model_dir: Path) -> None:
+    """Float WAV stores the engine's samples bit for bit: the CLI adds nothing of its own."""
+    expected = Upscaler.load(str(tiny_model_dir), "cpu").upscale(upscaled.x, upscaled.sr)
+    np.testing.assert_array_equal(upscaled.y, expected)
+
+
+def test_zero_lag(upscaled: SimpleNamespace) -> None:
+    """The input's band in the output lines up with the input resampled: correlation peaks at lag 0.
+
+    The band is kept well below the cutoff: the random model's loud generated band leaks a little
+    below it through the STFT window.
+    """
+    band = 0.3 * upscaled.sr
+    ref = low_band(resample(upscaled.x, upscaled.sr, SR), SR, band)
+    out = low_band(upscaled.y, SR, band)
+    lags = np.arange(-48, 49)
+    for c in range(ref.shape[1]):
+        corr = [np.dot(np.roll(out[:, c], -k), ref[:, c]) for k in lags]
+        assert lags[int(np.argmax(corr))] == 0
+        assert np.corrcoef(out[:, c], ref[:, c])[0, 1] > 0.99
+
+
+def test_loudness_untouched(upscaled: SimpleNamespace) -> None:
+    """A -40 dBFS input stays at -40 dBFS in its own band and is not lifted anywhere near full scale."""
+    band = 0.3 * upscaled.sr
+    rms_in = np.sqrt(np.mean(low_band(resample(upscaled.x, upscaled.sr, SR), SR, band) ** 2))
+    rms_out = np.sqrt(np.mean(low_band(upscaled.y, SR, band) ** 2))
+    assert rms_out == pytest.approx(rms_in, rel=0.02)
+    assert np.abs(upscaled.y).max() < 0.5
+
+
+# --- naming, formats, batches -------------------------------------------------------------------
+
+
+def test_output_file_takes_format_from_suffix(rtsr, tmp_path: Path) -> None:
+    src = put(tmp_path / "a.wav", tone(16000, 0.2), 16000)
+    r = rtsr("-i", src, "--output", tmp_path / "out" / "custom.flac")
+    assert r.rc == 0, r.err
+    info = sf.info(tmp_path / "out" / "custom.flac")
+    assert (info.format, info.subtype, info.samplerate, info.frames) == ("FLAC", "PCM_24", SR, 9600)
+
+
+def test_output_file_needs_exactly_one_input(rtsr, tmp_path: Path) -> None:
+    a, b = put(tmp_path / "a.wav", tone(16000, 0.2), 16000), put(tmp_path / "b.wav", tone(16000, 0.2), 16000)
+    r = rtsr("-i", a, "-i", b, "--output", tmp_path / "o.wav")
+    assert r.rc == 2 and "exactly one input" in r.err
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_input_list(rtsr, tmp_path: Path) -> None:
+    a = put(tmp_path / "lists" / "a.wav", tone(16000, 0.2), 16000)
+    b = put(tmp_path / "elsewhere" / "b.wav", tone(8000, 0.2), 8000)
+    lst = tmp_path / "lists" / "files.txt"
+    lst.write_text(f"# two files\n\n{a.name}\n  {b}  \n")  # relative to the list's folder, and absolute
+    r = rtsr("-il", lst, "-o", tmp_path / "out")
+    assert r.rc == 0, r.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_48k.wav", "b_48k.wav"]
+    assert "2 upscaled, 0 failed" in r.out
+
+
+def test_folder_glob_and_flac(rtsr, tmp_path: Path) -> None:
+    """Recursive search, only matching names, subfolders mirrored, earlier outputs not re-taken."""
+    put(tmp_path / "in" / "deep" / "a.flac", tone(22050, 0.2), 22050, "PCM_16")
+    put(tmp_path / "in" / "b.wav", tone(22050, 0.2), 22050)
+    put(tmp_path / "in" / "old_48k.flac", tone(22050, 0.2), 22050, "PCM_16")
+    r = rtsr("-i", tmp_path / "in", "--glob", "*.flac", "--format", "flac", "-o", tmp_path / "out")
+    assert r.rc == 0, r.err
+    written = [p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert written == [Path("deep/a_48k.flac")]
+    info = sf.info(tmp_path / "out" / "deep" / "a_48k.flac")
+    assert (info.subtype, info.samplerate, info.frames) == ("PCM_24", SR, round(4410 * SR / 22050))
+
+
+def test_empty_folder_is_one_failure(rtsr, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    r = rtsr("-i", tmp_path / "empty")
+    assert r.rc == 1 and "folder has no audio files" in r.err
+
+
+def test_refuses_overwrite(rtsr, tmp_path: Path) -> None:
+    src = put(tmp_path / "a.wav", tone(16000, 0.2), 16000)
+    old = tmp_path / "a_48k.wav"
+    old.write_bytes(b"precious")
+    r = rtsr("-i", src)
+    assert r.rc == 1 and "already exists" in r.err and "--overwrite" in r.err
+    assert old.read_bytes() == b"precious"
+    assert rtsr("-i", src, "--overwrite").rc == 0
+    assert sf.info(old).frames == 9600
+
+
+def test_colliding_outputs_fail_the_second(rtsr, tmp_path: Path) -> None:
+    a = put(tmp_path / "one" / "x.wav", tone(16000, 0.2), 16000)
+    b = put(tmp_path / "two" / "x.wav", tone(16000, 0.2, seed=1), 16000)
+    r = rtsr("-i", a, "-i", b, "-o", tmp_path / "out")
+    assert r.rc == 1 and "already the output of" in r.err
+    assert "1 upscaled, 1 failed" in r.out
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_48k.wav"]
+
+
+def test_batch_goes_past_a_bad_file(rtsr, tmp_path: Path) -> None:
+    put(tmp_path / "in" / "a.wav", tone(16000, 0.2), 16000)
+    (tmp_path / "in" / "b.wav").write_bytes(os.urandom(2000))
+    put(tmp_path / "in" / "c.wav", tone(8000, 0.2), 8000)
+    r = rtsr("-i", tmp_path / "in", "-o", tmp_path / "out")
+    assert r.rc == 1
+    assert r.out.strip().splitlines()[-1] == "2 upscaled, 1 failed"
+    assert r.err.count("FAILED") == 1 and "b.wav: not a readable audio file" in r.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_48k.wav", "c_48k.wav"]  # no temp files
+
+
+def test_json_report(rtsr, tmp_path: Path) -> None:
+    put(tmp_path / "a.wav", tone(16000, 0.2, channels=2), 16000)
+    r = rtsr("-i", tmp_path / "a.wav", "-i", tmp_path / "missing.wav", "--json")
+    assert r.rc == 1
+    report = json.loads(r.out)
+    ok, bad = report["results"]
+    assert ok["status"] == "upscaled" and ok["sr_in"] == 16000 and ok["channels"] == 2
+    assert ok["seconds"] == pytest.approx(0.2) and ok["compute_s"] > 0 and ok["error"] is None
+    assert bad["status"] == "failed" and bad["error"] == "no such file"
+    assert report["totals"] == {**report["totals"], "files": 2, "upscaled": 1, "resampled": 0, "failed": 1}
+
+
+# --- awkward but valid inputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sr", [96000, 192000])
+def test_high_rates_are_resampled_not_generated(rtsr, tmp_path: Path, sr: int) -> None:
+    x = tone(sr, 0.2, channels=2)
+    r = rtsr("-i", put(tmp_path / "hi.wav", x, sr))
+    assert r.rc == 0 and "already 48 kHz or more: resampled, nothing generated" in r.out
+    assert "0 upscaled, 1 resampled, 0 failed" in r.out
+    y, _ = sf.read(tmp_path / "hi_48k.wav", dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(y, resample(x, sr, SR))
+    assert len(y) == round(len(x) * SR / sr)
+
+
+@pytest.mark.parametrize("sr", [8000, 44100])
+def test_one_sample(rtsr, tmp_path: Path, sr: int) -> None:
+    r = rtsr("-i", put(tmp_path / "one.wav", np.full((1, 1), 0.5, np.float32), sr))
+    assert r.rc == 0, r.err
+    assert sf.info(tmp_path / "one_48k.wav").frames == round(SR / sr)
+
+
+def test_silence(rtsr, tmp_path: Path) -> None:
+    """Silence in, finite and quiet out. The untrained model still paints its own band (about
+    -30 dBFS) over silence, and a little of it leaks below the cutoff; the input's band stays
+    below -50 dBFS RMS."""
+    r = rtsr("-i", put(tmp_path / "s.wav", np.zeros((3200, 2), np.float32), 16000))
+    assert r.rc == 0, r.err
+    y, _ = sf.read(tmp_path / "s_48k.wav", dtype="float32")
+    assert y.shape == (9600, 2) and np.isfinite(y).all()
+    assert np.abs(y).max() < 0.5
+    assert np.sqrt(np.mean(low_band(y, SR, 4800) ** 2)) < 3e-3
+
+
+def test_full_scale_square_wave(rtsr, tmp_path: Path) -> None:
+    """Float WAV keeps the resampler's overshoot past full scale; FLAC clips it and says how much."""
+    t = np.arange(3200) / 16000
+    src = put(tmp_path / "sq.wav", np.sign(np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    assert rtsr("-i", src).rc == 0
+    y, _ = sf.read(tmp_path / "sq_48k.wav", dtype="float32")
+    assert np.isfinite(y).all() and np.abs(y).max() > 1.0
+    r = rtsr("-i", src, "--format", "flac")
+    assert r.rc == 0 and "samples clipped to fit 24-bit flac" in r.out
+    assert np.abs(sf.read(tmp_path / "sq_48k.flac")[0]).max() <= 1.0
+
+
+def test_truncated_wav_gives_the_part_that_is_there(rtsr, tmp_path: Path) -> None:
+    """libsndfile reads a WAV cut short as its complete frames, exactly; that prefix is upscaled."""
+    x = tone(16000, 0.4, channels=2)
+    data = put(tmp_path / "full.wav", x, 16000).read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: len(data) // 2])
+    head, _ = read_audio(cut)
+    assert 0 < len(head) < len(x)
+    np.testing.assert_array_equal(head, x[: len(head)])
+    assert rtsr("-i", cut).rc == 0
+    assert sf.info(tmp_path / "cut_48k.wav").frames == round(len(head) * SR / 16000)
+
+
+# --- bad inputs: one clear line each, nothing written ----------------------------------------------
+
+
+def _nan_wav(path: Path) -> None:
+    x = tone(16000, 0.2)
+    x[100, 0] = np.nan
+    put(path, x, 16000)
+
+
+def _inf_wav(path: Path) -> None:
+    x = tone(16000, 0.2)
+    x[5, 0] = -np.inf
+    put(path, x, 16000)
+
+
+def _truncated_flac(path: Path) -> None:
+    data = put(path.with_suffix(".flac"), tone(16000, 0.4), 16000, "PCM_16").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD = {
+    "missing": (lambda p: None, "no such file"),
+    "not audio": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(3000)), "not a readable audio file"),
+    "empty": (lambda p: put(p, np.zeros((0, 1), np.float32), 16000), "empty (0 audio frames)"),
+    "rate too low": (lambda p: put(p, tone(4000, 0.2), 4000), "sample rate 4000 Hz is outside 8000..384000"),
+    "nan": (_nan_wav, "1 NaN/Inf samples"),
+    "inf": (_inf_wav, "1 NaN/Inf samples"),
+    "truncated flac": (_truncated_flac, "corrupt or truncated audio"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_fails_clearly(rtsr, tmp_path: Path, kind: str) -> None:
+    make, message = BAD[kind]
+    src = tmp_path / "bad.wav"
+    make(src)
+    r = rtsr("-i", src)
+    assert r.rc == 1
+    failure = [line for line in r.err.splitlines() if line.startswith("FAILED")]
+    assert failure == [f"FAILED {src}: {failure[0].split(': ', 1)[1]}"] and message in failure[0]
+    assert "Traceback" not in r.err
+    assert not (tmp_path / "bad_48k.wav").exists()
+
+
+# --- model and writer ------------------------------------------------------------------------------
+
+
+def test_unknown_model(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    src = put(tmp_path / "a.wav", tone(16000, 0.2), 16000)
+    assert main(["upscale", "-i", str(src), "--model", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    assert main(["upscale", "-i", str(src), "--model", str(tmp_path / "half")]) == 2
+    assert "no trained model installed at" in capsys.readouterr().err
+    assert not (tmp_path / "a_48k.wav").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    """FLAC holds at most 8 channels: the write fails, and neither the file nor its temp remains."""
+    with pytest.raises(AudioError, match="cannot write flac"):
+        write_audio(tmp_path / "nine.flac", np.zeros((100, 9), np.float32), SR, "flac")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script() -> None:
+    exe = shutil.which("rtsr")
+    assert exe, "the rtsr console script is not installed"
+    r = subprocess.run([exe, "upscale", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--output FILE" in r.stdout
