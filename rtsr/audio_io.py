@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from rtsr.engine import as_frames
+from rtsr.engine import MAX_SR, MIN_SR, as_frames
 
-MIN_SR, MAX_SR = 8000, 384000  # the input rates the engine accepts
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}  # fmt -> (container, subtype)
 FLAC_MAX = 1.0 - 2.0**-23  # largest 24-bit PCM value: [-1, 1) is all it can hold
 WAV_LIMIT = 0xFFFF0000  # RIFF sizes are 32-bit; bigger float data goes into RF64

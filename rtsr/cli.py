@@ -5,7 +5,9 @@
 
 Subcommands register through `_SUBCOMMANDS`: each entry is an `add_parser(subparsers)` that adds
 its own parser and sets `func=<callable(args) -> exit status>` with `set_defaults`. Adding one
-(say rtsr/live.py) is two lines here: import the module, list its `add_parser`.
+(say rtsr/live.py) is two lines here: import the module, list its `add_parser`. Such modules
+must not import rtsr.cli (that would be circular); a command line error is reported by printing
+it and returning 2.
 """
 
 from __future__ import annotations

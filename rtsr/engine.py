@@ -27,6 +27,7 @@ from rtsr.model import SuperResModel
 from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
+MIN_SR, MAX_SR = 8000, 384000  # input rates accepted (telephone to studio)
 
 
 @lru_cache(maxsize=256)
@@ -51,13 +52,17 @@ def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
     return x
 
 
+def check_rate(sr: int) -> None:
+    if not MIN_SR <= sr <= MAX_SR:
+        raise ValueError(f"input rate {sr} Hz is outside {MIN_SR}..{MAX_SR}")
+
+
 class Stream:
     """Upscale one live signal (any rate, any channel count) to 48 kHz, block by block."""
 
     def __init__(self, model: SuperResModel, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
                  seed: int = 0, cutoff_hz: float | None = None):
-        if not 8000 <= input_sr <= 384000:
-            raise ValueError(f"input rate {input_sr} Hz is outside 8000..384000")
+        check_rate(input_sr)
         if channels < 1:
             raise ValueError("channels must be >= 1")
         hop = round(hop_ms * SR / 1000)
@@ -66,7 +71,8 @@ class Stream:
         self.model, self.input_sr, self.channels, self.seed = model, input_sr, channels, seed
         self.hop_frames = hop // HOP
         self.resampler = StreamingResampler(input_sr, SR, channels)
-        self.cutoff = CutoffTracker(input_sr / 2, cutoff_hz)
+        # a cutoff above the input's own Nyquist would claim band the input cannot hold
+        self.cutoff = CutoffTracker(input_sr / 2, min(cutoff_hz, input_sr / 2) if cutoff_hz else None)
         self.model_state = model.new_state()
         self._n_in = 0
         self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
@@ -85,10 +91,11 @@ class Stream:
     def latency_samples(self) -> int:
         """Worst-case delay (48 kHz samples) from an input sample's arrival to its output's.
 
-        A hop of output waits for its last frame's analysis window (HALF samples past the frame
-        centre), for `lookahead` conditioning frames beyond it, and for the resampler's filter.
+        The first sample of a hop waits for the hop's last frame, whose analysis window reaches
+        HALF samples past its centre, for `lookahead` conditioning frames beyond that, and for
+        the resampler's filter; the sample itself is the one "-1" of the count.
         """
-        return (self.hop_frames + self.model.lookahead) * HOP + HALF + self.resampler.delay_out
+        return (self.hop_frames + self.model.lookahead) * HOP + HALF - 1 + self.resampler.delay_out
 
     @property
     def latency_ms(self) -> float:

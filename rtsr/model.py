@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import rtsr.models
 from rtsr.features import mel_centers
 from rtsr.models.diffusion import sample
 from rtsr.models.nets import Cache, Denoiser, Vocoder, to_complex
 
-BUNDLED = Path(__file__).resolve().parent.parent / "models"
+BUNDLED = Path(rtsr.models.__file__).resolve().parent  # the shipped weights live beside the code
+KNOWN_MODELS = ("basic", "speech")
 WEIGHTS = "weights.safetensors"
 
 
@@ -70,7 +72,7 @@ class SuperResModel:
         den, voc = Denoiser(**cfg["denoiser"]), Vocoder(**cfg["vocoder"])
         for prefix, net in (("denoiser.", den), ("vocoder.", voc)):
             net.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
-        return cls(den, voc, steps or cfg["steps"], cfg.get("guidance", 1.0), cfg["lookahead"],
+        return cls(den, voc, cfg["steps"] if steps is None else steps, cfg.get("guidance", 1.0), cfg["lookahead"],
                    cfg.get("name", path.name), device, cfg)
 
     def new_state(self) -> ModelState:
@@ -86,15 +88,18 @@ class SuperResModel:
         log-mel of the output frames themselves; cutoff: (T,) Hz per frame; noise: (B, mels, T).
         Returns (B, T, bins) complex.
         """
-        centers = torch.from_numpy(mel_centers())
+        dev = self.device
+        cond, low, cutoff, noise = cond.to(dev), low.to(dev), cutoff.to(dev), noise.to(dev)
+        centers = torch.from_numpy(mel_centers()).to(dev)
         mask = (centers[None, :, None] < cutoff[None, None, :]).float().expand(cond.shape[0], -1, -1)
         if self.steps:
             mel = sample(self.denoiser, noise, cond, mask, self.steps, self.guidance, state.steps)
         else:  # steps == 0: the one-step regression baseline predicts the mel directly
-            mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0]), state.steps[0])
+            mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=dev),
+                                state.steps[0])
         keep = (centers[None, :, None] < 0.88 * cutoff[None, None, :]).float()
         mel = keep * low + (1 - keep) * mel  # below the cutoff the mel *is* the input's
-        return to_complex(self.vocoder(mel, state.vocoder))
+        return to_complex(self.vocoder(mel, state.vocoder)).cpu()
 
 
 def bundled_path(name: str) -> Path:
@@ -105,11 +110,8 @@ def load_model(name_or_path: str, device: str = "cpu", steps: int | None = None)
     """A bundled model by name ("basic", "speech") or a model directory."""
     p = Path(name_or_path)
     if not p.is_dir():
-        if name_or_path not in available_models() and not bundled_path(name_or_path).is_dir():
-            raise ModelError(f"unknown model {name_or_path!r}; bundled: {', '.join(available_models()) or 'none'}")
+        if name_or_path not in KNOWN_MODELS and not bundled_path(name_or_path).is_dir():
+            raise ModelError(f"unknown model {name_or_path!r}; bundled: {', '.join(KNOWN_MODELS)}")
         p = bundled_path(name_or_path)
     return SuperResModel.from_dir(p, device, steps)
 
-
-def available_models() -> list[str]:
-    return sorted(d.name for d in BUNDLED.iterdir() if (d / "config.json").exists()) if BUNDLED.is_dir() else []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rtsr.engine import Stream
+from rtsr.engine import Stream, as_frames, check_rate
 from rtsr.features import SR
 from rtsr.model import SuperResModel, load_model
 from rtsr.resample import resample
@@ -47,9 +47,10 @@ class Upscaler:
         Input already at 48 kHz or above is band-limited to 48 kHz and passed through: there is
         nothing above its band for the model to add within a 48 kHz output.
         """
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x)
         mono = x.ndim == 1
-        frames = x[:, None] if mono else x
+        check_rate(sr)
+        frames = as_frames(x[:, None] if mono else x, 1 if mono else x.shape[1] if x.ndim == 2 else -1)
         if sr >= SR:
             y = resample(frames, sr, SR)
         else:

@@ -1,0 +1,132 @@
+"""Engine behaviour: streaming == offline, exact length, zero lag, low band kept, latency."""
+
+import numpy as np
+import pytest
+from scipy import signal
+
+from rtsr import SuperResModel, Upscaler
+from rtsr.engine import Stream
+from rtsr.resample import resample
+
+RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SuperResModel.random()
+
+
+def noise(sr, seconds, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = signal.lfilter([1], [1, -0.9], rng.standard_normal((int(sr * seconds), channels)), axis=0)
+    return (0.05 * x).astype(np.float32)
+
+
+def stream_in_blocks(model, x, sr, rng, hop_ms=20.0):
+    s = Stream(model, sr, x.shape[1], hop_ms)
+    out, i = [], 0
+    while i < len(x):
+        n = int(np.exp(rng.uniform(0, np.log(sr))))  # 1 sample ... 1 s, log-uniform
+        out.append(s.feed(x[i:i + n]))
+        i += n
+    out.append(s.flush())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("sr", RATES)
+def test_streaming_equals_offline(model, sr):
+    x = noise(sr, 0.6)
+    offline = Upscaler(model).upscale(x, sr)
+    streamed = stream_in_blocks(model, x, sr, np.random.default_rng(sr))
+    assert streamed.shape == offline.shape == (round(len(x) * 48000 / sr), 1)
+    assert np.abs(streamed - offline).max() <= 1e-4 * np.abs(offline).max()
+
+
+def test_one_sample_blocks_equal_offline(model):
+    x = noise(16000, 0.15)
+    s = Stream(model, 16000, 1, 10.0)
+    y = np.concatenate([s.feed(x[i:i + 1]) for i in range(len(x))] + [s.flush()])
+    ref = Upscaler(model).upscale(x, 16000)
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 239, 240, 241, 1000])
+def test_exact_length_for_tiny_inputs(model, n):
+    x = noise(16000, 1.0)[:n]
+    assert Upscaler(model).upscale(x[:, 0], 16000).shape == (round(n * 3),)
+
+
+@pytest.mark.parametrize("sr", [8000, 16000, 24000])
+def test_low_band_is_the_input_and_zero_lag(model, sr):
+    x = noise(sr, 1.5)[:, 0]
+    y = Upscaler(model).upscale(x, sr)
+    r = resample(x, sr)
+    sos = signal.butter(10, 0.9 * 0.95 * sr / 2, fs=48000, output="sos")
+    a, b = signal.sosfiltfilt(sos, r), signal.sosfiltfilt(sos, y)
+    assert 10 * np.log10(np.sum(a ** 2) / np.sum((a - b) ** 2)) >= 35.0
+    c = signal.correlate(b, a, mode="full")
+    assert np.argmax(np.abs(c[len(a) - 1 - 200:len(a) + 200])) - 200 == 0
+
+
+def test_multichannel_keeps_channels(model):
+    x = noise(16000, 0.5, channels=8)
+    x[:, 3] *= 0.0  # a silent channel's band stays silent (above it is the untrained model's)
+    y = Upscaler(model).upscale(x, 16000)
+    assert y.shape == (24000, 8)
+    sos = signal.butter(10, 6000, fs=48000, output="sos")
+    spec = np.abs(np.fft.rfft(y[:, 3])) ** 2
+    # below 4 kHz only window leakage of the untrained model's frame-to-frame random phases
+    assert spec[: len(spec) // 6].sum() < 1e-4 * spec.sum()
+    for c in (0, 5):
+        ref = signal.sosfiltfilt(sos, resample(x[:, c], 16000))
+        assert np.corrcoef(signal.sosfiltfilt(sos, y[:, c]), ref)[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("hop_ms", [5.0, 10.0, 20.0])
+def test_latency_is_what_the_parameters_say(model, hop_ms):
+    """Feed one sample at a time at 48 kHz and record when each output sample is handed out."""
+    s = Stream(model, 48000, 1, hop_ms)
+    x = noise(48000, 0.2)
+    emitted, worst = 0, 0
+    for i in range(len(x)):
+        emitted += len(s.feed(x[i:i + 1]))
+        # output samples [.., emitted) are out once input sample i has arrived
+        worst = max(worst, i - (emitted - 1)) if emitted else i + 1
+    assert worst == s.latency_samples
+
+
+def test_latency_budget_at_20ms_hops(model):
+    assert Stream(model, 16000, 1, 20.0).latency_ms <= 40.0
+
+
+def test_bad_blocks_raise_clear_errors(model):
+    s = Stream(model, 16000, 2)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        s.feed(np.full((10, 2), np.nan, np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        s.feed(np.zeros((10, 3), np.float32))
+    with pytest.raises(ValueError, match="hop_ms"):
+        Stream(model, 16000, 1, 7.0)
+    with pytest.raises(ValueError, match="outside"):
+        Stream(model, 100, 1)
+    s.flush()
+    with pytest.raises(RuntimeError, match="flushed"):
+        s.feed(np.zeros((1, 2), np.float32))
+
+
+def test_int16_blocks_are_scaled(model):
+    x = (noise(16000, 0.3)[:, 0] * 32767).astype(np.int16)
+    y = Upscaler(model).upscale(x.astype(np.float32) / 32768, 16000)
+    s = Stream(model, 16000, 1, 500.0)
+    z = np.concatenate([s.feed(x), s.flush()])[:, 0]
+    assert np.abs(y - z).max() < 1e-5
+
+
+def test_high_rate_input_is_downsampled_not_generated(model):
+    x = noise(96000, 0.2)[:, 0]
+    y = Upscaler(model).upscale(x, 96000)
+    assert np.array_equal(y, resample(x, 96000))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        Upscaler(model).upscale(np.full(100, np.inf, np.float32), 96000)
+    with pytest.raises(ValueError, match="outside"):
+        Upscaler(model).upscale(x, 768000)
