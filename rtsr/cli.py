@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter
 
+import torch
 from tqdm import tqdm
 
 from rtsr import __version__
@@ -91,6 +92,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoff", type=_cutoff, default=None, metavar="auto|HZ",
                    help="where the input's real band ends (default: auto, from its rate and spectrum)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="CPU threads for the model (default 1: its small matrices gain little from more, "
+                        "and oversubscribed threads are many times slower)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--json", action="store_true", help="print one JSON object with per-file results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only failures")
@@ -251,6 +255,7 @@ def _summary(totals: dict[str, float | int]) -> str:
 
 
 def _load(args: argparse.Namespace) -> Upscaler:
+    torch.set_num_threads(max(args.threads, 1))
     try:
         return Upscaler.load(args.model, args.device, args.steps, args.seed)
     except ModelError as e:
