@@ -78,6 +78,12 @@ def _name_caches(module: nn.Module) -> None:
             sub.key = name
 
 
+def init_cache(module: nn.Module, batch: int, device: str | torch.device = "cpu") -> Cache:
+    """Zero state for every causal conv: explicit, so caches of several streams can be stacked."""
+    return {m.key: torch.zeros(batch, m.conv.in_channels, m.context, device=device)
+            for m in module.modules() if isinstance(m, CausalDWConv)}
+
+
 def receptive_field(module: nn.Module) -> int:
     """Past frames that influence one output frame (the carried state's reach)."""
     return sum(m.context for m in module.modules() if isinstance(m, CausalDWConv))

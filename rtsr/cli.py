@@ -24,7 +24,7 @@ from time import perf_counter
 import torch
 from tqdm import tqdm
 
-from rtsr import __version__
+from rtsr import __version__, bench, broker, client, compare, live, serve
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
 from rtsr.features import SR
 from rtsr.model import ModelError
@@ -292,7 +292,9 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 # --- entry point ------------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_upscale_parser]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_upscale_parser, serve.add_parser, client.add_parser, broker.add_parser, bench.add_parser, compare.add_parser,
+    live.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,12 @@
 """The streaming engine: one object per stream, one method per stage of the data path.
 
-    feed(block) -> input validation -> _resample (48 kHz) -> _analyse (STFT frames, log-mel,
-    cutoff) -> _synthesise (per hop: few-step sampler -> mel low-band replacement -> vocoder ->
-    STFT low-band merge -> overlap-add crossfade) -> finished samples out.
+    feed(block) = push (validation -> resampler to 48 kHz -> _analyse: STFT frames, log-mel,
+    cutoff) + per ready hop: next_request -> model.run (few-step sampler -> mel low-band
+    replacement -> vocoder) -> complete (STFT low-band merge -> overlap-add crossfade) ->
+    finished samples out.
+
+A server can instead `push` many streams and batch their `next_request`s into one model call
+(rtsr.batch), then `complete` each.
 
 Every stage works on absolute frame/sample indices and keeps only the state it still needs, so
 feeding a signal in any block sizes gives the same output as feeding it at once; the offline
@@ -14,6 +18,7 @@ as soon as nothing later can change it, which is at most `latency_samples` after
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -57,6 +62,17 @@ def check_rate(sr: int) -> None:
         raise ValueError(f"input rate {sr} Hz is outside {MIN_SR}..{MAX_SR}")
 
 
+@dataclass
+class HopRequest:
+    """What the model needs for one hop of one stream (see SuperResModel.run)."""
+
+    n: int
+    cond: torch.Tensor
+    low: torch.Tensor
+    cutoff: torch.Tensor
+    noise: torch.Tensor
+
+
 class Stream:
     """Upscale one live signal (any rate, any channel count) to 48 kHz, block by block."""
 
@@ -73,7 +89,7 @@ class Stream:
         self.resampler = StreamingResampler(input_sr, SR, channels)
         # a cutoff above the input's own Nyquist would claim band the input cannot hold
         self.cutoff = CutoffTracker(input_sr / 2, min(cutoff_hz, input_sr / 2) if cutoff_hz else None)
-        self.model_state = model.new_state()
+        self.model_state = model.new_state(channels)
         self._n_in = 0
         self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
         self._x48_base = -HALF  # absolute 48 kHz index of _x48[:, 0]
@@ -86,6 +102,7 @@ class Stream:
         self._acc_base = -HALF
         self._emitted = 0
         self._finished = False
+        self._last = 0  # the last frame to synthesise, known once the input has ended
 
     @property
     def latency_samples(self) -> int:
@@ -103,26 +120,45 @@ class Stream:
 
     def feed(self, block: np.ndarray) -> np.ndarray:
         """Push any number of input samples; returns the 48 kHz samples finished by them."""
+        self.push(block)
+        return self._drain()
+
+    def flush(self) -> np.ndarray:
+        """End of input: returns the rest, so the total is round(n_in * 48000 / input_sr)."""
+        self.push_end()
+        return self._drain()
+
+    def push(self, block: np.ndarray) -> None:
+        """Take input up to the model stage; `next_request`/`complete` (or `feed`) do the rest."""
         if self._finished:
             raise RuntimeError("stream already flushed")
         x = as_frames(block, self.channels)
         self._n_in += len(x)
         self._append48(self.resampler.process(x))
         self._analyse()
-        return self._synthesise(final=False)
 
-    def flush(self) -> np.ndarray:
-        """End of input: returns the rest, so the total is round(n_in * 48000 / input_sr)."""
+    def push_end(self) -> None:
+        """Mark the end of input: zeros after it let the last frames be analysed and finished."""
         if self._finished:
             raise RuntimeError("stream already flushed")
         self._finished = True
         self._append48(self.resampler.flush())
         self._n_out = self._x48_base + self._x48.shape[1]
-        last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
-        need = (last + self.model.lookahead) * HOP + HALF
+        self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
+        need = (self._last + self.model.lookahead) * HOP + HALF
         self._append48(np.zeros((max(need - self._n_out, 0), self.channels), np.float32))
         self._analyse()
-        return self._synthesise(final=True, last=last)
+
+    def next_request(self) -> HopRequest | None:
+        """The model inputs of the next ready hop (nothing advances until `complete`)."""
+        la = self.model.lookahead
+        ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
+        n = min(self.hop_frames, ready)
+        if n <= 0 or (not self._finished and n < self.hop_frames):
+            return None
+        noise = frame_noise(self.seed, self._pos, n, N_MELS, self.channels)
+        return HopRequest(n, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n],
+                          torch.from_numpy(self._cut[:n]), torch.from_numpy(noise))
 
     # --- stages -----------------------------------------------------------------------------
 
@@ -147,24 +183,17 @@ class Stream:
         self._x48 = self._x48[:, keep_from:]
         self._x48_base += keep_from
 
-    def _synthesise(self, final: bool, last: int = 0) -> np.ndarray:
-        """Run the model hop by hop on ready frames; overlap-add; return finished samples."""
+    def _drain(self) -> np.ndarray:
+        """Run the model hop by hop on every ready hop; return the finished samples."""
         out = []
-        la = self.model.lookahead
-        while True:
-            ready = (last + 1 - self._pos) if final else (self._frames - la - self._pos)
-            n = min(self.hop_frames, ready)
-            if n <= 0 or (not final and n < self.hop_frames):
-                break
-            out.append(self._hop(n))
-        return np.concatenate(out, axis=1).T if out else np.zeros((0, self.channels), np.float32)
+        while (req := self.next_request()) is not None:
+            out.append(self.complete(req, self.model.run(self.model_state, req.cond, req.low, req.cutoff,
+                                                         req.noise)))
+        return np.concatenate(out) if out else np.zeros((0, self.channels), np.float32)
 
-    def _hop(self, n: int) -> np.ndarray:
-        la = self.model.lookahead
-        cut = self._cut[:n]
-        noise = torch.from_numpy(frame_noise(self.seed, self._pos, n, self._lr_mel.shape[1], self.channels))
-        gen = self.model.run(self.model_state, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n],
-                             torch.from_numpy(cut), noise).numpy()
+    def complete(self, req: HopRequest, gen: torch.Tensor) -> np.ndarray:
+        """Merge the model's spectra for `req` with the input, overlap-add, return finished samples."""
+        n, cut, gen = req.n, self._cut[:req.n], gen.numpy()
         w = np.stack([_merge_row(float(c)) for c in cut])  # (n, bins): weight of the input
         merged = w * self._lr_spec[:, :n] + (1 - w) * gen  # STFT-domain low-band replacement
         frames = np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
@@ -183,7 +212,7 @@ class Stream:
         self._emitted = max(done, self._emitted)
         self._acc = self._acc[:, max(hi, lo):]
         self._acc_base += max(hi, lo)
-        return y
+        return y.T
 
 
 def _demo(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import rtsr.models
 from rtsr.features import mel_centers
 from rtsr.models.diffusion import sample
-from rtsr.models.nets import Cache, Denoiser, Vocoder, to_complex
+from rtsr.models.nets import Cache, Denoiser, Vocoder, init_cache, to_complex
 
 BUNDLED = Path(rtsr.models.__file__).resolve().parent  # the shipped weights live beside the code
 KNOWN_MODELS = ("basic", "speech")
@@ -75,9 +75,31 @@ class SuperResModel:
         return cls(den, voc, cfg["steps"] if steps is None else steps, cfg.get("guidance", 1.0), cfg["lookahead"],
                    cfg.get("name", path.name), device, cfg)
 
-    def new_state(self) -> ModelState:
-        """Fresh caches: one per sampler step (the regression variant, steps == 0, uses one)."""
-        return ModelState(steps=[{} for _ in range(max(self.steps, 1))])
+    def new_state(self, batch: int) -> ModelState:
+        """Zeroed caches for `batch` channels: one per sampler step (the regression variant,
+        steps == 0, uses one); guidance runs a conditional and an unconditional branch."""
+        branches = 2 if self.steps and self.guidance != 1.0 else 1
+        return ModelState(steps=[init_cache(self.denoiser, batch * branches, self.device)
+                                 for _ in range(max(self.steps, 1))],
+                          vocoder=init_cache(self.vocoder, batch, self.device))
+
+    def run_batch(self, states: list[ModelState], cond: torch.Tensor, low: torch.Tensor,
+                  cutoff: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`run` for several streams at once: their caches are stacked along the batch axis for
+        one network call per step and split back afterwards (output equals separate calls).
+
+        cutoff is (B, T) here, one row per channel of every stream, in the order of `states`.
+        """
+        if self.steps and self.guidance != 1.0:
+            raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
+        sizes = [next(iter(s.vocoder.values())).shape[0] for s in states]
+        merged = ModelState(steps=[_stack([s.steps[k] for s in states]) for k in range(len(states[0].steps))],
+                            vocoder=_stack([s.vocoder for s in states]))
+        out = self.run(merged, cond, low, cutoff, noise)
+        for k in range(len(merged.steps)):
+            _unstack(merged.steps[k], [s.steps[k] for s in states], sizes)
+        _unstack(merged.vocoder, [s.vocoder for s in states], sizes)
+        return out
 
     @torch.inference_mode()
     def run(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
@@ -85,21 +107,32 @@ class SuperResModel:
         """Frames -> complex spectra.
 
         cond: (B, mels, T) LR log-mel `lookahead` frames ahead of the output frames; low: the LR
-        log-mel of the output frames themselves; cutoff: (T,) Hz per frame; noise: (B, mels, T).
-        Returns (B, T, bins) complex.
+        log-mel of the output frames themselves; cutoff: (T,) or (B, T) Hz per frame; noise:
+        (B, mels, T). Returns (B, T, bins) complex.
         """
         dev = self.device
         cond, low, cutoff, noise = cond.to(dev), low.to(dev), cutoff.to(dev), noise.to(dev)
         centers = torch.from_numpy(mel_centers()).to(dev)
-        mask = (centers[None, :, None] < cutoff[None, None, :]).float().expand(cond.shape[0], -1, -1)
+        cutoff = cutoff.expand(cond.shape[0], -1)[:, None, :]  # (B, 1, T)
+        mask = (centers[None, :, None] < cutoff).float()
         if self.steps:
             mel = sample(self.denoiser, noise, cond, mask, self.steps, self.guidance, state.steps)
         else:  # steps == 0: the one-step regression baseline predicts the mel directly
             mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=dev),
                                 state.steps[0])
-        keep = (centers[None, :, None] < 0.88 * cutoff[None, None, :]).float()
+        keep = (centers[None, :, None] < 0.88 * cutoff).float()
         mel = keep * low + (1 - keep) * mel  # below the cutoff the mel *is* the input's
         return to_complex(self.vocoder(mel, state.vocoder)).cpu()
+
+
+def _stack(caches: list[Cache]) -> Cache:
+    return {k: torch.cat([c[k] for c in caches]) for k in caches[0]}
+
+
+def _unstack(merged: Cache, caches: list[Cache], sizes: list[int]) -> None:
+    for k, v in merged.items():
+        for c, part in zip(caches, v.split(sizes), strict=True):
+            c[k] = part
 
 
 def bundled_path(name: str) -> Path:

@@ -1,0 +1,32 @@
+"""Many streams, one model call per hop: what lets one device serve many live streams.
+
+Streams take their input with `push`; `step` gathers every stream's ready hop, runs the model
+once over all of them (caches stacked along the batch axis, see SuperResModel.run_batch) and
+hands each stream its part. The output equals running each stream alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rtsr.engine import Stream
+
+
+def step(streams: list[Stream]) -> list[np.ndarray]:
+    """Run every ready hop of every stream (batched by hop length); finished samples per stream."""
+    out: list[list[np.ndarray]] = [[] for _ in streams]
+    while True:
+        ready = [(i, r) for i, s in enumerate(streams) if (r := s.next_request()) is not None]
+        if not ready:
+            break
+        for n in sorted({r.n for _, r in ready}):
+            group = [(i, r) for i, r in ready if r.n == n]
+            model = streams[group[0][0]].model
+            gen = model.run_batch([streams[i].model_state for i, _ in group],
+                                  torch.cat([r.cond for _, r in group]), torch.cat([r.low for _, r in group]),
+                                  torch.cat([r.cutoff.expand(streams[i].channels, -1) for i, r in group]),
+                                  torch.cat([r.noise for _, r in group]))
+            for (i, r), g in zip(group, gen.split([streams[i].channels for i, _ in group]), strict=True):
+                out[i].append(streams[i].complete(r, g))
+    return [np.concatenate(o) if o else np.zeros((0, s.channels), np.float32) for o, s in zip(out, streams)]

@@ -1,0 +1,231 @@
+"""`rtsr broker`: one address for clients, any number of `rtsr serve --connect-broker` workers behind it.
+
+    rtsr broker --frontend tcp://127.0.0.1:5557 --backend tcp://127.0.0.1:5560
+    rtsr serve --connect-broker tcp://127.0.0.1:5560     # as many as there are cores or GPUs
+
+A stream's engine state lives in one worker, so the broker routes by stream, not by message: an
+`open` goes to the worker with the fewest streams (among those with room), and everything else of
+that (client, stream) follows it until a reply says the stream is gone (`closed`, or an error with
+"closed": true). Workers announce themselves with "ready" heartbeats; one that falls silent is
+forgotten and its clients are told (`worker_lost`). A worker whose connection drops is noticed by
+ZeroMQ's own heartbeats: a send to it fails, an `open` then goes to the next worker, and a stream
+already on it gets `worker_lost`. A client that vanishes has its streams
+cancelled on their workers. The broker reads headers only; PCM passes through untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from rtsr import protocol as P
+from rtsr.serve import POLL_S, Transport, _attach, _drain
+
+log = logging.getLogger("rtsr.broker")
+DEFAULT_BACKEND = "tcp://127.0.0.1:5560"
+WORKER_TIMEOUT_S = 30.0  # silence before a connected worker counts as hung: longer than any one batch
+
+
+@dataclass
+class Worker:
+    capacity: int
+    seen: float
+    assigned: int = 0  # when it last got a stream (a counter), so ties rotate
+    streams: set[tuple[bytes, P.StreamId]] = field(default_factory=set)
+
+
+class Broker:
+    """Routing state and the two-socket loop."""
+
+    def __init__(self, frontend: str = P.DEFAULT_ENDPOINT, backend: str = DEFAULT_BACKEND,
+                 transport: Transport | None = None, max_frame_bytes: int = P.MAX_FRAME_BYTES,
+                 worker_timeout: float = WORKER_TIMEOUT_S):
+        self.t = transport or Transport()
+        self.frontend_addr, self.backend_addr = frontend, backend
+        self.max_frame_bytes, self.worker_timeout = max_frame_bytes, worker_timeout
+        self.workers: dict[bytes, Worker] = {}
+        self.routes: dict[tuple[bytes, P.StreamId], bytes] = {}
+        self._assigned = 0
+
+    def run(self) -> None:
+        """Serve until `transport.stop` is set."""
+        ctx = zmq.Context()
+        self.front, self.back = self.t.socket(ctx, zmq.ROUTER), self.t.socket(ctx, zmq.ROUTER)
+        for s in (self.front, self.back):
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self.t.ready({"frontend": _attach(self.front, self.frontend_addr, True),
+                          "backend": _attach(self.back, self.backend_addr, True)})
+            poller = zmq.Poller()
+            poller.register(self.front, zmq.POLLIN)
+            poller.register(self.back, zmq.POLLIN)
+            while not self.t.stop.is_set():
+                ready = dict(poller.poll(int(POLL_S * 1000)))
+                if self.back in ready:  # replies first: they free capacity
+                    for m in _drain(self.back):
+                        self._from_worker(m[0].bytes, [f.bytes for f in m[1:]])
+                if self.front in ready:
+                    for m in _drain(self.front):
+                        self._from_client(m[0].bytes, m[1:])
+                self._expire_workers()
+        finally:
+            self.front.close(0)
+            self.back.close(0)
+            ctx.term()
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def _from_client(self, client: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            P.check_sizes(frames, self.max_frame_bytes)
+            h = P.decode_header(frames[0].buffer)
+            key = (client, h.get("stream"))
+            if h["type"] == "stats":
+                self._to_client(client, P.encode(self._stats()))
+                return
+            worker = self.routes.get(key)
+            if worker is not None:
+                self._to_worker(worker, [client, *frames])
+            elif h["type"] != "open":
+                raise P.ProtocolError(P.UNKNOWN_STREAM, f"no open stream {key[1]!r} (open it first)", key[1],
+                                      h.get("seq"), closed=True)
+            else:
+                while not self._try_send(worker := self._pick(key[1]), [client, *frames]):
+                    self._drop_worker(worker)  # its connection is gone: try the next one
+                self.routes[key] = worker
+                self.workers[worker].streams.add(key)
+        except P.ProtocolError as e:
+            self._to_client(client, P.encode(e.header()))
+
+    def _pick(self, sid: P.StreamId) -> bytes:
+        """The least-loaded worker with room; ties go to the one that got a stream longest ago."""
+        free = [(len(w.streams), w.assigned, wid) for wid, w in self.workers.items() if len(w.streams) < w.capacity]
+        if not free:
+            code = P.BUSY if self.workers else P.NO_WORKER
+            raise P.ProtocolError(code, "all workers are full" if self.workers else "no worker is connected",
+                                  sid, closed=True)
+        wid = min(free)[2]
+        self._assigned += 1
+        self.workers[wid].assigned = self._assigned
+        return wid
+
+    def _stats(self) -> dict[str, Any]:
+        return {"type": "stats", "streams": len(self.routes),
+                "workers": [{"id": wid.hex(), "streams": len(w.streams), "capacity": w.capacity}
+                            for wid, w in self.workers.items()]}
+
+    def _to_client(self, client: bytes, frames: list[bytes]) -> None:
+        try:
+            self.front.send_multipart([client, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not reading (EAGAIN): free its streams
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            for key in [k for k in self.routes if k[0] == client]:
+                worker = self._unroute(key)
+                if worker is not None:  # best effort: its idle timeout frees it otherwise
+                    with contextlib.suppress(P.ProtocolError):
+                        self._to_worker(worker, [client, *P.encode({"type": "cancel", "stream": key[1]})])
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def _from_worker(self, worker: bytes, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        client, header = frames[0], frames[1]
+        try:
+            h = json.loads(header)
+        except ValueError:
+            log.warning("worker %s sent a bad header", worker.hex())
+            return
+        w = self.workers.get(worker)
+        if not client:  # heartbeat
+            if w is None:
+                log.info("worker %s joined (capacity %s)", worker.hex(), h.get("capacity"))
+                w = self.workers[worker] = Worker(int(h.get("capacity", 1)), time.monotonic())
+            w.seen, w.capacity = time.monotonic(), int(h.get("capacity", w.capacity))
+            return
+        if w is not None:
+            w.seen = time.monotonic()
+        key = (client, h.get("stream"))
+        if (h.get("type") == "closed" or h.get("closed")) and self.routes.get(key) == worker:
+            self._unroute(key)
+        self._to_client(client, frames[1:])
+
+    def _try_send(self, worker: bytes, frames: list) -> bool:
+        """False if the worker's connection is gone; a full queue is the client's error to see."""
+        try:
+            self.back.send_multipart([worker, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return False
+            if e.errno != zmq.EAGAIN:
+                raise
+            raise P.ProtocolError(P.BUSY, "the stream's worker has a full queue; message dropped",
+                                  _stream_of(frames[1])) from None
+
+    def _to_worker(self, worker: bytes, frames: list) -> None:
+        if not self._try_send(worker, frames):
+            self._drop_worker(worker)  # tells every client of it, this one's included
+
+    def _unroute(self, key: tuple[bytes, P.StreamId]) -> bytes | None:
+        worker = self.routes.pop(key, None)
+        if worker in self.workers:
+            self.workers[worker].streams.discard(key)
+        return worker
+
+    def _drop_worker(self, worker: bytes) -> None:
+        w = self.workers.pop(worker, None)
+        if w is None:
+            return
+        log.warning("worker %s lost with %d streams", worker.hex(), len(w.streams))
+        for key in list(w.streams):
+            self.routes.pop(key, None)
+            self._to_client(key[0], P.encode(P.ProtocolError(P.WORKER_LOST, "the stream's worker stopped "
+                                                             "answering", key[1], closed=True).header()))
+
+    def _expire_workers(self) -> None:
+        now = time.monotonic()
+        for wid in [wid for wid, w in self.workers.items() if now - w.seen > self.worker_timeout]:
+            self._drop_worker(wid)
+
+
+def _stream_of(header: Any) -> P.StreamId:
+    try:
+        return json.loads(bytes(header)).get("stream")
+    except ValueError:
+        return None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "broker", help="load-balance streams over several `rtsr serve --connect-broker` workers",
+        description="Clients connect to --frontend exactly as to `rtsr serve`; workers connect to --backend. "
+                    "Each new stream goes to the least-loaded worker and stays there.")
+    p.add_argument("--frontend", default=P.DEFAULT_ENDPOINT, help="bound for clients (default: %(default)s)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, help="bound for workers (default: %(default)s)")
+    p.add_argument("--max-frame-bytes", type=int, default=P.MAX_FRAME_BYTES,
+                   help="largest PCM frame forwarded (default: %(default)s)")
+    p.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S, metavar="S",
+                   help="forget a connected worker silent this long (default: %(default)s)")
+    p.add_argument("--hwm", type=int, default=Transport.hwm, help="ZeroMQ high-water mark (default: %(default)s)")
+    p.set_defaults(func=run_broker)
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        Broker(args.frontend, args.backend, Transport(hwm=args.hwm), args.max_frame_bytes,
+               args.worker_timeout).run()
+    except zmq.ZMQError as e:
+        print(f"rtsr broker: {e}", file=sys.stderr)
+        return 2
+    return 0

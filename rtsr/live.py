@@ -1,0 +1,365 @@
+"""`rtsr live`: an input device -> the engine -> speakers and/or a recording, in real time.
+
+    rtsr live                                   # default microphone -> default speakers
+    rtsr live --record out.wav --no-play --duration 10
+    rtsr live --passthrough                     # the plain resampled input, same latency: for A/B
+    rtsr live --list-devices
+
+PortAudio calls its callbacks on a real-time thread where any wait is an audible glitch, so the
+callbacks here only copy into and out of preallocated ring buffers and count status flags; a
+worker thread runs the engine. Input and output are separate device streams (the input runs at
+its own rate, the output at 48 kHz), joined only through the rings.
+
+When the worker falls behind, the output callback plays silence for what is missing (an
+underrun: counted, never a stop), waits to refill to its target before playing again, and later
+drops what was generated beyond the target, so the latency returns to where it was.
+
+`LiveEngine` has no PortAudio in it: tests drive its callbacks with a fake device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from rtsr.audio_io import AudioError, check_writable, write_audio
+from rtsr.features import SR
+from rtsr.resample import StreamingResampler
+
+PORTAUDIO_HINT = "PortAudio library not found: install it (Debian/Ubuntu: apt-get install libportaudio2)"
+
+
+class LiveError(Exception):
+    """A problem with devices or setup: printed as one line, exit status 2."""
+
+
+class Ring:
+    """A fixed-size (frames, channels) float32 FIFO for one writer thread and one reader thread.
+
+    Only the writer moves `_w` and only the reader moves `_r`, and each copies its data before
+    moving its index, so no lock is needed (nothing that could block a real-time callback).
+    Plain numpy slice copies: a numba kernel would not beat two memcpy-sized slices.
+    """
+
+    def __init__(self, frames: int, channels: int):
+        self.buf = np.zeros((frames, channels), np.float32)
+        self.capacity = frames
+        self._w = self._r = 0  # total frames written / read, ever
+
+    @property
+    def readable(self) -> int:
+        return self._w - self._r
+
+    @property
+    def writable(self) -> int:
+        return self.capacity - self.readable
+
+    def write(self, x: np.ndarray) -> int:
+        """Copy in as much of x as fits; returns how many frames were taken."""
+        n = min(len(x), self.writable)
+        i = self._w % self.capacity
+        k = min(n, self.capacity - i)
+        self.buf[i:i + k] = x[:k]
+        self.buf[:n - k] = x[k:n]
+        self._w += n
+        return n
+
+    def read(self, out: np.ndarray) -> int:
+        """Fill `out` from the front as far as there is data; returns how many frames were read."""
+        n = min(len(out), self.readable)
+        i = self._r % self.capacity
+        k = min(n, self.capacity - i)
+        out[:k] = self.buf[i:i + k]
+        out[k:n] = self.buf[:n - k]
+        self._r += n
+        return n
+
+    def skip(self, n: int) -> int:
+        """Drop up to n frames from the front (reader side)."""
+        n = min(n, self.readable)
+        self._r += n
+        return n
+
+
+class Processor(Protocol):
+    """What the worker runs: the engine Stream, or Passthrough."""
+
+    latency_samples: int
+
+    def feed(self, block: np.ndarray) -> np.ndarray: ...
+
+
+class Passthrough:
+    """The input resampled to 48 kHz and held back to the engine's latency: the "before" of an A/B.
+
+    Like the engine's, its output is aligned with the input (no added lag in the samples) and
+    handed out `latency_samples` after the input arrives, so both are heard equally late.
+    """
+
+    def __init__(self, input_sr: int, channels: int, latency_samples: int):
+        self.resampler = StreamingResampler(input_sr, SR, channels)
+        self.input_sr, self.latency_samples = input_sr, latency_samples
+        self._held = np.zeros((0, channels), np.float32)
+        self._n_in = self._n_out = 0
+
+    def feed(self, block: np.ndarray) -> np.ndarray:
+        self._n_in += len(block)
+        self._held = np.concatenate([self._held, self.resampler.process(block)])
+        n = min(max(self._n_in * SR // self.input_sr - self.latency_samples - self._n_out, 0), len(self._held))
+        y, self._held = self._held[:n], self._held[n:]
+        self._n_out += n
+        return y
+
+
+@dataclass
+class Counters:
+    device_xruns: int = 0  # callbacks PortAudio flagged (its own over/underflows)
+    underruns: int = 0  # output callbacks that had to pad with silence
+    padded: int = 0  # output frames of silence so padded
+    overflows: int = 0  # input callbacks that found the input ring full (the worker far behind)
+    dropped_in: int = 0  # input frames so dropped
+    skipped: int = 0  # output frames dropped to bring the latency back to its target
+    compute_s: float = 0.0
+    audio_s: float = 0.0  # input seconds processed
+
+    @property
+    def xruns(self) -> int:
+        return self.device_xruns + self.underruns + self.overflows
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_s / self.audio_s if self.audio_s else 0.0
+
+
+class LiveEngine:
+    """Input ring -> worker (engine) -> output ring, with the two device callbacks.
+
+    `target_frames` is the output buffer the output callback keeps ahead of itself: playback
+    starts (and restarts after an underrun) once that much is there, and anything beyond
+    target + `slack_frames` is dropped.
+    """
+
+    def __init__(self, proc: Processor, input_sr: int, channels: int, hop_in: int, target_frames: int,
+                 slack_frames: int | None = None, ring_seconds: float = 2.0,
+                 record: Callable[[np.ndarray], None] | None = None):
+        self.proc, self.input_sr, self.channels, self.hop_in = proc, input_sr, channels, hop_in
+        self.target, self.slack = target_frames, target_frames if slack_frames is None else slack_frames
+        self.inp = Ring(int(ring_seconds * input_sr) + hop_in, channels)
+        self.out = Ring(int(ring_seconds * SR) + target_frames, channels)
+        self.record, self.c = record, Counters()
+        self._block = np.zeros((self.inp.capacity, channels), np.float32)  # the worker's read buffer
+        self._playing = False  # the output ring is being played (not filling up to its target)
+        self._started = False  # it has been played at least once
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # --- device callbacks: copies and counters only ------------------------------------------
+
+    def input_callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        if status:
+            self.c.device_xruns += 1
+        lost = frames - self.inp.write(indata)
+        if lost:
+            self.c.overflows += 1
+            self.c.dropped_in += lost
+
+    def output_callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        if status:
+            self.c.device_xruns += 1
+        have = self.out.readable
+        if not self._playing and have >= self.target:
+            self._playing = True
+            if have > self.target + self.slack:  # came back from a stall with a backlog
+                self.c.skipped += self.out.skip(have - self.target)
+        n = self.out.read(outdata[:frames]) if self._playing else 0
+        if n < frames:
+            outdata[n:frames] = 0
+            if self._playing:  # ran dry: count it, and rebuffer to the target before going on
+                self.c.underruns += 1
+                self._playing = False
+            if self._started:  # silence that is not the initial fill is padding
+                self.c.padded += frames - n
+        self._started |= self._playing
+
+    # --- the worker -----------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Run the engine on every whole hop of waiting input; returns input frames processed."""
+        n = self.inp.readable // self.hop_in * self.hop_in
+        if not n:
+            return 0
+        x = self._block[:self.inp.read(self._block[:n])]
+        t0 = time.perf_counter()
+        y = self.proc.feed(x)
+        self.c.compute_s += time.perf_counter() - t0
+        self.c.audio_s += n / self.input_sr
+        if self.record is not None:
+            self.record(y)
+        self.c.skipped += len(y) - self.out.write(y)  # only if nobody is playing the output
+        return n
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rtsr-live-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        idle = self.hop_in / self.input_sr / 4
+        try:
+            while not self._stop.is_set():
+                if not self.step():
+                    time.sleep(idle)
+        except BaseException as e:  # reported by the foreground, which is not blocked on us
+            self.error = e
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def latency_ms(self, device_s: float = 0.0) -> float:
+        """Input-to-output delay now: engine + both rings (+ what the devices report)."""
+        return 1000 * (self.proc.latency_samples / SR + self.inp.readable / self.input_sr
+                       + self.out.readable / SR + device_s)
+
+    def status(self, device_s: float = 0.0) -> str:
+        c = self.c
+        return (f"latency {self.latency_ms(device_s):6.1f} ms | RTF {c.rtf:5.3f} | xruns {c.xruns} "
+                f"(underruns {c.underruns}, overflows {c.overflows}, device {c.device_xruns})")
+
+    def summary(self, device_s: float = 0.0) -> str:
+        c = self.c
+        return (f"{c.audio_s:.1f} s processed, RTF {c.rtf:.3f}, latency {self.latency_ms(device_s):.1f} ms; "
+                f"xruns {c.xruns}: {c.underruns} underruns ({c.padded / SR * 1000:.0f} ms of silence), "
+                f"{c.overflows} overflows ({c.dropped_in} input frames dropped), {c.device_xruns} device, "
+                f"{c.skipped} output frames dropped to recover latency")
+
+
+# --- devices ----------------------------------------------------------------------------------------
+
+
+def import_sounddevice() -> ModuleType:
+    """sounddevice, imported only when a device is used; PortAudio's absence is one line, not a trace."""
+    try:
+        import sounddevice
+    except OSError as e:
+        raise LiveError(PORTAUDIO_HINT) from e
+    except ImportError as e:
+        raise LiveError("sounddevice is not installed: pip install 'rtsr[live]'") from e
+    return sounddevice
+
+
+def _device(text: str | None) -> int | str | None:
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "live", help="microphone (or any input device) -> engine -> speakers and/or a file",
+        description="Upscale an input device live. The model runs on a worker thread; the audio callbacks "
+                    "only copy. Ctrl-C stops and prints a summary.")
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--input-device", metavar="ID_OR_NAME", help="(default: the system's)")
+    p.add_argument("--output-device", metavar="ID_OR_NAME", help="(default: the system's)")
+    p.add_argument("--input-sr", type=int, help="input rate (default: the input device's default rate)")
+    p.add_argument("--channels", type=int, default=1, help="input channels (default: %(default)s)")
+    p.add_argument("--hop-ms", type=float, default=20.0, help="engine hop, a multiple of 5 (default: %(default)s)")
+    p.add_argument("--buffer-ms", type=float, default=20.0,
+                   help="output kept buffered against compute jitter (default: %(default)s)")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    p.add_argument("--model", default="basic", help="model name or folder (default: %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--passthrough", action="store_true",
+                   help="play the plain resampled input with the same latency (for A/B listening)")
+    p.add_argument("--record", type=Path, metavar="OUT.wav", help="also write the output here (48 kHz float)")
+    p.add_argument("--no-play", action="store_true", help="do not open an output device (use with --record)")
+    p.add_argument("--overwrite", action="store_true", help="replace --record's file if it exists")
+    p.set_defaults(func=run_live)
+
+
+def run_live(args: argparse.Namespace) -> int:
+    try:
+        return _run_live(args)
+    except (LiveError, AudioError) as e:
+        print(f"rtsr live: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_live(args: argparse.Namespace) -> int:
+    sd = import_sounddevice()
+    if args.list_devices:
+        print(sd.query_devices())
+        return 0
+    if args.no_play and not args.record:
+        raise LiveError("--no-play needs --record (otherwise nothing would come out)")
+    if args.record:
+        check_writable(args.record, args.overwrite)
+    in_dev, out_dev = _device(args.input_device), _device(args.output_device)
+    try:
+        info = sd.query_devices(in_dev, "input")
+    except (ValueError, sd.PortAudioError) as e:
+        raise LiveError(f"no such input device {args.input_device!r}: {e}") from e
+    input_sr = args.input_sr or int(info["default_samplerate"])
+
+    import torch
+
+    from rtsr.model import ModelError
+    from rtsr.upscaler import Upscaler
+
+    torch.set_num_threads(1)
+    try:
+        stream = Upscaler.load(args.model, args.device).stream(input_sr, args.channels, args.hop_ms)
+    except (ModelError, ValueError, RuntimeError) as e:
+        raise LiveError(str(e)) from e
+    if not args.passthrough:  # first calls are slow (allocation, caches): not on the live stream's time
+        Upscaler(stream.model).stream(input_sr, args.channels, args.hop_ms).feed(
+            np.zeros((input_sr // 2, args.channels), np.float32))
+    proc: Processor = Passthrough(input_sr, args.channels, stream.latency_samples) if args.passthrough else stream
+    hop_in = max(round(input_sr * args.hop_ms / 1000), 1)
+    chunks: list[np.ndarray] = []
+    live = LiveEngine(proc, input_sr, args.channels, hop_in, max(round(SR * args.buffer_ms / 1000), 1),
+                      record=chunks.append if args.record else None)
+    try:
+        ins = sd.InputStream(device=in_dev, samplerate=input_sr, channels=args.channels, dtype="float32",
+                             blocksize=hop_in, callback=live.input_callback)
+        outs = None if args.no_play else sd.OutputStream(
+            device=out_dev, samplerate=SR, channels=args.channels, dtype="float32",
+            blocksize=round(SR * args.hop_ms / 1000), callback=live.output_callback)
+    except (sd.PortAudioError, ValueError) as e:
+        raise LiveError(f"cannot open the audio devices: {e}") from e
+    device_s = ins.latency + (outs.latency if outs else 0.0)
+    what = "passthrough" if args.passthrough else f"model {stream.model.name}"
+    print(f"{what}: {input_sr} Hz x {args.channels} -> 48000 Hz, engine latency {stream.latency_ms:.1f} ms; "
+          "Ctrl-C stops", file=sys.stderr)
+    live.start()
+    t0 = time.monotonic()
+    try:
+        with ins, (outs or contextlib.nullcontext()):
+            while args.duration is None or time.monotonic() - t0 < args.duration:
+                time.sleep(0.25)
+                if live.error:
+                    raise LiveError(f"engine failed: {live.error}")
+                print("\r" + live.status(device_s), end="", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        live.stop()
+        print("\n" + live.summary(device_s), file=sys.stderr)
+    if args.record:
+        y = np.concatenate(chunks) if chunks else np.zeros((0, args.channels), np.float32)
+        write_audio(args.record, y, SR, "flac" if args.record.suffix.lower() == ".flac" else "wav", args.overwrite)
+        print(f"recorded {len(y) / SR:.1f} s to {args.record}", file=sys.stderr)
+    return 0
+

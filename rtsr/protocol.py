@@ -1,0 +1,161 @@
+"""The wire format of `rtsr serve`, `rtsr broker` and `rtsr.client` (docs/protocol.md says it in prose).
+
+Every message is multipart: frame 0 a UTF-8 JSON object (the header), frame 1, where there is
+one, raw little-endian interleaved PCM. This module is the only place that turns frames into
+headers and arrays and back, so the service, the broker and the client cannot drift apart, and
+every refusal is a `ProtocolError` carrying the code that goes back on the wire.
+
+Sizes are checked before anything is decoded: a 100 MB frame is refused by its length alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rtsr.engine import as_frames, check_rate
+
+VERSION = 1
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}  # wire dtype -> little-endian numpy dtype
+OUT_DTYPE = DTYPES["float32"]  # replies are always 48 kHz float32
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 4 * 1024 * 1024  # default PCM limit: 65 s of 16 kHz mono float32, 2.7 s of 384 kHz stereo
+MAX_CHANNELS = 16
+MAX_STREAM_ID = 256  # characters of a string stream id
+DEFAULT_HOP_MS = 20.0
+
+# Error codes (the "code" of an error reply); docs/protocol.md explains each one.
+BAD_JSON, BAD_HEADER, VERSION_MISMATCH, UNKNOWN_TYPE = "bad_json", "bad_header", "version", "unknown_type"
+UNKNOWN_STREAM, DUPLICATE_STREAM, BAD_RATE, UNKNOWN_MODEL = "unknown_stream", "duplicate_stream", "bad_rate", \
+    "unknown_model"
+BAD_PCM, BAD_AUDIO, TOO_BIG, SEQ, RATE, BUSY = "bad_pcm", "bad_audio", "too_big", "seq", "rate", "busy"
+EXPIRED, INTERNAL, NO_WORKER, WORKER_LOST = "expired", "internal", "no_worker", "worker_lost"
+
+StreamId = str | int | None
+
+
+class ProtocolError(Exception):
+    """A refused message: becomes one error reply to its sender and nothing else.
+
+    `closed` says the server holds no stream of that id for the sender after this error, so a
+    client (or the broker's routing table) can forget it.
+    """
+
+    def __init__(self, code: str, message: str, stream: StreamId = None, seq: int | None = None,
+                 closed: bool = False, **extra: Any):
+        super().__init__(message)
+        self.code, self.message, self.stream, self.seq, self.closed, self.extra = code, message, stream, seq, \
+            closed, extra
+
+    def header(self) -> dict[str, Any]:
+        h: dict[str, Any] = {"type": "error", "stream": self.stream, "code": self.code, "message": self.message}
+        if self.seq is not None:
+            h["seq"] = self.seq
+        if self.closed:
+            h["closed"] = True
+        return {**h, **self.extra}
+
+
+@dataclass(frozen=True)
+class OpenSpec:
+    """A validated `open`: what one engine stream needs."""
+
+    stream: StreamId
+    sr: int
+    channels: int
+    dtype: str
+    model: str | None
+    hop_ms: float
+
+
+def encode(header: dict[str, Any], pcm: np.ndarray | bytes | None = None) -> list[bytes]:
+    """Header (+ PCM) -> frames; every header says which protocol version wrote it."""
+    frames = [json.dumps({"v": VERSION, **header}, separators=(",", ":")).encode()]
+    if pcm is not None:
+        frames.append(pcm if isinstance(pcm, bytes) else np.ascontiguousarray(pcm, OUT_DTYPE).tobytes())
+    return frames
+
+
+def check_sizes(frames: list, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    """Refuse a message by its frame count and lengths alone, before any decoding."""
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError(BAD_HEADER, f"expected 1 or 2 frames (header, PCM), got {len(frames)}")
+    if len(frames[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError(TOO_BIG, f"header of {len(frames[0])} bytes is over {MAX_HEADER_BYTES}")
+    if len(frames) == 2 and len(frames[1]) > max_frame_bytes:
+        raise ProtocolError(TOO_BIG, f"PCM frame of {len(frames[1])} bytes is over the limit of {max_frame_bytes}")
+
+
+def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
+    """Frame 0 -> a header dict with a known version; stream id and seq type-checked."""
+    try:
+        h = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(h, dict):
+        raise ProtocolError(BAD_JSON, f"header must be a JSON object, got {type(h).__name__}")
+    sid = h.get("stream")
+    if sid is not None and not (isinstance(sid, str) and len(sid) <= MAX_STREAM_ID
+                                or isinstance(sid, int) and not isinstance(sid, bool)):
+        raise ProtocolError(BAD_HEADER, f"stream id must be a string (<= {MAX_STREAM_ID} chars), "
+                                        "an integer or null")
+    if h.get("v", VERSION) != VERSION:
+        raise ProtocolError(VERSION_MISMATCH, f"protocol version {h.get('v')!r} is not supported (this is "
+                                              f"v{VERSION})", sid)
+    if not isinstance(h.get("type"), str):
+        raise ProtocolError(BAD_HEADER, "header has no string 'type'", sid)
+    if "seq" in h and not _is_int(h["seq"], 0):
+        raise ProtocolError(BAD_HEADER, "seq must be an integer >= 0", sid)
+    return h
+
+
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def parse_open(h: dict[str, Any]) -> OpenSpec:
+    """An `open` header -> OpenSpec, or the error saying which field is wrong."""
+    sid = h.get("stream")
+    sr, channels, dtype = h.get("sr"), h.get("channels", 1), h.get("dtype", "float32")
+    hop_ms = h.get("hop_ms", DEFAULT_HOP_MS)
+    if not _is_int(sr, 1):
+        raise ProtocolError(BAD_RATE, f"sr must be a positive integer, got {sr!r}", sid, closed=True)
+    try:
+        check_rate(sr)
+    except ValueError as e:
+        raise ProtocolError(BAD_RATE, str(e), sid, closed=True) from None
+    if not _is_int(channels, 1) or channels > MAX_CHANNELS:
+        raise ProtocolError(BAD_HEADER, f"channels must be 1..{MAX_CHANNELS}, got {channels!r}", sid, closed=True)
+    if dtype not in DTYPES:
+        raise ProtocolError(BAD_HEADER, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", sid,
+                            closed=True)
+    if not isinstance(hop_ms, int | float) or isinstance(hop_ms, bool) or not 0 < hop_ms <= 1000:
+        raise ProtocolError(BAD_HEADER, f"hop_ms must be a number in (0, 1000], got {hop_ms!r}", sid, closed=True)
+    model = h.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError(BAD_HEADER, "model must be a string", sid, closed=True)
+    return OpenSpec(sid, sr, channels, dtype, model, float(hop_ms))
+
+
+def decode_pcm(payload: bytes | memoryview, dtype: str, channels: int, stream: StreamId = None,
+               seq: int | None = None) -> np.ndarray:
+    """Frame 1 -> (frames, channels) float32, refusing a ragged length and NaN/Inf (via `as_frames`)."""
+    dt = DTYPES[dtype]
+    width = dt.itemsize * channels
+    if len(payload) % width:
+        raise ProtocolError(BAD_PCM, f"PCM of {len(payload)} bytes is not a whole number of {channels}-channel "
+                                     f"{dtype} frames ({width} bytes each)", stream, seq)
+    x = np.frombuffer(payload, dt).reshape(-1, channels)
+    try:
+        return as_frames(x, channels)
+    except ValueError as e:
+        raise ProtocolError(BAD_AUDIO, str(e), stream, seq) from None
+
+
+def pcm_to_array(payload: bytes | memoryview, channels: int) -> np.ndarray:
+    """A reply's 48 kHz float32 PCM -> (frames, channels)."""
+    return np.frombuffer(payload, OUT_DTYPE).reshape(-1, channels).astype(np.float32)

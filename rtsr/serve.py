@@ -1,0 +1,489 @@
+"""`rtsr serve`: the streaming engine as a ZeroMQ service (docs/protocol.md is the wire contract).
+
+    rtsr serve                                      # ROUTER on tcp://127.0.0.1:5557, clients use DEALER
+    rtsr serve --pull tcp://host:5555 --push tcp://host:5556      # pipeline stage (PULL -> PUSH)
+    rtsr serve --connect-broker tcp://host:5560     # a worker behind `rtsr broker`
+
+`Service` is the protocol logic with no sockets in it (one engine `Stream` per (client, stream
+id), sequence and gap bookkeeping, limits, expiry); the three `serve_*` loops only move frames
+between sockets and it. One thread does everything, so the engine runs with one torch thread and
+no locks, and a bad message can only ever produce an error reply to its own sender.
+
+Batching: each poll round hands all the messages that are waiting to `Service.handle_batch`,
+which turns consecutive audio messages into a list of `Job`s and runs them in `_run_jobs`. Today
+that runs each job's `Stream.feed` in turn; a batched GPU version would replace `_run_jobs` alone
+(it needs an engine API that exposes per-hop model inputs, which `Stream` does not yet have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from rtsr import protocol as P
+from rtsr.engine import Stream
+from rtsr.features import SR
+from rtsr.model import ModelError
+from rtsr.upscaler import Upscaler
+
+log = logging.getLogger("rtsr.serve")
+
+Peer = bytes  # ZeroMQ routing identity of a client ("" in pipeline mode)
+Reply = tuple[Peer, list[bytes]]
+POLL_S = 0.05  # how often the loops look at their stop flag and at idle streams
+MAX_BATCH = 64  # messages taken per poll round
+HEARTBEAT_S = 1.0  # worker -> broker "ready" interval
+
+
+@dataclass
+class Limits:
+    """What one client may cost the service; all enforced per message, before the engine runs."""
+
+    max_streams: int = 64
+    max_frame_bytes: int = P.MAX_FRAME_BYTES
+    idle_timeout: float = 30.0  # seconds without a message before a stream is dropped
+    max_speed: float = 0.0  # audio seconds per wall second a stream may send (0: as fast as it is served)
+    burst_s: float = 2.0  # audio a rate-limited stream may be ahead of real time
+    max_gap_s: float = 5.0  # longest sequence gap filled with silence; beyond it the stream ends
+
+
+@dataclass
+class Session:
+    """One open stream: its engine and the bookkeeping that keeps its timeline intact."""
+
+    spec: P.OpenSpec
+    engine: Stream
+    opened: float
+    active: float
+    next_seq: int = 0
+    last_frames: int = 0  # length of the last block: a gap is filled with this much silence per missing block
+    audio_s: float = 0.0  # input seconds accepted, for the rate limit
+
+
+@dataclass
+class Job:
+    """One audio message, validated and sequenced, waiting for the engine."""
+
+    peer: Peer
+    key: tuple[Peer, P.StreamId]
+    session: Session
+    block: np.ndarray  # (frames, channels) float32, gap silence already in front
+    header: dict[str, Any]  # the reply header
+
+
+@dataclass
+class Stats:
+    messages: int = 0
+    errors: int = 0
+    gaps: int = 0
+    expired: int = 0
+    dropped_peers: int = 0
+    opened: int = 0
+    closed: int = 0
+
+
+class Service:
+    """The protocol state machine: frames in, replies out; never raises for a client's mistake."""
+
+    def __init__(self, upscalers: dict[str, Upscaler], default_model: str, limits: Limits | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if default_model not in upscalers:
+            raise ValueError(f"default model {default_model!r} is not among the loaded ones")
+        self.upscalers, self.default_model = upscalers, default_model
+        self.limits, self.clock = limits or Limits(), clock
+        self.sessions: dict[tuple[Peer, P.StreamId], Session] = {}
+        self.stats = Stats()
+
+    # --- entry points -----------------------------------------------------------------------
+
+    def handle(self, peer: Peer, frames: list) -> list[Reply]:
+        return self.handle_batch([(peer, frames)])
+
+    def handle_batch(self, msgs: Iterable[tuple[Peer, list]]) -> list[Reply]:
+        """Replies to every message, in order; consecutive audio messages become one batch of jobs."""
+        out: list[Reply] = []
+        jobs: list[Job] = []
+        for peer, frames in msgs:
+            self.stats.messages += 1
+            try:
+                P.check_sizes(frames, self.limits.max_frame_bytes)
+                h = P.decode_header(frames[0])
+                if h["type"] == "audio":
+                    jobs.append(self._audio_job(peer, h, frames))
+                    continue
+                self._run_jobs(jobs, out)  # a control message sees the state after all audio before it
+                out += self._control(peer, h, frames)
+            except P.ProtocolError as e:
+                self._run_jobs(jobs, out)
+                out.append(self._error(peer, e))
+        self._run_jobs(jobs, out)
+        return out
+
+    def expire(self) -> list[Reply]:
+        """Drop streams idle for longer than the idle timeout; tell their clients (best effort)."""
+        now, out = self.clock(), []
+        for key, s in list(self.sessions.items()):
+            if now - s.active > self.limits.idle_timeout:
+                del self.sessions[key]
+                self.stats.expired += 1
+                out.append(self._error(key[0], P.ProtocolError(
+                    P.EXPIRED, f"stream idle for more than {self.limits.idle_timeout:g} s", key[1], closed=True)))
+        return out
+
+    def drop_peer(self, peer: Peer) -> int:
+        """Forget every stream of a client that vanished or stopped reading its replies."""
+        keys = [k for k in self.sessions if k[0] == peer]
+        for k in keys:
+            del self.sessions[k]
+        if keys:
+            self.stats.dropped_peers += 1
+        return len(keys)
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _error(self, peer: Peer, e: P.ProtocolError) -> Reply:
+        self.stats.errors += 1
+        log.debug("error to %r: %s %s", peer, e.code, e.message)
+        return peer, P.encode(e.header())
+
+    def _session(self, peer: Peer, h: dict[str, Any]) -> tuple[tuple[Peer, P.StreamId], Session]:
+        key = (peer, h.get("stream"))
+        s = self.sessions.get(key)
+        if s is None:
+            raise P.ProtocolError(P.UNKNOWN_STREAM, f"no open stream {key[1]!r} (open it first)", key[1],
+                                  h.get("seq"), closed=True)
+        return key, s
+
+    def _no_pcm(self, h: dict[str, Any], frames: list) -> None:
+        if len(frames) > 1 and len(frames[1]):
+            raise P.ProtocolError(P.BAD_PCM, f"a {h['type']!r} message carries no PCM frame", h.get("stream"))
+
+    def _control(self, peer: Peer, h: dict[str, Any], frames: list) -> list[Reply]:
+        kind, sid = h["type"], h.get("stream")
+        if kind == "open":
+            self._no_pcm(h, frames)
+            return [(peer, P.encode(self._open(peer, h)))]
+        if kind in ("close", "cancel"):
+            self._no_pcm(h, frames)
+            key, s = self._session(peer, h)
+            del self.sessions[key]
+            self.stats.closed += 1
+            out = []
+            if kind == "close":
+                try:
+                    tail = s.engine.flush()
+                except Exception as e:  # an engine bug must not take the service down
+                    log.exception("flush failed for %r", key)
+                    raise P.ProtocolError(P.INTERNAL, f"flush failed: {e}", sid, closed=True) from e
+                out.append((peer, P.encode({"type": "audio", "stream": sid, "final": True}, tail)))
+            return out + [(peer, P.encode({"type": "closed", "stream": sid}))]
+        if kind == "stats":
+            return [(peer, P.encode({"type": "stats", "streams": len(self.sessions),
+                                     "max_streams": self.limits.max_streams, "models": sorted(self.upscalers),
+                                     **vars(self.stats)}))]
+        raise P.ProtocolError(P.UNKNOWN_TYPE, f"unknown message type {kind!r}", sid)
+
+    def _open(self, peer: Peer, h: dict[str, Any]) -> dict[str, Any]:
+        spec = P.parse_open(h)
+        key = (peer, spec.stream)
+        if key in self.sessions:
+            raise P.ProtocolError(P.DUPLICATE_STREAM, f"stream {spec.stream!r} is already open", spec.stream)
+        if len(self.sessions) >= self.limits.max_streams:
+            raise P.ProtocolError(P.BUSY, f"the service is at its limit of {self.limits.max_streams} streams",
+                                  spec.stream, closed=True)
+        name = spec.model or self.default_model
+        up = self.upscalers.get(name)
+        if up is None:
+            raise P.ProtocolError(P.UNKNOWN_MODEL, f"model {name!r} is not loaded here; loaded: "
+                                                   f"{', '.join(sorted(self.upscalers))}", spec.stream, closed=True)
+        try:
+            engine = up.stream(spec.sr, spec.channels, spec.hop_ms)
+        except ValueError as e:  # e.g. a hop that is not a multiple of the frame hop
+            raise P.ProtocolError(P.BAD_HEADER, str(e), spec.stream, closed=True) from None
+        now = self.clock()
+        self.sessions[key] = Session(spec, engine, now, now)
+        self.stats.opened += 1
+        return {"type": "opened", "stream": spec.stream, "out_sr": SR, "latency_samples": engine.latency_samples,
+                "channels": spec.channels, "model": name, "hop_ms": spec.hop_ms}
+
+    def _audio_job(self, peer: Peer, h: dict[str, Any], frames: list) -> Job:
+        """Validate, rate-check and sequence one audio message; the engine has not run yet."""
+        key, s = self._session(peer, h)
+        sid, seq = key[1], h.get("seq")
+        if seq is None:
+            raise P.ProtocolError(P.BAD_HEADER, "an audio message needs a seq", sid)
+        x = P.decode_pcm(frames[1] if len(frames) > 1 else b"", s.spec.dtype, s.spec.channels, sid, seq)
+        now = self.clock()
+        s.active = now
+        if seq < s.next_seq:
+            raise P.ProtocolError(P.SEQ, f"seq {seq} is old: expected {s.next_seq} (block dropped)", sid, seq)
+        lim, sr = self.limits, s.spec.sr
+        if lim.max_speed > 0:
+            ahead = s.audio_s + len(x) / sr - lim.burst_s - lim.max_speed * (now - s.opened)
+            if ahead > 0:
+                raise P.ProtocolError(P.RATE, f"stream is sending faster than {lim.max_speed:g}x real time; "
+                                              "block not consumed, resend it later", sid, seq,
+                                      retry_after_ms=int(1000 * ahead / lim.max_speed) + 1)
+        header: dict[str, Any] = {"type": "audio", "stream": sid, "seq": seq}
+        n, gap = len(x), seq - s.next_seq
+        if gap:  # fill the missing blocks with silence so everything after keeps its time
+            fill = gap * (s.last_frames or n)
+            if fill > lim.max_gap_s * sr:
+                del self.sessions[key]
+                raise P.ProtocolError(P.SEQ, f"{gap} blocks missing ({fill / sr:.1f} s) is more than the "
+                                             f"{lim.max_gap_s:g} s a gap may be filled with; stream ended",
+                                      sid, seq, closed=True)
+            x = np.concatenate([np.zeros((fill, s.spec.channels), np.float32), x])
+            header["gap"] = gap
+            self.stats.gaps += gap
+        s.next_seq = seq + 1
+        s.last_frames = n or s.last_frames
+        s.audio_s += len(x) / sr
+        return Job(peer, key, s, x, header)
+
+    def _run_jobs(self, jobs: list[Job], out: list[Reply]) -> None:
+        """The engine stage of a batch (see the module docstring); empties `jobs` into `out`."""
+        for job in jobs:
+            if self.sessions.get(job.key) is not job.session:
+                continue  # dropped by an earlier job's failure
+            try:
+                y = job.session.engine.feed(job.block)
+            except Exception as e:  # an engine bug must not take the service down
+                log.exception("feed failed for %r", job.key)
+                del self.sessions[job.key]
+                out.append(self._error(job.peer, P.ProtocolError(
+                    P.INTERNAL, f"engine failed: {e}", job.key[1], job.header["seq"], closed=True)))
+                continue
+            out.append((job.peer, P.encode(job.header, y)))
+        jobs.clear()
+
+
+# --- transports ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Transport:
+    """What the serving loops share: socket limits (bounded queues, bounded messages) and control
+    (a stop flag checked every POLL_S, a callback told the endpoints once bound, for tests and logs)."""
+
+    hwm: int = 64  # messages queued per peer, each way, before ZeroMQ pushes back
+    max_message_bytes: int = 128 * 1024 * 1024  # above this ZeroMQ drops the connection (no reply possible)
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_ready: Callable[[dict[str, str]], None] | None = None  # called with the bound endpoints
+
+    def socket(self, ctx: zmq.Context, kind: int) -> zmq.Socket:
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, self.hwm)
+        s.setsockopt(zmq.SNDHWM, self.hwm)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        # transport-level heartbeats run in ZeroMQ's I/O thread, so a peer busy computing is not
+        # mistaken for a dead one, while a dead one is disconnected (then sends to it fail)
+        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        return s
+
+    def ready(self, endpoints: dict[str, str]) -> None:
+        log.info("rtsr serve: %s", ", ".join(f"{k} {v}" for k, v in endpoints.items()))
+        if self.on_ready:
+            self.on_ready(endpoints)
+
+
+def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
+    """Bind or connect; returns the endpoint actually in use (a bound port 0/* becomes the real one)."""
+    if bind:
+        sock.bind(endpoint)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock.connect(endpoint)
+    return endpoint
+
+
+def pipeline_endpoint(text: str) -> tuple[str, bool]:
+    """'@tcp://...' binds, '>tcp://...' or plain connects (the CZMQ convention)."""
+    if text.startswith("@"):
+        return text[1:], True
+    return text.removeprefix(">"), False
+
+
+def _drain(sock: zmq.Socket) -> list[list[zmq.Frame]]:
+    msgs = []
+    while len(msgs) < MAX_BATCH:
+        try:
+            msgs.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+        except zmq.Again:
+            break
+    return msgs
+
+
+def _buffers(frames: list[zmq.Frame]) -> list[memoryview]:
+    return [f.buffer for f in frames]
+
+
+def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transport | None = None) -> None:
+    """Serve clients on a bound ROUTER until `t.stop` is set."""
+    t = t or Transport()
+    ctx = zmq.Context()
+    sock = t.socket(ctx, zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises instead of silently dropping
+    try:
+        t.ready({"router": _attach(sock, endpoint, True)})
+        while not t.stop.is_set():
+            msgs = _drain(sock) if sock.poll(int(POLL_S * 1000)) else []
+            replies = service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in msgs)
+            for peer, frames in replies + service.expire():
+                _send_router(sock, service, peer, frames)
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def _send_router(sock: zmq.Socket, service: Service, peer: Peer, frames: list[bytes]) -> None:
+    try:
+        sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+    except zmq.Again:  # its queue is full: it stopped reading, so it may not hold us up
+        log.warning("client %r is not reading its replies: dropped %d streams", peer, service.drop_peer(peer))
+    except zmq.ZMQError as e:
+        if e.errno != zmq.EHOSTUNREACH:
+            raise
+        n = service.drop_peer(peer)
+        if n:
+            log.info("client %r went away: dropped %d streams", peer, n)
+
+
+def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None = None) -> None:
+    """Pipeline stage: PULL messages, PUSH replies (errors too, and to the log) downstream."""
+    t = t or Transport()
+    ctx = zmq.Context()
+    src, dst = t.socket(ctx, zmq.PULL), t.socket(ctx, zmq.PUSH)
+    try:
+        t.ready({"pull": _attach(src, *pipeline_endpoint(pull)), "push": _attach(dst, *pipeline_endpoint(push))})
+        while not t.stop.is_set():
+            msgs = _drain(src) if src.poll(int(POLL_S * 1000)) else []
+            for _, frames in service.handle_batch((b"", _buffers(m)) for m in msgs) + service.expire():
+                if json.loads(frames[0]).get("type") == "error":
+                    log.warning("pipeline error: %s", frames[0].decode())
+                while not t.stop.is_set():  # downstream full or absent: wait (backpressure), but stay stoppable
+                    if dst.poll(int(POLL_S * 1000), zmq.POLLOUT):
+                        dst.send_multipart(frames)
+                        break
+    finally:
+        src.close(0)
+        dst.close(0)
+        ctx.term()
+
+
+def serve_worker(service: Service, broker: str, t: Transport | None = None) -> None:
+    """A worker behind `rtsr broker`: frames arrive as [client id, header, PCM] and go back the same way.
+
+    "ready" messages (with an empty client frame), sent between batches, register the worker and
+    its capacity; the broker forgets a worker silent for its --worker-timeout (a hung process),
+    and learns of a dead connection at once from ZeroMQ.
+    """
+    t = t or Transport()
+    ctx = zmq.Context()
+    sock = t.socket(ctx, zmq.DEALER)
+    try:
+        t.ready({"broker": _attach(sock, broker, False)})
+        beat = 0.0
+        while not t.stop.is_set():
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()
+                _send_quiet(sock, [b"", *P.encode({"type": "ready", "capacity": service.limits.max_streams,
+                                                   "streams": len(service.sessions)})])
+            msgs = _drain(sock) if sock.poll(int(POLL_S * 1000)) else []
+            msgs = [m for m in msgs if len(m) >= 2 and len(m[0])]  # frames with no client: nothing to answer
+            for peer, frames in service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in msgs) + service.expire():
+                _send_quiet(sock, [peer, *frames])
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def _send_quiet(sock: zmq.Socket, frames: list[bytes]) -> None:
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        log.warning("broker is not taking replies: one dropped")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def load_upscalers(names: list[str], device: str = "cpu") -> dict[str, Upscaler]:
+    """Each --model under its argument and its folder name, so clients can say "basic" or "tiny"."""
+    ups: dict[str, Upscaler] = {}
+    for name in names:
+        up = Upscaler.load(name, device)
+        ups[name] = up
+        ups.setdefault(Path(name).name, up)
+    return ups
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the streaming engine over ZeroMQ",
+        description="Serve streams over ZeroMQ (protocol: docs/protocol.md). Default: a ROUTER socket that "
+                    "DEALER clients talk to; --pull/--push: a pipeline stage; --connect-broker: a worker "
+                    "behind `rtsr broker`.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--bind", default=P.DEFAULT_ENDPOINT, help="ROUTER endpoint (default: %(default)s)")
+    mode.add_argument("--pull", metavar="ENDPOINT",
+                      help="pipeline mode: read messages from here ('@' prefix binds, else connects)")
+    mode.add_argument("--connect-broker", metavar="ENDPOINT", help="worker mode: the broker's backend")
+    p.add_argument("--push", metavar="ENDPOINT", help="pipeline mode: send replies here ('@' prefix binds)")
+    p.add_argument("--model", action="append", default=None,
+                   help="model name or folder to load (repeatable; the first is the default; default: basic)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--max-streams", type=int, default=Limits.max_streams, help="(default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout, metavar="S",
+                   help="drop a stream after this many seconds without a message (default: %(default)s)")
+    p.add_argument("--max-frame-bytes", type=int, default=Limits.max_frame_bytes,
+                   help="largest PCM frame answered (bigger ones get error too_big; default: %(default)s)")
+    p.add_argument("--max-speed", type=float, default=Limits.max_speed, metavar="X",
+                   help="refuse audio sent faster than X times real time with error 'rate' "
+                        "(default: 0, no limit: a fast client is only slowed by the socket queues)")
+    p.add_argument("--hwm", type=int, default=Transport.hwm, help="ZeroMQ high-water mark (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every error reply")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    if bool(args.pull) != bool(args.push):
+        print("rtsr serve: --pull and --push go together", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)  # one stream's matrices are small; more threads only contend
+    names = args.model or ["basic"]
+    try:
+        ups = load_upscalers(names, args.device)
+    except (ModelError, RuntimeError) as e:
+        print(f"rtsr serve: {e}", file=sys.stderr)
+        return 2
+    limits = Limits(max_streams=args.max_streams, max_frame_bytes=args.max_frame_bytes,
+                    idle_timeout=args.idle_timeout, max_speed=args.max_speed)
+    service = Service(ups, names[0], limits)
+    t = Transport(hwm=args.hwm)
+    try:
+        if args.pull:
+            serve_pipeline(service, args.pull, args.push, t)
+        elif args.connect_broker:
+            serve_worker(service, args.connect_broker, t)
+        else:
+            serve_router(service, args.bind, t)
+    except zmq.ZMQError as e:
+        print(f"rtsr serve: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,246 @@
+"""`rtsr live` without a sound card: the ring buffer, the worker and the callbacks driven by a fake
+device (a loop that calls them as PortAudio would), an injected stall, and the PortAudio hint.
+
+The fake device's clock is the loop itself, so these tests are exact and do not depend on the
+machine's load; one test runs the real worker thread against a paced fake device.
+"""
+
+import importlib.abc
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from rtsr import live
+from rtsr.cli import main
+from rtsr.engine import Stream
+from rtsr.live import LiveEngine, Passthrough, Ring
+from rtsr.model import SuperResModel
+from rtsr.resample import resample
+
+SR_IN, TICK_IN, TICK_OUT = 16000, 160, 480  # 10 ms device blocks at 16 kHz in, 48 kHz out
+HOP_IN, TARGET = 320, 960  # 20 ms engine hop, 20 ms output buffer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return SuperResModel.random()
+
+
+def signal(seconds: float, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal((round(SR_IN * seconds), 1))).astype(np.float32)
+
+
+def reference(model, x: np.ndarray) -> np.ndarray:
+    """The engine's output for x fed in hops, as the worker feeds it."""
+    s = Stream(model, SR_IN, 1, 20.0)
+    return np.concatenate([s.feed(x[i:i + HOP_IN]) for i in range(0, len(x) // HOP_IN * HOP_IN, HOP_IN)])
+
+
+def drive(eng: LiveEngine, x: np.ndarray, stall: range = range(0)) -> np.ndarray:
+    """Fake device: one input and one output callback per 10 ms tick, the worker stepped after each
+    input block except during `stall` (ticks); returns everything the output callback played."""
+    played = []
+    for k in range(len(x) // TICK_IN):
+        eng.input_callback(x[k * TICK_IN:(k + 1) * TICK_IN], TICK_IN, None, None)
+        if k not in stall:
+            eng.step()
+        out = np.full((TICK_OUT, 1), np.nan, np.float32)  # NaN: a frame the callback forgot to fill
+        eng.output_callback(out, TICK_OUT, None, None)
+        played.append(out)
+    return np.concatenate(played)
+
+
+# --- ring buffer ---------------------------------------------------------------------------------
+
+
+def test_ring_is_a_bounded_fifo():
+    rng = np.random.default_rng(0)
+    ring, fifo, n = Ring(100, 2), [], 0
+    for _ in range(500):
+        if rng.random() < 0.5:
+            x = rng.standard_normal((int(rng.integers(0, 80)), 2)).astype(np.float32)
+            took = ring.write(x)
+            assert took == min(len(x), 100 - len(fifo))
+            fifo += list(x[:took])
+        else:
+            out = np.zeros((int(rng.integers(0, 80)), 2), np.float32)
+            got = ring.read(out)
+            assert got == min(len(out), len(fifo))
+            np.testing.assert_array_equal(out[:got], np.array(fifo[:got]).reshape(-1, 2))
+            fifo = fifo[got:]
+        n += 1
+        assert ring.readable == len(fifo) and ring.writable == 100 - len(fifo)
+    assert ring.skip(1000) == len(fifo) and ring.readable == 0
+
+
+# --- worker and callbacks with a fake device -----------------------------------------------------
+
+
+def test_steady_stream_plays_the_engine_output_without_gaps(model):
+    x = signal(1.0)
+    eng = LiveEngine(Stream(model, SR_IN, 1, 20.0), SR_IN, 1, HOP_IN, TARGET)
+    played = drive(eng, x)
+    assert not np.isnan(played).any()
+    assert (eng.c.underruns, eng.c.overflows, eng.c.skipped) == (0, 0, 0)
+    lead = int(np.argmax(np.abs(played[:, 0]) > 0))  # silence until the buffer first reached its target
+    ref = reference(model, x)
+    np.testing.assert_array_equal(played[lead:], ref[:len(played) - lead])
+    assert lead % TICK_OUT == 0 and 1000 * lead / 48000 <= Stream(model, SR_IN).latency_ms + 20 + 10
+    assert 0 < eng.c.rtf and eng.c.audio_s == pytest.approx(1.0, abs=0.02)
+
+
+def test_stall_is_counted_padded_and_recovered(model):
+    x = signal(1.5, seed=1)
+    eng = LiveEngine(Stream(model, SR_IN, 1, 20.0), SR_IN, 1, HOP_IN, TARGET)
+    played = drive(eng, x, stall=range(50, 70))  # the worker hangs for 200 ms at 0.5 s
+    assert not np.isnan(played).any()  # continuous: every callback filled every frame
+    assert eng.c.underruns == 1 and eng.c.padded >= 15 * TICK_OUT
+    assert np.abs(played[58 * TICK_OUT:68 * TICK_OUT]).max() == 0  # silence while stalled
+    assert eng.c.skipped > 0  # the backlog was dropped ...
+    assert eng.out.readable <= TARGET + TICK_OUT  # ... so the latency is back at its target
+    tail = 20 * TICK_OUT  # and the last 200 ms are the engine's output, in order
+    ref = reference(model, x)
+    np.testing.assert_array_equal(played[-tail:], ref[eng.out._r - tail:eng.out._r])
+
+
+def test_input_overflow_is_counted_not_grown(model):
+    eng = LiveEngine(Stream(model, SR_IN, 1, 20.0), SR_IN, 1, HOP_IN, TARGET, ring_seconds=0.1)
+    block = signal(0.01)
+    for _ in range(30):  # 300 ms into a 100 ms ring, the worker never runs
+        eng.input_callback(block, TICK_IN, None, None)
+    assert eng.inp.readable == eng.inp.capacity and eng.c.overflows > 0
+    assert eng.c.dropped_in == 30 * TICK_IN - eng.inp.capacity
+
+
+def test_device_status_flags_are_counted(model):
+    eng = LiveEngine(Passthrough(SR_IN, 1, 0), SR_IN, 1, HOP_IN, TARGET)
+    eng.input_callback(signal(0.01), TICK_IN, None, "input overflow")
+    eng.output_callback(np.zeros((TICK_OUT, 1), np.float32), TICK_OUT, None, "output underflow")
+    assert eng.c.device_xruns == 2 and eng.c.xruns == 2
+
+
+def test_worker_thread_recovers_from_an_injected_stall(model):
+    """The real worker thread, a fake device paced at 10 ms, one 150 ms hang in the processor."""
+    class Stalling(Passthrough):
+        calls = 0
+
+        def feed(self, block):
+            Stalling.calls += 1
+            if Stalling.calls == 15:
+                time.sleep(0.15)
+            return super().feed(block)
+
+    eng = LiveEngine(Stalling(SR_IN, 1, 100), SR_IN, 1, HOP_IN, TARGET)
+    x = signal(0.8)
+    played = []
+    eng.start()
+    try:
+        t0 = time.monotonic()
+        for k in range(len(x) // TICK_IN):
+            eng.input_callback(x[k * TICK_IN:(k + 1) * TICK_IN], TICK_IN, None, None)
+            out = np.full((TICK_OUT, 1), np.nan, np.float32)
+            eng.output_callback(out, TICK_OUT, None, None)
+            played.append(out)
+            time.sleep(max(t0 + (k + 1) * 0.01 - time.monotonic(), 0))
+    finally:
+        eng.stop()
+    assert eng.error is None and not eng._thread.is_alive()
+    assert not np.isnan(np.concatenate(played)).any()
+    assert eng.c.underruns >= 1  # the hang was heard as silence and counted
+    assert eng.out.readable <= TARGET + TICK_OUT + HOP_IN * 3  # and the latency came back
+
+
+# --- passthrough: the A/B reference ---------------------------------------------------------------
+
+
+def test_passthrough_is_the_resampled_input_at_the_engine_latency(model):
+    x = signal(0.5)
+    s = Stream(model, SR_IN, 1, 20.0)
+    p = Passthrough(SR_IN, 1, s.latency_samples)
+    y = np.concatenate([p.feed(x[i:i + HOP_IN]) for i in range(0, len(x), HOP_IN)])
+    assert len(y) == len(x) * 3 - s.latency_samples  # handed out exactly `latency` after its input
+    np.testing.assert_allclose(y, resample(x, SR_IN)[:len(y)], atol=1e-6)
+
+
+def test_passthrough_is_heard_as_late_as_the_engine(model):
+    """A click played through each: it comes out at the same time, to within a hop."""
+    x = np.zeros((SR_IN // 2, 1), np.float32)
+    x[SR_IN // 5] = 0.9
+    when = []
+    for proc in (Stream(model, SR_IN, 1, 20.0), Passthrough(SR_IN, 1, Stream(model, SR_IN).latency_samples)):
+        played = drive(LiveEngine(proc, SR_IN, 1, HOP_IN, TARGET), x)
+        when.append(int(np.argmax(np.abs(played[:, 0]))))
+    assert abs(when[0] - when[1]) <= TARGET + TICK_OUT, when
+
+
+# --- command line without PortAudio --------------------------------------------------------------
+
+
+class _NoPortAudio(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sounddevice":
+            raise OSError("PortAudio library not found")
+        return None
+
+
+def test_missing_portaudio_is_one_line(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_NoPortAudio(), *sys.meta_path])
+    assert main(["live", "--list-devices"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "apt-get install libportaudio2" in err
+
+
+def test_live_is_registered():
+    assert main(["live", "--help"]) == 0
+    assert callable(live.run_live) and threading.current_thread()  # imported without sounddevice
+
+
+# --- a real device: JACK's dummy backend ------------------------------------------------------------
+
+
+@pytest.fixture
+def jack_env(tmp_path):
+    """A private jackd (dummy backend, 48 kHz, 10 ms periods) and the environment that reaches it."""
+    if not shutil.which("jackd") or not shutil.which("jack_wait"):
+        pytest.skip("jackd not installed (apt-get install jackd2 libportaudio2)")
+    name = f"rtsr-test-{os.getpid()}"
+    env = {**os.environ, "JACK_DEFAULT_SERVER": name, "JACK_NO_AUDIO_RESERVATION": "1"}
+    log = (tmp_path / "jackd.log").open("w")
+    proc = subprocess.Popen(["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", "48000", "-p", "480"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if subprocess.run(["jack_wait", "-w", "-t", "10"], env=env, capture_output=True, timeout=20).returncode:
+            pytest.skip(f"jackd did not start: {(tmp_path / 'jackd.log').read_text()[-300:]}")
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_live_on_jack_dummy_device(jack_env, tiny_model_dir, tmp_path):
+    """The whole command on a real PortAudio device: opens, runs, records, reports, exits 0."""
+    out = tmp_path / "live.wav"
+    cmd = [sys.executable, "-m", "rtsr.cli", "live", "--model", str(tiny_model_dir), "--duration", "1.5",
+           "--record", str(out)]
+    r = subprocess.run(cmd, env=jack_env, capture_output=True, text=True, timeout=90)
+    if "PortAudio library not found" in r.stderr:
+        pytest.skip("libportaudio2 not installed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "xruns" in r.stderr and "recorded" in r.stderr
+    info = sf.info(out)
+    assert info.samplerate == 48000 and 1.0 <= info.duration <= 3.0
