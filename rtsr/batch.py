@@ -29,4 +29,5 @@ def step(streams: list[Stream]) -> list[np.ndarray]:
                                   torch.cat([r.noise for _, r in group]))
             for (i, r), g in zip(group, gen.split([streams[i].channels for i, _ in group]), strict=True):
                 out[i].append(streams[i].complete(r, g))
-    return [np.concatenate(o) if o else np.zeros((0, s.channels), np.float32) for o, s in zip(out, streams)]
+    empty = [np.zeros((0, s.channels), np.float32) for s in streams]
+    return [np.concatenate(o) if o else e for o, e in zip(out, empty, strict=True)]

@@ -16,7 +16,7 @@ def test_batched_streams_equal_separate_runs():
     streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
     outs = [[] for _ in streams]
     for pos in range(0, 8000, 700):  # uneven blocks, the same wall-clock share for every stream
-        for s, x, o in zip(streams, inputs, outs, strict=True):
+        for s, x in zip(streams, inputs, strict=True):
             s.push(x[pos * s.input_sr // 16000:(pos + 700) * s.input_sr // 16000])
         for o, y in zip(outs, step(streams), strict=True):
             o.append(y)
