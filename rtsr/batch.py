@@ -20,9 +20,9 @@ def step(streams: list[Stream]) -> list[np.ndarray]:
         ready = [(i, r) for i, s in enumerate(streams) if (r := s.next_request()) is not None]
         if not ready:
             break
-        for n in sorted({r.n for _, r in ready}):
-            group = [(i, r) for i, r in ready if r.n == n]
-            model = streams[group[0][0]].model
+        keys = {(id(streams[i].model), r.n): streams[i].model for i, r in ready}
+        for (model_id, n), model in keys.items():  # one call per model and hop length
+            group = [(i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id]
             gen = model.run_batch([streams[i].model_state for i, _ in group],
                                   torch.cat([r.cond for _, r in group]), torch.cat([r.low for _, r in group]),
                                   torch.cat([r.cutoff.expand(streams[i].channels, -1) for i, r in group]),

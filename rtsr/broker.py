@@ -223,7 +223,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_broker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        Broker(args.frontend, args.backend, Transport(hwm=args.hwm), args.max_frame_bytes,
+        Broker(args.frontend, args.backend, Transport(hwm=args.hwm, name="rtsr broker"), args.max_frame_bytes,
                args.worker_timeout).run()
     except zmq.ZMQError as e:
         print(f"rtsr broker: {e}", file=sys.stderr)

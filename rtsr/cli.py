@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from rtsr import __version__, bench, broker, client, compare, live, serve
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
+from rtsr.backends import BACKENDS, apply_backend
 from rtsr.features import SR
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
@@ -92,6 +93,8 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoff", type=_cutoff, default=None, metavar="auto|HZ",
                    help="where the input's real band ends (default: auto, from its rate and spectrum)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads for the model (default 1: its small matrices gain little from more, "
                         "and oversubscribed threads are many times slower)")
@@ -257,7 +260,9 @@ def _summary(totals: dict[str, float | int]) -> str:
 def _load(args: argparse.Namespace) -> Upscaler:
     torch.set_num_threads(max(args.threads, 1))
     try:
-        return Upscaler.load(args.model, args.device, args.steps, args.seed)
+        up = Upscaler.load(args.model, args.device, args.steps, args.seed)
+        apply_backend(up.model, args.backend)
+        return up
     except ModelError as e:
         raise CliError(str(e)) from e
     except RuntimeError as e:  # e.g. --device cuda without a GPU

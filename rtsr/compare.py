@@ -91,4 +91,4 @@ def plot(panels: dict[str, np.ndarray], cutoff_hz: float, lsds: dict[str, float]
     axes[-1].set_xlabel("seconds")
     fig.colorbar(img, ax=list(axes), label="power dB", shrink=0.8)
     fig.suptitle(title, fontsize=11)
-    fig.savefig(dest, dpi=110)
+    fig.savefig(dest, dpi=80)

@@ -13,7 +13,7 @@ feeding a signal in any block sizes gives the same output as feeding it at once;
 `upscale` is literally this stream fed the whole signal and flushed. Output sample n is handed out
 as soon as nothing later can change it, which is at most `latency_samples` after its own input.
 
-    python -m rtsr.engine    # prints streaming-vs-offline delta, latency and real-time factor
+    rtsr bench latency    # prints streaming-vs-offline delta, latency and real-time factor
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ class Stream:
         self._emitted = 0
         self._finished = False
         self._last = 0  # the last frame to synthesise, known once the input has ended
+        # at 48 kHz and above there is no band to add within a 48 kHz output: resample only
+        self.passthrough = input_sr >= SR
+        self._through: list[np.ndarray] = []
 
     @property
     def latency_samples(self) -> int:
@@ -112,6 +115,8 @@ class Stream:
         HALF samples past its centre, for `lookahead` conditioning frames beyond that, and for
         the resampler's filter; the sample itself is the one "-1" of the count.
         """
+        if self.passthrough:
+            return self.resampler.delay_out
         return (self.hop_frames + self.model.lookahead) * HOP + HALF - 1 + self.resampler.delay_out
 
     @property
@@ -134,6 +139,9 @@ class Stream:
             raise RuntimeError("stream already flushed")
         x = as_frames(block, self.channels)
         self._n_in += len(x)
+        if self.passthrough:
+            self._through.append(self.resampler.process(x))
+            return
         self._append48(self.resampler.process(x))
         self._analyse()
 
@@ -142,6 +150,9 @@ class Stream:
         if self._finished:
             raise RuntimeError("stream already flushed")
         self._finished = True
+        if self.passthrough:
+            self._through.append(self.resampler.flush())
+            return
         self._append48(self.resampler.flush())
         self._n_out = self._x48_base + self._x48.shape[1]
         self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
@@ -151,6 +162,8 @@ class Stream:
 
     def next_request(self) -> HopRequest | None:
         """The model inputs of the next ready hop (nothing advances until `complete`)."""
+        if self.passthrough:
+            return None
         la = self.model.lookahead
         ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
         n = min(self.hop_frames, ready)
@@ -185,7 +198,7 @@ class Stream:
 
     def _drain(self) -> np.ndarray:
         """Run the model hop by hop on every ready hop; return the finished samples."""
-        out = []
+        out, self._through = self._through, []
         while (req := self.next_request()) is not None:
             out.append(self.complete(req, self.model.run(self.model_state, req.cond, req.low, req.cutoff,
                                                          req.noise)))
@@ -214,48 +227,3 @@ class Stream:
         self._acc_base += max(hi, lo)
         return y.T
 
-
-def _demo(argv: list[str] | None = None) -> None:
-    """Streaming-vs-offline delta, latency and real-time factor on this machine."""
-    import argparse
-    import time
-
-    from rtsr.model import ModelError, load_model
-
-    p = argparse.ArgumentParser(prog="python -m rtsr.engine", description=_demo.__doc__)
-    p.add_argument("--model", default="basic")
-    p.add_argument("--sr", type=int, default=16000)
-    p.add_argument("--hop-ms", type=float, default=20.0)
-    p.add_argument("--seconds", type=float, default=5.0)
-    a = p.parse_args(argv)
-    try:
-        model = load_model(a.model)
-    except ModelError as e:
-        print(f"{e}; using an untrained test-size model")
-        model = SuperResModel.random()
-    rng = np.random.default_rng(0)
-    t = np.arange(int(a.sr * a.seconds)) / a.sr
-    x = (0.1 * np.sin(2 * np.pi * 220 * t * (1 + t)) + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
-    offline = Stream(model, a.sr, 1, 500.0)
-    ref = np.concatenate([offline.feed(x), offline.flush()])
-    torch.set_num_threads(1)
-    s = Stream(model, a.sr, 1, a.hop_ms)
-    block = round(a.sr * a.hop_ms / 1000)
-    times, out = [], []
-    for i in range(0, len(x), block):
-        t0 = time.perf_counter()
-        out.append(s.feed(x[i:i + block]))
-        times.append(time.perf_counter() - t0)
-    out.append(s.flush())
-    y = np.concatenate(out)
-    delta = np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-12)
-    print(f"model {model.name} ({model.steps} steps), input {a.sr} Hz, hop {a.hop_ms:g} ms, 1 thread")
-    print(f"streaming vs offline: max relative delta {delta:.2e}, lengths {len(y)} / {len(ref)}")
-    print(f"latency: {s.latency_samples} samples = {s.latency_ms:.2f} ms (computed from the parameters)")
-    ms = 1000 * np.array(times)
-    print(f"per-block compute: p50 {np.percentile(ms, 50):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms, "
-          f"max {ms.max():.2f} ms; RTF {ms.sum() / 1000 / a.seconds:.3f}")
-
-
-if __name__ == "__main__":
-    _demo()

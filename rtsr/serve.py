@@ -282,6 +282,7 @@ class Transport:
     max_message_bytes: int = 128 * 1024 * 1024  # above this ZeroMQ drops the connection (no reply possible)
     stop: threading.Event = field(default_factory=threading.Event)
     on_ready: Callable[[dict[str, str]], None] | None = None  # called with the bound endpoints
+    name: str = "rtsr serve"  # for the log line
 
     def socket(self, ctx: zmq.Context, kind: int) -> zmq.Socket:
         s = ctx.socket(kind)
@@ -296,7 +297,7 @@ class Transport:
         return s
 
     def ready(self, endpoints: dict[str, str]) -> None:
-        log.info("rtsr serve: %s", ", ".join(f"{k} {v}" for k, v in endpoints.items()))
+        log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in endpoints.items()))
         if self.on_ready:
             self.on_ready(endpoints)
 

@@ -11,9 +11,7 @@ import numpy as np
 import torch
 
 from rtsr.engine import Stream, as_frames, check_rate
-from rtsr.features import SR
 from rtsr.model import SuperResModel, load_model
-from rtsr.resample import resample
 
 OFFLINE_HOP_MS = 500.0  # big hops: fewer, larger model calls; identical output to any hop
 
@@ -44,16 +42,13 @@ class Upscaler:
         """(frames,) or (frames, channels) at `sr` -> the same layout at 48 kHz, exact length
         round(frames * 48000 / sr), zero lag, loudness untouched.
 
-        Input already at 48 kHz or above is band-limited to 48 kHz and passed through: there is
-        nothing above its band for the model to add within a 48 kHz output.
+        Input already at 48 kHz or above is band-limited to 48 kHz and passed through (the stream
+        does the same): there is nothing above its band for the model to add in a 48 kHz output.
         """
         x = np.asarray(x)
         mono = x.ndim == 1
         check_rate(sr)
         frames = as_frames(x[:, None] if mono else x, 1 if mono else x.shape[1] if x.ndim == 2 else -1)
-        if sr >= SR:
-            y = resample(frames, sr, SR)
-        else:
-            s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, cutoff_hz)
-            y = np.concatenate([s.feed(frames), s.flush()])
+        s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, cutoff_hz)
+        y = np.concatenate([s.feed(frames), s.flush()])
         return y[:, 0] if mono else y

@@ -40,11 +40,12 @@ def run_json(capsys: pytest.CaptureFixture, *argv: str) -> dict:
 
 
 def test_impulse_latency_is_the_computed_latency():
-    """At 48 kHz (no resampler quantisation) the worst measured delay is exactly the formula's."""
-    lat = measure_latency(Upscaler(SuperResModel.random()), 48000, 10.0)
-    assert lat["measured_worst_samples"] == lat["computed_samples"]
+    """At 24 kHz one input sample is two output samples: the worst measured delay is the formula's
+    to within that step (48 kHz input is passed through without the model)."""
+    lat = measure_latency(Upscaler(SuperResModel.random()), 24000, 10.0)
+    assert lat["computed_samples"] - 2 < lat["measured_worst_samples"] <= lat["computed_samples"]
     assert lat["measured_best_ms"] < lat["measured_worst_ms"]
-    assert lat["peak_lags_48k"] == [0] * len(lat["peak_lags_48k"])
+    assert all(abs(lag) <= 1 for lag in lat["peak_lags_48k"])
 
 
 def test_metrics_on_a_synthetic_pair():

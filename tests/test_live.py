@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsr import live
 from rtsr.cli import main
 from rtsr.engine import Stream
 from rtsr.live import LiveEngine, Passthrough, Ring
@@ -201,8 +199,7 @@ def test_missing_portaudio_is_one_line(monkeypatch, capsys):
 
 
 def test_live_is_registered():
-    assert main(["live", "--help"]) == 0
-    assert callable(live.run_live) and threading.current_thread()  # imported without sounddevice
+    assert main(["live", "--help"]) == 0  # parsing needs no PortAudio: sounddevice is imported on use
 
 
 # --- a real device: JACK's dummy backend ------------------------------------------------------------
