@@ -1,0 +1,126 @@
+"""The GPU check (issue 6): one script, under 6 minutes, printing a short table last.
+
+    python benchmarks/gpu_check.py            # on the GPU machine (needs only torch, numpy, numba, scipy)
+    python benchmarks/gpu_check.py --quick --device cpu   # a dry run of the same code here
+
+Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs the CPU eager output
+(relative error), offline throughput (x real time) for one file and for a batch of files, and
+live-style per-hop latency p50/p99 at 20 ms hops for 1, 16, 64 and 256 concurrent streams batched
+into one model call per hop, with the largest count whose p99 stays under the hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from rtsr import batch
+from rtsr.backends import BACKENDS, apply_backend
+from rtsr.model import load_model
+from rtsr.upscaler import Upscaler
+
+SR_IN = 16000
+
+
+def signal_(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(SR_IN * seconds)) / SR_IN
+    return (0.1 * np.sin(2 * np.pi * 200 * t * (1 + 0.3 * np.sin(t))) + 0.02 * rng.standard_normal(len(t))
+            ).astype(np.float32)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def offline(model, device: str, files: int, seconds: float) -> float:
+    """x real time for `files` files of `seconds` each, their hops batched into one call."""
+    xs = [signal_(seconds, k) for k in range(files)]
+    streams = [Upscaler(model, k).stream(SR_IN, 1, 500.0) for k in range(files)]
+    sync(device)
+    t0 = time.perf_counter()
+    for s, x in zip(streams, xs, strict=True):
+        s.push(x)
+        s.push_end()
+    batch.step(streams)
+    sync(device)
+    return files * seconds / (time.perf_counter() - t0)
+
+
+def live(model, device: str, n: int, hops: int) -> tuple[float, float]:
+    """p50/p99 ms of one 20 ms round for n streams (push one block each, one batched model call)."""
+    block = SR_IN // 50
+    x = signal_(hops * 0.02 + 0.1, 0)
+    streams = [Upscaler(model, k).stream(SR_IN, 1, 20.0) for k in range(n)]
+    times = []
+    for h in range(hops):
+        sync(device)
+        t0 = time.perf_counter()
+        for s in streams:
+            s.push(x[h * block:(h + 1) * block])
+        batch.step(streams)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * np.array(times[5:])  # the first rounds compile or capture
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="basic")
+    p.add_argument("--quick", action="store_true", help="small sizes: a dry run of the code path")
+    p.add_argument("--budget-s", type=float, default=330.0)
+    p.add_argument("--backends", default=",".join(BACKENDS[1:]), help="comma list (default: all)")
+    a = p.parse_args()
+    start = time.time()
+    torch.set_num_threads(4)
+    counts = (1, 2) if a.quick else (1, 16, 64, 256)
+    hops, secs, files = (12, 2.0, 2) if a.quick else (60, 30.0, 16)
+    name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+    print(f"device {name}, torch {torch.__version__}", flush=True)
+    x = signal_(3.0, 1)
+    ref = Upscaler(load_model(a.model, "cpu")).upscale(x, SR_IN)
+    rows = []
+    for backend in a.backends.split(","):
+        row = {"backend": backend}
+        rows.append(row)
+        if time.time() - start > a.budget_s:
+            row["status"] = "skipped: time budget"
+            continue
+        try:
+            model = load_model(a.model, a.device)
+            row["status"] = apply_backend(model, backend)
+            y = Upscaler(model).upscale(x, SR_IN)
+            row["rel_err_vs_cpu"] = float(np.abs(y - ref).max() / np.abs(ref).max())
+            row["offline_x_rt_1file"] = offline(model, a.device, 1, secs)
+            row["offline_x_rt_batch"] = offline(model, a.device, files, secs)
+            for n in counts:
+                if time.time() - start > a.budget_s:
+                    break
+                row[f"live_{n}"] = live(model, a.device, n, hops)
+            fits = [n for n in counts if f"live_{n}" in row and row[f"live_{n}"][1] < 20.0]
+            row["streams_p99_under_20ms"] = max(fits, default=0)
+        except Exception as e:  # report and go on: one backend failing must not hide the others
+            row["status"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+        print(json.dumps(row), flush=True)
+    print(f"\n| backend | status | rel. err vs CPU | offline x RT (1 file / batch of {files}) | "
+          + " | ".join(f"p50/p99 ms, {n} streams" for n in counts) + " | streams with p99 < 20 ms |")
+    print("|---" * (5 + len(counts)) + "|")
+    for r in rows:
+        cells = [r["backend"], r["status"], f"{r.get('rel_err_vs_cpu', float('nan')):.1e}",
+                 f"{r.get('offline_x_rt_1file', 0):.0f} / {r.get('offline_x_rt_batch', 0):.0f}"]
+        cells += [("{:.2f} / {:.2f}".format(*r[f"live_{n}"])) if f"live_{n}" in r else "-" for n in counts]
+        cells.append(str(r.get("streams_p99_under_20ms", "-")))
+        print("| " + " | ".join(cells) + " |")
+    print(f"\ntotal {time.time() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
