@@ -64,12 +64,15 @@ class ConvNeXtBlock(nn.Module):
         self.film = nn.Linear(emb_dim, 2 * channels) if emb_dim else None
 
     def forward(self, x: torch.Tensor, cache: Cache | None, emb: torch.Tensor | None = None):
-        h = self.norm(self.dw(x, cache))
+        # pointwise layers as matrix products on (B, T, C): for the few frames of a live hop this
+        # is ~3x faster on a CPU than 1x1 convolutions, and the same function
+        h = self.norm.norm(self.dw(x, cache).transpose(1, 2))
         if self.film is not None:
-            gain, shift = self.film(emb).unsqueeze(-1).chunk(2, dim=1)
+            gain, shift = self.film(emb).unsqueeze(1).chunk(2, dim=-1)
             h = h * (1 + gain) + shift
-        h = self.pw2(nn.functional.gelu(self.pw1(h)))
-        return x + self.scale * h
+        h = nn.functional.gelu(nn.functional.linear(h, self.pw1.weight[..., 0], self.pw1.bias))
+        h = nn.functional.linear(h, self.pw2.weight[..., 0], self.pw2.bias)
+        return x + self.scale * h.transpose(1, 2)
 
 
 def _name_caches(module: nn.Module) -> None:
