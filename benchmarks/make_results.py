@@ -53,7 +53,8 @@ def spectrogram(ev: str, model: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", type=Path, default=EVAL)
-    p.add_argument("--model", default="basic")
+    p.add_argument("--model", default="basic", help="the model timed and pictured")
+    p.add_argument("--quality-models", default="basic,speech", help="models scored on the eval set")
     a = p.parse_args()
     ev = os.path.relpath(a.eval.resolve(), ROOT)  # as typed from the repo root
     outputs = ("benchmarks/RESULTS.md", "docs/spectrogram.png")  # what this script rewrites
@@ -68,7 +69,8 @@ def main() -> None:
                 ["rtsr", "bench", "latency", "--input-sr", "16000", "--hop-ms", "10", "--streams", "8", *m]),
         section("Throughput (offline upscale), 16 kHz input",
                 ["rtsr", "bench", "throughput", "--input-sr", "16000", "--seconds", "30", *m]),
-        section("Quality on the dev-eval set", ["rtsr", "bench", "quality", "--eval", ev, *m]),
+        *[section(f"Quality on the dev-eval set: `{q}`", ["rtsr", "bench", "quality", "--eval", ev, "--model", q])
+          for q in a.quality_models.split(",")],
         spectrogram(ev, a.model),
     ]
     training = training or training_running()  # at the start or at the end
