@@ -69,6 +69,8 @@ def main() -> None:
                 ["rtsr", "bench", "latency", "--input-sr", "16000", "--hop-ms", "10", "--streams", "8", *m]),
         section("Throughput (offline upscale), 16 kHz input",
                 ["rtsr", "bench", "throughput", "--input-sr", "16000", "--seconds", "30", *m]),
+        section("ZeroMQ service round trip, 16 kHz input, 20 ms blocks paced in real time",
+                ["python", "benchmarks/serve_bench.py", "--seconds", "10", "--streams", "1,2,4", *m]),
         *[section(f"Quality on the dev-eval set: `{q}`", ["rtsr", "bench", "quality", "--eval", ev, "--model", q])
           for q in a.quality_models.split(",")],
         spectrogram(ev, a.model),
