@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-from rtsr.models.nets import Denoiser, Vocoder
-from rtsr.models.train import LOOKAHEAD
 from safetensors.torch import save_file
 
 from rtsr.features import HOP, N_FFT, N_MELS, SR
+from rtsr.models.nets import Denoiser, Vocoder
+from rtsr.models.train import LOOKAHEAD
 
 MODELS = Path(__file__).resolve().parent
 

@@ -22,11 +22,11 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+
+from rtsr.features import HOP, N_FFT, cutoff_mask, istft, log_mel, stft
 from rtsr.models.degrade import DegradationBank
 from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
 from rtsr.models.nets import Denoiser, Vocoder, to_complex
-
-from rtsr.features import HOP, N_FFT, cutoff_mask, istft, log_mel, stft
 
 log = logging.getLogger("rtsr.train")
 MARGIN = 4800  # samples each side degraded with the crop, then cut: hides FFT wrap-around

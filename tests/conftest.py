@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import pytest
-from rtsr.models.export import export
 
 from rtsr.model import SuperResModel
+from rtsr.models.export import export
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from rtsr.models import corpus
 
 SR = corpus.SR

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.ola import overlap_add, overlap_add_ref
 from rtsr.models.nets import Denoiser, receptive_field

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from rtsr.models.diffusion import distill_target, noisy, v_target
-from rtsr.models.nets import Denoiser, Vocoder, to_complex
 
 from rtsr import ModelError, SuperResModel, Upscaler
 from rtsr.model import KNOWN_MODELS, bundled_path, load_model
+from rtsr.models.diffusion import distill_target, noisy, v_target
+from rtsr.models.nets import Denoiser, Vocoder, to_complex
 
 
 @pytest.mark.parametrize("name", KNOWN_MODELS)

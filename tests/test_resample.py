@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample, polyphase_resample_ref
 from scipy.signal import resample_poly
 
+from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample, polyphase_resample_ref
 from rtsr.resample import StreamingResampler, design_filter, resample
 
 RATES = [(44100, 48000), (96000, 48000), (16000, 48000), (8000, 48000), (48000, 22050), (48000, 48000)]
