@@ -128,6 +128,16 @@ class Trainer:
         return torch.load(p, map_location=self.device) if p.exists() else None
 
 
+def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """v-prediction loss at a random time, conditioning dropped for 10 % of items (what
+    classifier-free guidance needs), weighted towards the bands above the cutoff."""
+    drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
+    t = torch.rand(x0.shape[0], device=x0.device)
+    eps = torch.randn_like(x0)
+    v = net(noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
+    return ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask)).mean()
+
+
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), net.parameters(), strict=True):
@@ -173,15 +183,10 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
             g["lr"] = a.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.475 * (1 + math.cos(math.pi * done)))
         hr, hr_spec, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
-        w = band_weights(mask)
-        drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
-        t = torch.rand(x0.shape[0], device=x0.device)
-        eps = torch.randn_like(x0)
         with tr.autocast():
-            v = nets["teacher"](noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
-            l_teacher = ((v.float() - v_target(x0, eps, t)) ** 2 * w).mean()
-            r = nets["regression"](torch.zeros_like(x0), cond, mask, torch.zeros_like(t))
-            l_reg = ((r.float() - x0).abs() * w).mean()
+            l_teacher = teacher_loss(nets["teacher"], x0, cond, mask)
+            r = nets["regression"](torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
+            l_reg = ((r.float() - x0).abs() * band_weights(mask)).mean()
             l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr)
         opt.zero_grad(set_to_none=True)
         (l_teacher + l_reg + l_voc).backward()
@@ -300,12 +305,8 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     while time.time() - t0 < a.budget_s:
         _, _, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
-        drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
-        t = torch.rand(x0.shape[0], device=x0.device)
-        eps = torch.randn_like(x0)
         with tr.autocast():
-            v = net(noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
-        loss = ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask)).mean()
+            loss = teacher_loss(net, x0, cond, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
