@@ -20,39 +20,67 @@ Cache = dict[str, torch.Tensor]
 
 
 class CausalDWConv(nn.Module):
-    """Depthwise causal conv; with a cache the last (k-1)*d input frames persist between calls."""
+    """Depthwise causal conv on (B, T, C); with a cache the last (k-1)*d input frames persist
+    between calls.
+
+    Two evaluations of one function: whole sequences (training) go through conv1d; streaming
+    calls, a handful of frames each, gather the k taps of every frame and take one weighted sum,
+    which is ~8x faster on a CPU than conv1d's per-call overhead at that size.
+    """
 
     def __init__(self, channels: int, kernel: int, dilation: int = 1):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel, dilation=dilation, groups=channels)
         self.context = (kernel - 1) * dilation
         self.key = ""  # set by the owning network so each layer has its own cache slot
+        self._taps: dict[int, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         if cache is None:
-            x = nn.functional.pad(x, (self.context, 0))
-        else:
-            past = cache.get(self.key)
-            if past is None:
-                past = x.new_zeros(x.shape[0], x.shape[1], self.context)
-            x = torch.cat([past, x], dim=-1)
-            cache[self.key] = x[..., x.shape[-1] - self.context:]
-        return self.conv(x)
+            y = self.conv(nn.functional.pad(x.transpose(1, 2), (self.context, 0)))
+            return y.transpose(1, 2)
+        past = cache.get(self.key)
+        if past is None:
+            past = x.new_zeros(x.shape[0], self.context, x.shape[2])
+        x = torch.cat([past, x], dim=1)
+        cache[self.key] = x[:, x.shape[1] - self.context:]
+        taps = self._tap_index(x.shape[1] - self.context, x.device)  # (T, k)
+        weight = self.conv.weight[:, 0, :].T  # (k, C)
+        return (x[:, taps] * weight).sum(2) + self.conv.bias
+
+    def _tap_index(self, frames: int, device: torch.device) -> torch.Tensor:
+        """Input positions read by each output frame: frame t reads t, t+d, ..., t+(k-1)d."""
+        taps = self._taps.get(frames)
+        if taps is None or taps.device != device:
+            k, d = self.conv.kernel_size[0], self.conv.dilation[0]
+            taps = torch.arange(frames, device=device)[:, None] + torch.arange(k, device=device) * d
+            self._taps[frames] = taps
+        return taps
 
 
 class ChannelNorm(nn.Module):
-    """LayerNorm over channels of a (B, C, T) tensor: per frame, so it streams."""
+    """LayerNorm over the channels of each frame, so it streams (a module of its own so trained
+    checkpoints keep their parameter names)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.norm(x)
+
+
+def pointwise(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """A 1x1 conv applied to (B, T, C) as a matrix product (the weights keep their conv shape)."""
+    return nn.functional.linear(x, conv.weight[..., 0], conv.bias)
 
 
 class ConvNeXtBlock(nn.Module):
-    """dwconv -> norm -> pointwise MLP, optionally FiLM-modulated by a per-sequence embedding."""
+    """dwconv -> norm -> pointwise MLP, optionally FiLM-modulated by a per-sequence embedding.
+
+    Frames are rows, (B, T, C): layer norm and the pointwise layers then need no transposes, and
+    for the few frames of a live hop matrix products beat 1x1 convolutions ~3x on a CPU.
+    """
 
     def __init__(self, channels: int, kernel: int, dilation: int, mult: int = 3, emb_dim: int = 0):
         super().__init__()
@@ -63,16 +91,16 @@ class ConvNeXtBlock(nn.Module):
         self.scale = nn.Parameter(torch.full((channels, 1), 0.1))
         self.film = nn.Linear(emb_dim, 2 * channels) if emb_dim else None
 
-    def forward(self, x: torch.Tensor, cache: Cache | None, emb: torch.Tensor | None = None):
-        # pointwise layers as matrix products on (B, T, C): for the few frames of a live hop this
-        # is ~3x faster on a CPU than 1x1 convolutions, and the same function
-        h = self.norm.norm(self.dw(x, cache).transpose(1, 2))
-        if self.film is not None:
-            gain, shift = self.film(emb).unsqueeze(1).chunk(2, dim=-1)
-            h = h * (1 + gain) + shift
-        h = nn.functional.gelu(nn.functional.linear(h, self.pw1.weight[..., 0], self.pw1.bias))
-        h = nn.functional.linear(h, self.pw2.weight[..., 0], self.pw2.bias)
-        return x + self.scale * h.transpose(1, 2)
+    def forward(self, x: torch.Tensor, cache: Cache | None,
+                film: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """film: this block's (scale, shift), each (B, 1, C), from `Denoiser.modulations`."""
+        h = self.norm(self.dw(x, cache))
+        if film is not None:
+            h = torch.addcmul(film[1], h, film[0])
+        # tanh-approximate GELU: ~4x cheaper than erf on a CPU; the shipped models, trained with
+        # the exact one, score the same dev-eval LSD with it (0.5440 vs 0.5441)
+        h = pointwise(nn.functional.gelu(pointwise(h, self.pw1), approximate="tanh"), self.pw2)
+        return x + self.scale[:, 0] * h
 
 
 def _name_caches(module: nn.Module) -> None:
@@ -83,7 +111,7 @@ def _name_caches(module: nn.Module) -> None:
 
 def init_cache(module: nn.Module, batch: int, device: str | torch.device = "cpu") -> Cache:
     """Zero state for every causal conv: explicit, so caches of several streams can be stacked."""
-    return {m.key: torch.zeros(batch, m.conv.in_channels, m.context, device=device)
+    return {m.key: torch.zeros(batch, m.context, m.conv.in_channels, device=device)
             for m in module.modules() if isinstance(m, CausalDWConv)}
 
 
@@ -120,6 +148,7 @@ class Denoiser(nn.Module):
             for i in range(blocks))
         self.out_norm = ChannelNorm(channels)
         self.out = nn.Conv1d(channels, N_MELS, 1)
+        self._film_memo: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         _name_caches(self)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
@@ -127,11 +156,35 @@ class Denoiser(nn.Module):
         """x, cond: (B, N_MELS, T); mask: (B, N_MELS) or per frame (B, N_MELS, T); t: (B,) in
         [0, 1] -> v (B, N_MELS, T)."""
         m = mask if mask.dim() == 3 else mask[:, :, None].expand(-1, -1, x.shape[-1])
-        h = self.inp(torch.cat([x, cond, m], dim=1))
+        h = pointwise(torch.cat([x, cond, m], dim=1).transpose(1, 2), self.inp)
+        for block, film in zip(self.blocks, self._films(t), strict=True):
+            h = block(h, cache, film)
+        return pointwise(self.out_norm(h), self.out).transpose(1, 2)
+
+    def modulations(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's FiLM (1 + gain, shift) for times t (B,): a function of t alone."""
         emb = self.emb(timestep_embedding(t, self.emb_dim))
+        return [(1 + gain, shift) for gain, shift in
+                (block.film(emb).unsqueeze(1).chunk(2, dim=-1) for block in self.blocks)]
+
+    def _films(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`modulations`, remembered outside autograd: a few-step sampler asks for the same
+        times every hop, and recomputing them is ~10 of a hop's ~60 matrix products. The key
+        holds each parameter's identity and version, so changed weights are never served stale."""
+        if torch.is_grad_enabled():
+            return self.modulations(t)
+        key = (tuple(t.tolist()), t.device, tuple((id(p), p._version) for p in self._film_params()))
+        films = self._film_memo.get(key)
+        if films is None:
+            if len(self._film_memo) >= 16:
+                self._film_memo.clear()
+            films = self._film_memo[key] = self.modulations(t)
+        return films
+
+    def _film_params(self):
+        yield from self.emb.parameters()
         for block in self.blocks:
-            h = block(h, cache, emb)
-        return self.out(self.out_norm(h))
+            yield from block.film.parameters()
 
 
 class Vocoder(nn.Module):
@@ -150,16 +203,15 @@ class Vocoder(nn.Module):
         _name_caches(self)
 
     def forward(self, mel: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """mel: (B, N_MELS, T) -> (B, 2, N_BINS, T): log-magnitude, phase."""
-        h = self.inp(mel)
+        """mel: (B, N_MELS, T) -> (B, T, 2, N_BINS): log-magnitude, phase."""
+        h = pointwise(mel.transpose(1, 2), self.inp)
         for block in self.blocks:
             h = block(h, cache)
-        out = self.head(self.out_norm(h))
-        return out.view(out.shape[0], 2, N_BINS, out.shape[-1])
+        out = pointwise(self.out_norm(h), self.head)
+        return out.view(out.shape[0], out.shape[1], 2, N_BINS)
 
 
 def to_complex(head_out: torch.Tensor) -> torch.Tensor:
-    """(B, 2, N_BINS, T) -> complex (B, T, N_BINS); magnitude capped to keep exp() finite."""
-    logmag, phase = head_out[:, 0], head_out[:, 1]
-    mag = torch.exp(logmag.clamp(max=12.0))
-    return torch.polar(mag, phase).transpose(1, 2)
+    """(B, T, 2, N_BINS) -> complex (B, T, N_BINS); magnitude capped to keep exp() finite."""
+    logmag, phase = head_out[:, :, 0], head_out[:, :, 1]
+    return torch.polar(torch.exp(logmag.clamp(max=12.0)), phase)

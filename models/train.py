@@ -87,7 +87,7 @@ def band_weights(mask: torch.Tensor) -> torch.Tensor:
 def vocoder_loss(voc: Vocoder, mel: torch.Tensor, hr_spec: torch.Tensor, hr: torch.Tensor):
     out = voc(mel).float()  # the complex and FFT ops below run in float32 under autocast
     spec = to_complex(out)
-    loss = (out[:, 0].transpose(1, 2) - torch.log(hr_spec.abs().clamp_min(1e-5))).abs().mean()
+    loss = (out[:, :, 0] - torch.log(hr_spec.abs().clamp_min(1e-5))).abs().mean()
     y = istft(spec)[:, :hr.shape[-1]]
     for n_fft in (256, 1024, 2048):
         win = torch.hann_window(n_fft, device=y.device)
