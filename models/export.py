@@ -25,14 +25,15 @@ MODELS = Path(__file__).resolve().parent
 
 
 def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: int, guidance: float,
-           info: dict) -> Path:
+           info: dict, temperature: float = 1.0) -> Path:
     """Write weights (float16) and config; the networks' own configs travel with them."""
     tensors = {f"denoiser.{k}": v.half().contiguous() for k, v in denoiser.state_dict().items()}
     tensors.update({f"vocoder.{k}": v.half().contiguous() for k, v in vocoder.state_dict().items()})
     dest.mkdir(parents=True, exist_ok=True)
     w = dest / "weights.safetensors"
     save_file(tensors, str(w))
-    cfg = {"name": name, "format": 1, "steps": steps, "guidance": guidance, "lookahead": LOOKAHEAD,
+    cfg = {"name": name, "format": 1, "steps": steps, "guidance": guidance, "temperature": temperature,
+           "lookahead": LOOKAHEAD,
            "features": {"sr": SR, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS},
            "denoiser": denoiser.config, "vocoder": vocoder.config,
            "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "training": info}
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--regression", action="store_true", help="export the one-step regression baseline")
     p.add_argument("--teacher-steps", type=int, default=32)
     p.add_argument("--speech", action="store_true", help="take the speech-finetuned students")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scale of the sampler's starting noise (0: deterministic, the lowest LSD)")
     p.add_argument("--out", type=Path, help="destination (default models/<name>)")
     p.add_argument("--info", default="{}", help="JSON merged into the config's training record")
     a = p.parse_args(argv)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     den_net, voc_net = Denoiser(), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})
     voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
-    print(export(den_net, voc_net, a.out or MODELS / a.name, a.name, steps, guidance, info))
+    print(export(den_net, voc_net, a.out or MODELS / a.name, a.name, steps, guidance, info, a.temperature))
 
 
 if __name__ == "__main__":
