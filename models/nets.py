@@ -44,16 +44,16 @@ class CausalDWConv(nn.Module):
             past = x.new_zeros(x.shape[0], self.context, x.shape[2])
         x = torch.cat([past, x], dim=1)
         cache[self.key] = x[:, x.shape[1] - self.context:]
-        taps = self._tap_index(x.shape[1] - self.context, x.device)  # (T, k)
-        weight = self.conv.weight[:, 0, :].T  # (k, C)
-        return (x[:, taps] * weight).sum(2) + self.conv.bias
+        frames, k = x.shape[1] - self.context, self.conv.kernel_size[0]
+        gathered = x.index_select(1, self._tap_index(frames, x.device)).view(x.shape[0], frames, k, x.shape[2])
+        return (gathered * self.conv.weight[:, 0, :].T).sum(2) + self.conv.bias
 
     def _tap_index(self, frames: int, device: torch.device) -> torch.Tensor:
-        """Input positions read by each output frame: frame t reads t, t+d, ..., t+(k-1)d."""
+        """Input positions read by each output frame, flattened: frame t reads t, t+d, ..., t+(k-1)d."""
         taps = self._taps.get(frames)
         if taps is None or taps.device != device:
             k, d = self.conv.kernel_size[0], self.conv.dilation[0]
-            taps = torch.arange(frames, device=device)[:, None] + torch.arange(k, device=device) * d
+            taps = (torch.arange(frames, device=device)[:, None] + torch.arange(k, device=device) * d).reshape(-1)
             self._taps[frames] = taps
         return taps
 
@@ -149,6 +149,7 @@ class Denoiser(nn.Module):
         self.out_norm = ChannelNorm(channels)
         self.out = nn.Conv1d(channels, N_MELS, 1)
         self._film_memo: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._film_params = [*self.emb.parameters(), *(p for b in self.blocks for p in b.film.parameters())]
         _name_caches(self)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
@@ -170,10 +171,10 @@ class Denoiser(nn.Module):
     def _films(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`modulations`, remembered outside autograd: a few-step sampler asks for the same
         times every hop, and recomputing them is ~10 of a hop's ~60 matrix products. The key
-        holds each parameter's identity and version, so changed weights are never served stale."""
+        holds each parameter's storage and version, so changed weights are never served stale."""
         if torch.is_grad_enabled():
             return self.modulations(t)
-        key = (tuple(t.tolist()), t.device, tuple((id(p), p._version) for p in self._film_params()))
+        key = (tuple(t.tolist()), t.device, tuple((p.data_ptr(), p._version) for p in self._film_params))
         films = self._film_memo.get(key)
         if films is None:
             if len(self._film_memo) >= 16:
@@ -181,10 +182,6 @@ class Denoiser(nn.Module):
             films = self._film_memo[key] = self.modulations(t)
         return films
 
-    def _film_params(self):
-        yield from self.emb.parameters()
-        for block in self.blocks:
-            yield from block.film.parameters()
 
 
 class Vocoder(nn.Module):
