@@ -17,15 +17,16 @@ from torch import nn
 from rtsr.features import N_BINS, N_MELS
 
 Cache = dict[str, torch.Tensor]
+GATHER_MAX_FRAMES = 32  # above this a streaming depthwise conv is cheaper as conv1d (measured on a CPU)
 
 
 class CausalDWConv(nn.Module):
     """Depthwise causal conv on (B, T, C); with a cache the last (k-1)*d input frames persist
     between calls.
 
-    Two evaluations of one function: whole sequences (training) go through conv1d; streaming
-    calls, a handful of frames each, gather the k taps of every frame and take one weighted sum,
-    which is ~8x faster on a CPU than conv1d's per-call overhead at that size.
+    Two evaluations of one function: whole sequences (training, offline hops) go through conv1d;
+    live calls, a handful of frames each, gather the k taps of every frame and take one weighted
+    sum, which is ~4x faster on a CPU than conv1d's per-call overhead at that size.
     """
 
     def __init__(self, channels: int, kernel: int, dilation: int = 1):
@@ -45,6 +46,8 @@ class CausalDWConv(nn.Module):
         x = torch.cat([past, x], dim=1)
         cache[self.key] = x[:, x.shape[1] - self.context:]
         frames, k = x.shape[1] - self.context, self.conv.kernel_size[0]
+        if frames > GATHER_MAX_FRAMES:
+            return self.conv(x.transpose(1, 2)).transpose(1, 2)
         gathered = x.index_select(1, self._tap_index(frames, x.device)).view(x.shape[0], frames, k, x.shape[2])
         return (gathered * self.conv.weight[:, 0, :].T).sum(2) + self.conv.bias
 
