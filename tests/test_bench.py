@@ -91,12 +91,13 @@ def test_naive_extension_continues_the_top_octave_at_its_slope():
 
 def test_bench_latency_json(capsys, tiny_model_dir):
     r = run_json(capsys, "bench", "latency", "--model", str(tiny_model_dir), "--seconds", "0.3", "--streams", "2",
-                 "--json")
+                 "--repeat", "3", "--json")
     assert r["latency"]["computed_samples"] == 1634  # 16 kHz, 20 ms hops, lookahead 1
     assert 0 < r["latency"]["measured_worst_ms"] <= r["latency"]["computed_ms"]
     first = r["rows"][0]
     assert first["streams"] == 1 and first["blocks"] == 15
     assert first["p50_ms"] <= first["p95_ms"] <= first["p99_ms"] <= first["max_ms"]
+    assert r["repeat"] == 3 and first["rtf_min"] <= first["rtf"] <= first["rtf_max"]
     assert r["machine"]["threads"] == 1 and r["machine"]["cpu"]
     assert r["max_streams_p99_under_hop"] in (0, 1, 2)
 
