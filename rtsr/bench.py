@@ -52,16 +52,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def matmul_gflops(n: int = 512, reps: int = 50) -> float:
+    """Speed of a fixed float32 matrix product on the CPU threads in use: a shared or throttled
+    machine changes speed from run to run (measured here: ±20 % and more), so each report carries
+    this yardstick beside its timings."""
+    a = torch.randn(n, n)
+    a @ a
+    t0 = perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n ** 3 * reps / (perf_counter() - t0) / 1e9
+
+
 def machine(device: str) -> dict:
-    """What produced the numbers: CPU, cores, torch threads, GPU, load before the run."""
+    """What produced the numbers: CPU, cores, torch threads, GPU, load, and the CPU's speed now."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "device": device,
-            "gpu": gpu, "torch": torch.__version__, "load_avg_1min": round(os.getloadavg()[0], 2)}
+            "gpu": gpu, "torch": torch.__version__, "load_avg_1min": round(os.getloadavg()[0], 2),
+            "matmul_gflops": round(matmul_gflops(), 1)}
 
 
 def machine_line(m: dict) -> str:
     return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread{'s' * (m['threads'] != 1)}, "
-            f"device {m['device']}, GPU {m['gpu'] or 'none'}, load average {m['load_avg_1min']} before the run")
+            f"device {m['device']}, GPU {m['gpu'] or 'none'}, load average {m['load_avg_1min']}, "
+            f"512x512 float32 matmul {m['matmul_gflops']:g} GFLOP/s (the CPU's speed at the time)")
 
 
 # --- signals ------------------------------------------------------------------------------------

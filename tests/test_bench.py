@@ -98,7 +98,7 @@ def test_bench_latency_json(capsys, tiny_model_dir):
     assert first["streams"] == 1 and first["blocks"] == 15
     assert first["p50_ms"] <= first["p95_ms"] <= first["p99_ms"] <= first["max_ms"]
     assert r["repeat"] == 3 and first["rtf_min"] <= first["rtf"] <= first["rtf_max"]
-    assert r["machine"]["threads"] == 1 and r["machine"]["cpu"]
+    assert r["machine"]["threads"] == 1 and r["machine"]["cpu"] and r["machine"]["matmul_gflops"] > 0
     assert r["max_streams_p99_under_hop"] in (0, 1, 2)
 
 
