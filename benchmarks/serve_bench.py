@@ -43,6 +43,7 @@ import zmq
 
 from rtsr.bench import machine, machine_line, speech_like
 from rtsr.client import Client, ServerError
+from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
 STREAM = "bench"
@@ -212,13 +213,13 @@ def render(r: dict[str, Any]) -> str:
              f"real time, streams {'aligned' if r['aligned'] else 'spread over a block period'}, "
              "one DEALER client each",
              f"machine: {machine_line(r['machine'])}",
-             "", f"| streams | blocks | p50 ms | p95 ms | p99 ms | max ms | late (> {d:g} ms) | send lag max ms "
-                 "| max rel delta vs upscale |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in r["rows"]:
-        lines.append(f"| {s['streams']} | {s['blocks']} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['p99_ms']:.2f} "
-                     f"| {s['max_ms']:.2f} | {s['late']} | {s['send_lag_max_ms']:.2f} | {s['max_rel_delta']:.1e}"
-                     f"{'' if s['matches'] else ' MISMATCH'} |")
+             ""]
+    lines += markdown_table(
+        ["streams", "blocks", "p50 ms", "p95 ms", "p99 ms", "max ms", f"late (> {d:g} ms)", "send lag max ms",
+         "max rel delta vs upscale"],
+        [[s["streams"], s["blocks"], f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['p99_ms']:.2f}",
+          f"{s['max_ms']:.2f}", s["late"], f"{s['send_lag_max_ms']:.2f}",
+          f"{s['max_rel_delta']:.1e}{'' if s['matches'] else ' MISMATCH'}"] for s in r["rows"]])
     lines += ["", f"largest N whose p99 round trip stays under {d:g} ms (and every smaller N's too): "
                   f"{r['max_streams_p99_under_deadline']}",
               f"outputs equal to Upscaler.upscale (max rel delta <= {MAX_REL_DELTA:g}): "

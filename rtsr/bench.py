@@ -29,6 +29,7 @@ from rtsr.bench_quality import add_quality_parser, quality_report, render_qualit
 from rtsr.engine import Stream
 from rtsr.features import HOP, SR
 from rtsr.model import ModelError
+from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
 IMPULSE = 0.5
@@ -229,13 +230,13 @@ def render_latency(r: Report) -> str:
              f"streaming vs offline: max relative delta {r['streaming_vs_offline']:.2e}",
              f"each row: the run with the median RTF of {r['repeat']} (min-max beside it; a shared or "
              "frequency-scaled machine varies from run to run)",
-             "", "| streams | blocks | p50 ms | p95 ms | p99 ms | max ms | RTF per stream | RTF min-max "
-                 "| deadline misses |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in r["rows"]:
-        lines.append(f"| {s['streams']} | {s['blocks']} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['p99_ms']:.2f} "
-                     f"| {s['max_ms']:.2f} | {s['rtf']:.3f} | {s['rtf_min']:.3f}-{s['rtf_max']:.3f} "
-                     f"| {s['deadline_misses']} |")
+             ""]
+    lines += markdown_table(
+        ["streams", "blocks", "p50 ms", "p95 ms", "p99 ms", "max ms", "RTF per stream", "RTF min-max",
+         "deadline misses"],
+        [[s["streams"], s["blocks"], f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{s['p99_ms']:.2f}",
+          f"{s['max_ms']:.2f}", f"{s['rtf']:.3f}", f"{s['rtf_min']:.3f}-{s['rtf_max']:.3f}", s["deadline_misses"]]
+         for s in r["rows"]])
     lines += ["", f"most streams per process (of 1, 2, 4, ... tried, round-robin, no batching) whose p99 for all "
                   f"streams together stays under the {r['hop_ms']:g} ms hop: {r['max_streams_p99_under_hop']}"]
     return "\n".join(lines)
@@ -264,8 +265,9 @@ def render_throughput(r: Report) -> str:
     return "\n".join([
         f"{model_line(m)}, input {r['input']} at {r['input_sr']} Hz, offline upscale",
         f"machine: {machine_line(r['machine'])}", "",
-        "| audio s | compute s | x real time | peak RSS MiB |", "|---|---|---|---|",
-        f"| {r['audio_s']:.1f} | {r['compute_s']:.2f} | {r['x_real_time']:.2f} | {r['peak_rss_mib']:.0f} |"])
+        *markdown_table(["audio s", "compute s", "x real time", "peak RSS MiB"],
+                        [[f"{r['audio_s']:.1f}", f"{r['compute_s']:.2f}", f"{r['x_real_time']:.2f}",
+                          f"{r['peak_rss_mib']:.0f}"]])])
 
 
 # --- the command --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from scipy import signal
 from rtsr.audio_io import read_audio, write_audio
 from rtsr.features import SR
 from rtsr.naive import SLOPE_DB_PER_OCTAVE, extend
+from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
 SCORE_FFT, SCORE_HOP = 2048, 512
@@ -196,13 +197,12 @@ def summarise(per_clip: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The summary as Markdown, one row per (kind, rate, system)."""
-    lines = ["| kind | input Hz | system | LSD | LSD / sinc | LSD HF | LSD HF / sinc | LSD LF | low-band SNR dB "
-             "| max lag |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['kind']} | {r['sr']} | {r['system']} | {r['lsd']:.3f} | {r['lsd_vs_sinc']:.3f} | "
-                     f"{r['lsd_hf']:.3f} | {r['lsd_hf_vs_sinc']:.3f} | {r['lsd_lf']:.3f} | "
-                     f"{r['snr_lowband_db']:.1f} | {r['max_abs_lag']} |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(
+        ["kind", "input Hz", "system", "LSD", "LSD / sinc", "LSD HF", "LSD HF / sinc", "LSD LF", "low-band SNR dB",
+         "max lag"],
+        [[r["kind"], r["sr"], r["system"], f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf']:.3f}",
+          f"{r['lsd_hf_vs_sinc']:.3f}", f"{r['lsd_lf']:.3f}", f"{r['snr_lowband_db']:.1f}", r["max_abs_lag"]]
+         for r in rows]))
 
 
 def mean_ratios(rows: list[dict]) -> dict[str, float]:
