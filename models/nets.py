@@ -24,9 +24,9 @@ class CausalDWConv(nn.Module):
     """Depthwise causal conv on (B, T, C); with a cache the last (k-1)*d input frames persist
     between calls.
 
-    Two evaluations of one function: whole sequences (training, offline hops) go through conv1d;
-    live calls, a handful of frames each, gather the k taps of every frame and take one weighted
-    sum, which is ~4x faster on a CPU than conv1d's per-call overhead at that size.
+    Two evaluations of one function: long calls (training sequences, offline hops) go through
+    conv1d; live calls, a handful of frames each, gather the k taps of every frame and take one
+    weighted sum, which is ~4x faster on a CPU than conv1d's per-call overhead at that size.
     """
 
     def __init__(self, channels: int, kernel: int, dilation: int = 1):
@@ -37,14 +37,12 @@ class CausalDWConv(nn.Module):
         self._taps: dict[int, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        if cache is None:
-            y = self.conv(nn.functional.pad(x.transpose(1, 2), (self.context, 0)))
-            return y.transpose(1, 2)
-        past = cache.get(self.key)
-        if past is None:
+        past = cache.get(self.key) if cache is not None else None
+        if past is None:  # no history: the causal zero padding
             past = x.new_zeros(x.shape[0], self.context, x.shape[2])
         x = torch.cat([past, x], dim=1)
-        cache[self.key] = x[:, x.shape[1] - self.context:]
+        if cache is not None:
+            cache[self.key] = x[:, x.shape[1] - self.context:]
         frames, k = x.shape[1] - self.context, self.conv.kernel_size[0]
         if frames > GATHER_MAX_FRAMES:
             return self.conv(x.transpose(1, 2)).transpose(1, 2)
