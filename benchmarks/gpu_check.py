@@ -22,6 +22,7 @@ import torch
 from rtsr import batch
 from rtsr.backends import BACKENDS, apply_backend
 from rtsr.model import load_model
+from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
 SR_IN = 16000
@@ -110,15 +111,13 @@ def main() -> None:
         except Exception as e:  # report and go on: one backend failing must not hide the others
             row["status"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
         print(json.dumps(row), flush=True)
-    print(f"\n| backend | status | rel. err vs CPU | offline x RT (1 file / batch of {files}) | "
-          + " | ".join(f"p50/p99 ms, {n} streams" for n in counts) + " | streams with p99 < 20 ms |")
-    print("|---" * (5 + len(counts)) + "|")
-    for r in rows:
-        cells = [r["backend"], r["status"], f"{r.get('rel_err_vs_cpu', float('nan')):.1e}",
-                 f"{r.get('offline_x_rt_1file', 0):.0f} / {r.get('offline_x_rt_batch', 0):.0f}"]
-        cells += [("{:.2f} / {:.2f}".format(*r[f"live_{n}"])) if f"live_{n}" in r else "-" for n in counts]
-        cells.append(str(r.get("streams_p99_under_20ms", "-")))
-        print("| " + " | ".join(cells) + " |")
+    header = ["backend", "status", "rel. err vs CPU", f"offline x RT (1 file / batch of {files})",
+              *(f"p50/p99 ms, {n} streams" for n in counts), "streams with p99 < 20 ms"]
+    table = [[r["backend"], r["status"], f"{r.get('rel_err_vs_cpu', float('nan')):.1e}",
+              f"{r.get('offline_x_rt_1file', 0):.0f} / {r.get('offline_x_rt_batch', 0):.0f}",
+              *(("{:.2f} / {:.2f}".format(*r[f"live_{n}"])) if f"live_{n}" in r else "-" for n in counts),
+              str(r.get("streams_p99_under_20ms", "-"))] for r in rows]
+    print("\n" + "\n".join(markdown_table(header, table)))
     print(f"\ntotal {time.time() - start:.0f} s", file=sys.stderr)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import soxr
 from scipy.signal import resample_poly
 
+from rtsr.report import markdown_table
 from rtsr.resample import StreamingResampler, resample
 
 SR_OUT = 48000
@@ -57,8 +58,8 @@ def _soxr_blocks(x: np.ndarray, sr_in: int, block: int) -> tuple[np.ndarray, int
     return np.concatenate(parts + [s.resample_chunk(x[:0], last=True)]), sum(map(len, parts))
 
 
-def bench(sr_in: int, seconds: float) -> list[str]:
-    """One table row per resampler for sr_in -> 48 kHz."""
+def bench(sr_in: int, seconds: float) -> list[list[str]]:
+    """One table row (its cells) per resampler for sr_in -> 48 kHz."""
     rng = np.random.default_rng(0)
     x = (0.1 * rng.standard_normal(int(seconds * sr_in))).astype(np.float32)
     block = sr_in // 50  # 20 ms
@@ -77,11 +78,9 @@ def bench(sr_in: int, seconds: float) -> list[str]:
         n = min(len(y_blocks), len(y_whole))
         held = expected - emitted
         diff = np.abs(y_blocks[:n] - y_whole[:n]).max()
-        rows.append(
-            f"| {sr_in / 1000:g}k→48k | {name} | {seconds / t_blocks:.0f}× | {seconds / t_whole:.0f}× "
-            f"| {diff:.2e} | {len(y_blocks)} / {len(y_whole)} / {expected} "
-            f"| {_lag(y_blocks, ref):+.2f} / {_lag(y_whole, ref):+.2f} | {held} ({held / 48:.2f} ms) |"
-        )
+        rows.append([f"{sr_in / 1000:g}k→48k", name, f"{seconds / t_blocks:.0f}×", f"{seconds / t_whole:.0f}×",
+                     f"{diff:.2e}", f"{len(y_blocks)} / {len(y_whole)} / {expected}",
+                     f"{_lag(y_blocks, ref):+.2f} / {_lag(y_whole, ref):+.2f}", f"{held} ({held / 48:.2f} ms)"])
     return rows
 
 
@@ -89,13 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the test signal")
     args = parser.parse_args()
-    print(
-        "| conversion | resampler | 20 ms blocks | whole signal | max abs chunked − whole "
-        "| length chunked / whole / expected | lag chunked / whole (out samples) | held back in stream |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for sr_in in (16000, 44100):
-        print("\n".join(bench(sr_in, args.seconds)))
+    header = ["conversion", "resampler", "20 ms blocks", "whole signal", "max abs chunked − whole",
+              "length chunked / whole / expected", "lag chunked / whole (out samples)", "held back in stream"]
+    rows = [row for sr_in in (16000, 44100) for row in bench(sr_in, args.seconds)]
+    print("\n".join(markdown_table(header, rows)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rtsr.features import HOP, N_FFT, cutoff_mask, istft, log_mel, stft
-from rtsr.models.degrade import DegradationBank
+from rtsr.models.degrade import DegradationBank, random_tilt
 from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
 from rtsr.models.nets import Denoiser, Vocoder, to_complex
 
@@ -110,6 +110,8 @@ class Trainer:
 
     def batch(self, pool: AudioPool, size: int):
         raw, _ = pool.crops(size, self.samples + 2 * MARGIN)
+        if self.args.tilt:
+            raw = random_tilt(raw, self.args.tilt, pool.gen)
         lr, cutoff = self.bank.degrade(raw)
         hr, lr = raw[:, MARGIN:-MARGIN], lr[:, MARGIN:-MARGIN]
         hr_spec, hr_mel, lr_mel = features(hr, lr, self.frames)
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bank", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tilt", type=float, default=0.0,
+                   help="random spectral tilt of the training audio, up to +-this many dB/octave above 1 kHz")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-split", default="val", help="manifest split used for validation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
