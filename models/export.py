@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         den, steps = nets["joint.ema"], a.teacher_steps
         guidance = torch.load(a.slim / "students_basic.pt", map_location="cpu").get("student4.guidance", 1.0)
     info["joint_steps"] = nets.get("joint.step")
-    den_net, voc_net = Denoiser(), Vocoder()
+    den_net, voc_net = Denoiser(**nets.get("joint.config", {})), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})
     voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
     print(export(den_net, voc_net, a.out or MODELS / a.name, a.name, steps, guidance, info, a.temperature))

@@ -130,6 +130,11 @@ class Trainer:
         return torch.load(p, map_location=self.device) if p.exists() else None
 
 
+def new_denoiser(tr: Trainer) -> Denoiser:
+    """A denoiser of the run's architecture (`--dilations`), on the training device."""
+    return Denoiser(dilations=tr.args.dilations).to(tr.device)
+
+
 def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """v-prediction loss at a random time, conditioning dropped for 10 % of items (what
     classifier-free guidance needs), weighted towards the bands above the cutoff."""
@@ -154,7 +159,7 @@ def aligned(hr_mel: torch.Tensor, lr_mel: torch.Tensor):
 def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
     """Teacher denoiser, vocoder and the same-size regression baseline, on the same batches."""
     a = tr.args
-    nets = {"teacher": Denoiser(), "vocoder": Vocoder(), "regression": Denoiser()}
+    nets = {"teacher": new_denoiser(tr), "vocoder": Vocoder(), "regression": new_denoiser(tr)}
     for n in nets.values():
         n.to(tr.device)
     ema = copy.deepcopy(nets["teacher"]).requires_grad_(False)
@@ -164,6 +169,8 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
     step, spent = 0, 0.0
     ck = tr.load("joint")
+    if ck and ck.get("config", nets["teacher"].config) != nets["teacher"].config:
+        raise SystemExit(f"{tr.out}/joint.pt was trained as {ck['config']}, not {nets['teacher'].config}")
     if ck:
         for k, n in nets.items():
             n.load_state_dict(ck[k])
@@ -179,6 +186,11 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         step = int(slim.get("joint.step", 0))
         log.info("started joint from %s (step %d)", a.init_slim, step)
     t0, last_ck = time.time() - spent, time.time()
+
+    def checkpoint() -> dict:
+        return {**{k: n.state_dict() for k, n in nets.items()}, "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "step": step, "spent": time.time() - t0, "config": nets["teacher"].config}
+
     while time.time() - t0 < a.budget_s:
         for g in opt.param_groups:  # cosine decay over the stage's time budget
             done = min((time.time() - t0) / a.budget_s, 1.0)
@@ -201,10 +213,8 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
                      l_teacher.item(), l_reg.item(), l_voc.item())
         if time.time() - last_ck > a.ckpt_s:
             last_ck = time.time()
-            tr.save("joint", {**{k: n.state_dict() for k, n in nets.items()}, "ema": ema.state_dict(),
-                              "opt": opt.state_dict(), "step": step, "spent": time.time() - t0})
-    tr.save("joint", {**{k: n.state_dict() for k, n in nets.items()}, "ema": ema.state_dict(),
-                      "opt": opt.state_dict(), "step": step, "spent": time.time() - t0})
+            tr.save("joint", checkpoint())
+    tr.save("joint", checkpoint())
     log.info("joint done: %d steps; val %s", step, json.dumps(evaluate(tr, val, ema, nets["regression"])))
 
 
@@ -272,7 +282,7 @@ def train_distill(tr: Trainer, pool: AudioPool, val: AudioPool, tag: str = "") -
     error; that is not the scale that distils best (runs/cpu2: auto chose 1.0 and its 1-step student
     scored 0.394 val / 0.559 dev LSD-to-sinc, against 0.347 / 0.535 for 1.5), hence the default."""
     ck = tr.load("joint")
-    teacher = Denoiser().to(tr.device)
+    teacher = new_denoiser(tr)
     teacher.load_state_dict(ck["ema"] if not tag else tr.load(f"teacher{tag}")["ema"])
     teacher.requires_grad_(False)
     if tr.args.guidance == "auto":
@@ -305,7 +315,7 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     a = tr.args
     if tr.load("teacher_speech"):
         return
-    net = Denoiser().to(tr.device)
+    net = new_denoiser(tr)
     net.load_state_dict(tr.load("joint")["ema"])
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
@@ -338,7 +348,7 @@ def write_slim(run: Path, dest: Path) -> None:
             if p.exists():
                 ck = torch.load(p, map_location="cpu")
                 slim.update({f"{f}.{k}": {n: v.half() for n, v in ck[k].items()} for k in keys})
-                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step") if k in ck})
+                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step", "config") if k in ck})
         if slim:
             torch.save(slim, dest / f"{name}.pt")
 
@@ -360,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bank", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dilations", default="1,2,4,8", type=lambda v: tuple(int(d) for d in v.split(",")),
+                   help="the denoiser's dilation cycle over its blocks (sets its receptive field)")
     p.add_argument("--tilt", type=float, default=0.0,
                    help="random spectral tilt of the training audio, up to +-this many dB/octave above 1 kHz")
     p.add_argument("--log-every", type=int, default=50)
