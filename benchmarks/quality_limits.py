@@ -54,6 +54,7 @@ def vocoded_true_mel(up: Upscaler, ref: np.ndarray) -> np.ndarray:
 
 
 def rows_for_clip(up: Upscaler, clip: Clip, rng: np.random.Generator) -> dict[str, float]:
+    """Absolute LSD of sinc, the model and each oracle on one clip (ratios are taken per cell)."""
     ref = load_for_scoring(clip.hr)
     x, sr = read_audio(clip.lr)
     systems = {"model": to_scoring_rate(up.upscale(x, sr), SR), "sinc": load_for_scoring(clip.lr),
