@@ -60,20 +60,21 @@ def rows_for_clip(up: Upscaler, clip: Clip, rng: np.random.Generator) -> dict[st
     systems = {"model": to_scoring_rate(up.upscale(x, sr), SR), "sinc": load_for_scoring(clip.lr),
                "vocoder on the true mel": vocoded_true_mel(up, ref)}
     n = min(len(ref), *(len(v) for v in systems.values()))
-    r = np.log10(power_spec(ref[:n]))
-    logs = {k: np.log10(power_spec(v[:n].astype(np.float64))) for k, v in systems.items()}
+    ref_p = power_spec(ref[:n])
+    powers = {name: power_spec(v[:n]) for name, v in systems.items()}
+    out = {"sinc": lsd(ref_p, powers["sinc"]), "model": lsd(ref_p, powers["model"])}
     k = int(round(scoring_cutoff(sr) / (SR / 2) * (SCORE_FFT // 2)))
-    envelope = np.log10(uniform_filter(10.0 ** r, size=(31, 3), mode="nearest"))
-    fine = np.log10(rng.exponential(size=envelope.shape))
-    floor = np.log10(POWER_FLOOR)
-    model = logs["model"]
-    eq = np.vstack([np.zeros((k, 1)), np.median(r[k:] - model[k:], axis=1, keepdims=True)])
-    above = {"envelope, smooth": envelope - EULER_LOG10, "envelope, noisy": envelope + fine,
-             "vocoder on the true mel": logs["vocoder on the true mel"], "model + per-clip EQ": model + eq}
-    out = {"sinc": lsd(10.0 ** r, 10.0 ** logs["sinc"]), "model": lsd(10.0 ** r, 10.0 ** model)}
+    r = np.log10(ref_p)
+    envelope = np.log10(uniform_filter(ref_p, size=(31, 3), mode="nearest"))[k:]
+    model = np.log10(powers["model"][k:])
+    above = {  # log10 power of the bins from the cutoff up
+        "envelope, smooth": envelope - EULER_LOG10,
+        "envelope, noisy": envelope + np.log10(rng.exponential(size=ref_p.shape))[k:],  # draws as published
+        "vocoder on the true mel": np.log10(powers["vocoder on the true mel"][k:]),
+        "model + per-clip EQ": model + np.median(r[k:] - model, axis=1, keepdims=True),
+    }
     for name, est in above.items():
-        merged = np.vstack([r[:k], np.maximum(est[k:], floor)])
-        out[name] = lsd(10.0 ** r, 10.0 ** merged)
+        out[name] = lsd(ref_p, np.vstack([ref_p[:k], np.maximum(10.0 ** est, POWER_FLOOR)]))
     return out
 
 

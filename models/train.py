@@ -159,9 +159,7 @@ def aligned(hr_mel: torch.Tensor, lr_mel: torch.Tensor):
 def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
     """Teacher denoiser, vocoder and the same-size regression baseline, on the same batches."""
     a = tr.args
-    nets = {"teacher": new_denoiser(tr), "vocoder": Vocoder(), "regression": new_denoiser(tr)}
-    for n in nets.values():
-        n.to(tr.device)
+    nets = {"teacher": new_denoiser(tr), "vocoder": Vocoder().to(tr.device), "regression": new_denoiser(tr)}
     ema = copy.deepcopy(nets["teacher"]).requires_grad_(False)
     if a.skip_vocoder:
         nets["vocoder"].requires_grad_(False)
