@@ -21,19 +21,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from rtsr import __version__, bench, broker, client, compare, live, serve
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
 from rtsr.backends import BACKENDS, apply_backend
+from rtsr.cutoff import MIN_CUTOFF_HZ, given_band
 from rtsr.features import SR
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
 
 AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64")  # what libsndfile reads
 OUT_SUFFIX = "_48k"
-PASSTHROUGH_NOTE = "already 48 kHz or more: resampled, nothing generated"
+PASSTHROUGH_NOTE = "full band: resampled, nothing generated"
+LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged
 
 
 class CliError(Exception):
@@ -43,16 +46,17 @@ class CliError(Exception):
 # --- arguments ------------------------------------------------------------------------------
 
 
-def _cutoff(text: str) -> float | None:
-    """'auto' -> None (detected per stream), else a positive frequency in Hz."""
+def cutoff_arg(text: str) -> float | None:
+    """'auto' -> None (found from the audio), else a frequency in Hz within 1..24 kHz (each input's
+    Nyquist is checked when it is opened)."""
     if text == "auto":
         return None
     try:
         hz = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a frequency in Hz, got {text!r}") from None
-    if not (math.isfinite(hz) and hz > 0):
-        raise argparse.ArgumentTypeError(f"cutoff must be a positive frequency in Hz, got {text!r}")
+    if not (math.isfinite(hz) and MIN_CUTOFF_HZ <= hz <= SR / 2):
+        raise argparse.ArgumentTypeError(f"cutoff must be 'auto' or {MIN_CUTOFF_HZ:g}..{SR / 2:g} Hz, got {text!r}")
     return hz
 
 
@@ -90,8 +94,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, metavar="N", help="sampler steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="noise seed; same seed, same output (default: 0)")
-    p.add_argument("--cutoff", type=_cutoff, default=None, metavar="auto|HZ",
-                   help="where the input's real band ends (default: auto, from its rate and spectrum)")
+    p.add_argument("--cutoff", type=cutoff_arg, default=None, metavar="auto|HZ",
+                   help="where the input's real band ends, 1000..24000 Hz and at most the input's Nyquist "
+                        "(default: auto, each file scanned for its band before it is upscaled)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
@@ -207,15 +212,21 @@ class Result:
     channels: int | None = None
     status: str = "failed"  # upscaled | resampled | failed
     error: str | None = None
+    cutoff_hz: float | None = None  # where the input's band ends: the output is the input below it
+    band: str | None = None  # who says so: detected | rate (its Nyquist) | given
+    warning: str | None = None  # e.g. an output much louder than its input
     compute_s: float | None = None
     clipped: int = 0  # samples clipped to fit 24-bit flac
 
     def line(self) -> str:
         if self.status == "failed":
             return f"FAILED {self.input}: {self.error}"
-        notes = [f"{self.sr_in} Hz, {self.channels} ch, {self.seconds:.2f} s, {self.compute_s:.2f} s compute"]
+        notes = [f"{self.sr_in} Hz, {self.channels} ch, {self.seconds:.2f} s, {self.compute_s:.2f} s compute",
+                 f"band {self.cutoff_hz / 1000:.2f} kHz ({self.band})"]
         if self.status == "resampled":
             notes.append(PASSTHROUGH_NOTE)
+        if self.warning:
+            notes.append(f"WARNING: {self.warning}")
         if self.clipped:
             notes.append(f"{self.clipped} samples clipped to fit 24-bit flac")
         return f"{self.input} -> {self.output} ({'; '.join(notes)})"
@@ -231,16 +242,29 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
         x, sr = read_audio(job.src)
         res.sr_in, res.channels, res.seconds = sr, x.shape[1], len(x) / sr
         t0 = perf_counter()
-        y = up.upscale(x, sr, cutoff_hz=cutoff_hz)
+        band = up.find_band(x, sr) if cutoff_hz is None else given_band(cutoff_hz, sr)
+        res.cutoff_hz, res.band = round(band.hz, 1), band.source
+        y = up.upscale(x, sr, cutoff=band)
         res.compute_s = perf_counter() - t0
+        res.warning = level_warning(x, y)
         job.dest.parent.mkdir(parents=True, exist_ok=True)
         res.clipped = write_audio(job.dest, y, SR, fmt, overwrite)
-        res.status = "resampled" if sr >= SR else "upscaled"
+        res.status = "resampled" if band.source == "rate" and band.hz >= SR / 2 else "upscaled"
     except AudioError as e:
         res.error = e.reason if e.path == job.src else str(e)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
         res.error = f"{type(e).__name__}: {e}"
     return res
+
+
+def level_warning(x: np.ndarray, y: np.ndarray) -> str | None:
+    """A note when the output's RMS is far above the input's (a cutoff set far too low, say)."""
+    rms_in, rms_out = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), float(np.sqrt(np.mean(
+        np.square(y, dtype=np.float64))))
+    if rms_out <= 0 or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
+        return None
+    gain = 20 * math.log10(rms_out / max(rms_in, 1e-12))
+    return f"output is {gain:.1f} dB louder than the input (RMS); check --cutoff"
 
 
 def _totals(results: list[Result]) -> dict[str, float | int]:

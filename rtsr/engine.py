@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from rtsr.cutoff import CutoffTracker
+from rtsr.cutoff import Band, CutoffTracker, given_band
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, window
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.ola import overlap_add
@@ -36,8 +36,8 @@ MIN_SR, MAX_SR = 8000, 384000  # input rates accepted (telephone to studio)
 
 
 @lru_cache(maxsize=256)
-def _merge_row(cutoff_hz: float) -> np.ndarray:
-    return merge_weights(cutoff_hz)
+def _merge_row(lo_hz: float, hi_hz: float) -> np.ndarray:
+    return merge_weights(lo_hz, hi_hz)
 
 
 def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
@@ -77,7 +77,10 @@ class Stream:
     """Upscale one live signal (any rate, any channel count) to 48 kHz, block by block."""
 
     def __init__(self, model: SuperResModel, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
-                 seed: int = 0, cutoff_hz: float | None = None):
+                 seed: int = 0, cutoff: float | Band | None = None):
+        """cutoff: where the input's band ends. None: detected from the stream (rtsr.cutoff); a
+        number: given in Hz (1 kHz .. the input's Nyquist, else ValueError); a Band: fixed as is
+        (what `scan_band` found in a whole file)."""
         check_rate(input_sr)
         if channels < 1:
             raise ValueError("channels must be >= 1")
@@ -87,8 +90,8 @@ class Stream:
         self.model, self.input_sr, self.channels, self.seed = model, input_sr, channels, seed
         self.hop_frames = hop // HOP
         self.resampler = StreamingResampler(input_sr, SR, channels)
-        # a cutoff above the input's own Nyquist would claim band the input cannot hold
-        self.cutoff = CutoffTracker(input_sr / 2, min(cutoff_hz, input_sr / 2) if cutoff_hz else None)
+        band = given_band(cutoff, input_sr) if isinstance(cutoff, int | float) else cutoff
+        self.cutoff = CutoffTracker(input_sr, channels, band)
         self.model_state = model.new_state(channels)
         self._n_in = 0
         self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
@@ -97,14 +100,14 @@ class Stream:
         self._pos = 0  # output frames synthesised; the LR buffers below start at this frame
         self._lr_spec = np.zeros((channels, 0, N_FFT // 2 + 1), np.complex64)
         self._lr_mel = torch.zeros(channels, N_MELS, 0)
-        self._cut = np.zeros(0, np.float32)
+        self._cut = np.zeros((0, 3), np.float32)  # per frame: cutoff, merge start, merge end (Hz)
         self._acc = np.zeros((channels, N_FFT), np.float32)  # overlap-add accumulator
         self._acc_base = -HALF
         self._emitted = 0
         self._finished = False
         self._last = 0  # the last frame to synthesise, known once the input has ended
-        # at 48 kHz and above there is no band to add within a 48 kHz output: resample only
-        self.passthrough = input_sr >= SR
+        # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
+        self.passthrough = band is not None and band.source == "rate" and band.hz >= SR / 2
         self._through: list[np.ndarray] = []
 
     @property
@@ -171,13 +174,19 @@ class Stream:
             return None
         noise = frame_noise(self.seed, self._pos, n, N_MELS, self.channels)
         return HopRequest(n, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n],
-                          torch.from_numpy(self._cut[:n]), torch.from_numpy(noise))
+                          torch.from_numpy(np.ascontiguousarray(self._cut[:n, 0])), torch.from_numpy(noise))
 
     # --- stages -----------------------------------------------------------------------------
+
+    @property
+    def band(self) -> Band:
+        """The band in use for the latest analysed frame."""
+        return self.cutoff.current
 
     def _append48(self, y: np.ndarray) -> None:
         if len(y):
             self._x48 = np.concatenate([self._x48, y.T], axis=1)
+            self.cutoff.feed(y)
 
     def _analyse(self) -> None:
         """STFT + log-mel + cutoff of every frame whose window has fully arrived."""
@@ -190,7 +199,7 @@ class Stream:
         spec = stft(torch.from_numpy(self._x48[:, lo:hi]))  # (B, frames, bins)
         self._lr_spec = np.concatenate([self._lr_spec, spec.numpy()], axis=1)
         self._lr_mel = torch.cat([self._lr_mel, log_mel(spec).transpose(1, 2)], dim=2)
-        self._cut = np.concatenate([self._cut, self.cutoff.update(spec.abs().numpy())])
+        self._cut = np.concatenate([self._cut, self.cutoff.rows(self._frames, t1)])
         self._frames = t1
         keep_from = t1 * HOP - HALF - self._x48_base
         self._x48 = self._x48[:, keep_from:]
@@ -207,7 +216,7 @@ class Stream:
     def complete(self, req: HopRequest, gen: torch.Tensor) -> np.ndarray:
         """Merge the model's spectra for `req` with the input, overlap-add, return finished samples."""
         n, cut, gen = req.n, self._cut[:req.n], gen.numpy()
-        w = np.stack([_merge_row(float(c)) for c in cut])  # (n, bins): weight of the input
+        w = np.stack([_merge_row(float(lo), float(hi)) for _, lo, hi in cut])  # (n, bins): weight of the input
         merged = w * self._lr_spec[:, :n] + (1 - w) * gen  # STFT-domain low-band replacement
         frames = np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
         need = (self._pos + n - 1) * HOP + HALF - self._acc_base  # accumulator length needed

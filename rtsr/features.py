@@ -96,15 +96,16 @@ def cutoff_mask(cutoff_hz: torch.Tensor) -> torch.Tensor:
     return (centers[None, :] < cutoff_hz[:, None]).to(torch.float32)
 
 
-def merge_weights(cutoff_hz: float, n_bins: int = N_BINS) -> np.ndarray:
-    """Per-bin weight of the *input* in the low-band merge: 1 below the transition, 0 above.
+def merge_weights(lo_hz: float, hi_hz: float, n_bins: int = N_BINS) -> np.ndarray:
+    """Per-bin weight of the *input* in the low-band merge: 1 up to lo_hz, 0 from hi_hz on.
 
-    The transition is a raised cosine over [0.88, 0.96] x cutoff: smooth (no brick-wall ringing),
-    and ending inside the band where resampled input still has full level.
+    The transition is a raised cosine, smooth (no brick-wall ringing); where it lies is the band
+    edge's business (rtsr.cutoff.Band.merge_range). An infinite lo_hz keeps the whole input.
     """
     f = np.arange(n_bins) * (SR / 2) / (n_bins - 1)
-    lo, hi = 0.88 * cutoff_hz, 0.96 * cutoff_hz
-    w = np.clip((hi - f) / max(hi - lo, 1e-9), 0.0, 1.0)
+    if math.isinf(lo_hz):
+        return np.ones(n_bins, np.float32)
+    w = np.clip((hi_hz - f) / max(hi_hz - lo_hz, 1e-9), 0.0, 1.0)
     return (0.5 - 0.5 * np.cos(math.pi * w)).astype(np.float32)
 
 

@@ -3,7 +3,7 @@
 Per STFT frame, the input's power in its top octave (below the merge transition, where the
 resampled input still has full level) is continued above the cutoff with a fixed slope (default
 -12 dB/octave, roughly how speech and music spectra fall), filled with random-phase noise and
-merged with the input by the engine's own STFT low-band merge and cutoff tracker. Everything but
+merged with the input by the engine's own STFT low-band merge and band-edge scan. Everything but
 the generator is the engine's, so a model that scores no better than this adds nothing that a
 one-line rule could not.
 
@@ -12,12 +12,14 @@ one-line rule could not.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from rtsr.cutoff import CutoffTracker
+from rtsr.cutoff import scan_band
 from rtsr.engine import as_frames, check_rate
-from rtsr.features import HOP, N_FFT, SR, bin_freqs, frame_count, istft, merge_weights, stft
+from rtsr.features import HOP, N_FFT, bin_freqs, frame_count, istft, merge_weights, stft
 from rtsr.resample import resample
 
 SLOPE_DB_PER_OCTAVE = -12.0
@@ -25,26 +27,21 @@ TOP_OCTAVE = (0.5, 0.88)  # x cutoff: the band whose level is continued (0.88: m
 HALF = N_FFT // 2
 
 
-def analyse(x48: np.ndarray, input_sr: int) -> tuple[np.ndarray, np.ndarray]:
-    """(samples, channels) at 48 kHz -> the engine's STFT (channels, frames, bins) and per-frame cutoffs.
+def analyse(x48: np.ndarray) -> np.ndarray:
+    """(samples, channels) at 48 kHz -> the engine's STFT (channels, frames, bins).
 
-    Frames are centred on multiples of HOP and cover every sample, as in `Stream`; the cutoff
-    tracker sees the frames in the same order, so it makes the same decisions as a stream would.
+    Frames are centred on multiples of HOP and cover every sample, as in `Stream`.
     """
     n = len(x48)
     frames = max(frame_count(n), 1)
     right = (frames - 1) * HOP + N_FFT - HALF - n
     padded = np.pad(x48.T, ((0, 0), (HALF, right)))
-    spec = stft(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))).numpy()
-    cutoffs = CutoffTracker(input_sr / 2).update(np.abs(spec))
-    return spec, cutoffs
+    return stft(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))).numpy()
 
 
 def detect_cutoff(x: np.ndarray, sr: int) -> float:
-    """Where the engine would put the input's cutoff (Hz) once it has seen the whole signal."""
-    frames = as_frames(x, 1 if np.ndim(x) == 1 else np.shape(x)[1])
-    _, cutoffs = analyse(resample(frames, sr), sr)
-    return float(cutoffs[-1])
+    """Where the engine puts the input's cutoff (Hz) when it upscales the whole signal."""
+    return scan_band(as_frames(x, 1 if np.ndim(x) == 1 else np.shape(x)[1]), sr).hz
 
 
 def shaped_noise(spec: np.ndarray, cutoffs: np.ndarray, slope_db: float, rng: np.random.Generator) -> np.ndarray:
@@ -69,11 +66,12 @@ def extend(x: np.ndarray, sr: int, slope_db: float = SLOPE_DB_PER_OCTAVE, seed: 
     mono = np.ndim(x) == 1
     frames = as_frames(x, 1 if mono else np.shape(x)[1])
     x48 = resample(frames, sr)
-    if sr >= SR:
+    band = scan_band(frames, sr)
+    if math.isinf(band.merge_range()[0]):  # a full band: nothing to add
         return x48[:, 0] if mono else x48
-    spec, cutoffs = analyse(x48, sr)
-    rows = {c: merge_weights(float(c)) for c in np.unique(cutoffs)}
-    w = np.stack([rows[c] for c in cutoffs])  # (frames, bins): weight of the input
+    spec = analyse(x48)
+    cutoffs = np.full(spec.shape[1], band.hz, np.float32)
+    w = merge_weights(*band.merge_range())  # (bins,): weight of the input
     noise = shaped_noise(spec, cutoffs, slope_db, np.random.default_rng(seed))
     y = istft(torch.from_numpy(w * spec + (1 - w) * noise)).numpy()[:, : len(x48)].T
     return y[:, 0] if mono else y

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rtsr.cutoff import Band, given_band, scan_band
 from rtsr.engine import Stream, as_frames, check_rate
 from rtsr.model import SuperResModel, load_model
 
@@ -35,20 +36,38 @@ class Upscaler:
         return cls(load_model(name_or_path, resolve_device(device), steps), seed)
 
     def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
-               cutoff_hz: float | None = None) -> Stream:
-        return Stream(self.model, input_sr, channels, hop_ms, self.seed, cutoff_hz)
+               cutoff: float | Band | None = None) -> Stream:
+        """A live stream; cutoff None: its band is detected within ~1 s of active audio."""
+        return Stream(self.model, input_sr, channels, hop_ms, self.seed, cutoff)
 
-    def upscale(self, x: np.ndarray, sr: int, cutoff_hz: float | None = None) -> np.ndarray:
+    def find_band(self, x: np.ndarray, sr: int) -> Band:
+        """Where the real band of a whole signal ends (the rate's Nyquist if no edge is found)."""
+        check_rate(sr)
+        return scan_band(_as_frames(x), sr)
+
+    def upscale(self, x: np.ndarray, sr: int, cutoff: float | Band | None = None) -> np.ndarray:
         """(frames,) or (frames, channels) at `sr` -> the same layout at 48 kHz, exact length
         round(frames * 48000 / sr), zero lag, loudness untouched.
 
-        Input already at 48 kHz or above is band-limited to 48 kHz and passed through (the stream
-        does the same): there is nothing above its band for the model to add in a 48 kHz output.
+        The whole signal is scanned for its band first (unless cutoff is given), then streamed with
+        that band fixed from the first sample: a low-passed file is extended from its start, and
+        the output equals `stream(sr, cutoff=band)` fed the same signal. A full band at 48 kHz or
+        more is only resampled.
         """
         x = np.asarray(x)
         mono = x.ndim == 1
         check_rate(sr)
-        frames = as_frames(x[:, None] if mono else x, 1 if mono else x.shape[1] if x.ndim == 2 else -1)
-        s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, cutoff_hz)
+        frames = _as_frames(x)
+        if cutoff is None:
+            band = scan_band(frames, sr)
+        else:
+            band = cutoff if isinstance(cutoff, Band) else given_band(cutoff, sr)
+        s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, band)
         y = np.concatenate([s.feed(frames), s.flush()])
         return y[:, 0] if mono else y
+
+
+def _as_frames(x: np.ndarray) -> np.ndarray:
+    """(frames,) or (frames, channels) -> validated (frames, channels) float32."""
+    x = np.asarray(x)
+    return as_frames(x[:, None] if x.ndim == 1 else x, 1 if x.ndim == 1 else x.shape[1] if x.ndim == 2 else -1)
