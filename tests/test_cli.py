@@ -159,11 +159,16 @@ def test_cutoff_is_passed_to_the_engine(rtsr, tmp_path: Path, tiny_model_dir: Pa
     assert rtsr("-i", put(tmp_path / "a.wav", x, 16000), "--cutoff", "3000").rc == 0
     y, _ = sf.read(tmp_path / "a_48k.wav", dtype="float32")
     up = Upscaler.load(str(tiny_model_dir), "cpu")
-    np.testing.assert_array_equal(y, up.upscale(x[:, 0], 16000, cutoff_hz=3000.0))
+    np.testing.assert_array_equal(y, up.upscale(x[:, 0], 16000, cutoff=3000.0))
     assert not np.array_equal(y, up.upscale(x[:, 0], 16000))  # so the cutoff did reach the engine
-    for bad in ("abc", "0", "-5", "nan"):
+    for bad in ("abc", "0", "-5", "nan", "100", "30000"):
         r = rtsr("-i", tmp_path / "a.wav", "--cutoff", bad)
         assert r.rc == 2 and "--cutoff" in r.err
+
+
+def test_cutoff_above_the_inputs_nyquist_fails_that_file(rtsr, tmp_path: Path) -> None:
+    r = rtsr("-i", put(tmp_path / "a.wav", tone(16000, 0.2), 16000), "--cutoff", "9000")
+    assert r.rc == 1 and "outside 1000..8000 Hz" in r.err and not (tmp_path / "a_48k.wav").exists()
 
 
 def test_empty_folder_is_one_failure(rtsr, tmp_path: Path) -> None:
@@ -223,7 +228,7 @@ def test_json_report(rtsr, tmp_path: Path) -> None:
 def test_high_rates_are_resampled_not_generated(rtsr, tmp_path: Path, sr: int) -> None:
     x = tone(sr, 0.2, channels=2)
     r = rtsr("-i", put(tmp_path / "hi.wav", x, sr))
-    assert r.rc == 0 and "already 48 kHz or more: resampled, nothing generated" in r.out
+    assert r.rc == 0 and "full band: resampled, nothing generated" in r.out
     assert "0 upscaled, 1 resampled, 0 failed" in r.out
     y, _ = sf.read(tmp_path / "hi_48k.wav", dtype="float32", always_2d=True)
     np.testing.assert_array_equal(y, resample(x, sr, SR))

@@ -5,6 +5,7 @@ import pytest
 from scipy import signal
 
 from rtsr import SuperResModel, Upscaler
+from rtsr.cutoff import rate_band
 from rtsr.engine import Stream
 from rtsr.resample import resample
 
@@ -99,9 +100,15 @@ def test_latency_is_what_the_parameters_say(model, hop_ms, sr):
     assert s.latency_samples - step < worst <= s.latency_samples
 
 
-def test_high_rate_stream_passes_through_at_once(model):
-    s = Stream(model, 48000, 1)
+def test_full_band_stream_passes_through_at_once(model):
+    s = Stream(model, 48000, 1, cutoff=rate_band(48000))  # what a scan finds in a full-band file
     assert s.latency_samples == 0 and len(s.feed(np.zeros(100, np.float32))) == 100
+
+
+def test_live_high_rate_stream_runs_the_engine_to_find_its_band(model):
+    """A live 48 kHz stream may hold a phone band: it is not passed through blind."""
+    s = Stream(model, 48000, 1)
+    assert not s.passthrough and s.latency_samples > 0 and s.band == rate_band(48000)
 
 
 def test_latency_budget_at_20ms_hops(model):
