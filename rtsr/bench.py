@@ -3,6 +3,7 @@
     rtsr bench latency --input-sr 16000 --hop-ms 20 [--streams 8]   # live: per-block time, deadlines
     rtsr bench throughput --seconds 30                              # offline: x real time, peak RSS
     rtsr bench quality --eval ../shared/eval-dev                    # LSD next to sinc and naive
+    rtsr bench band [--eval ../shared/eval-dev]                     # band-edge detector: hits, false edges
 
 Latency is given twice: computed from the parameters (`Stream.latency_samples`) and measured by
 pushing impulses through a stream one input sample at a time, so a mistake in either shows up as
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from rtsr.audio_io import AudioError, read_audio
+from rtsr.bench_band import add_band_parser, band_report, render_band
 from rtsr.bench_quality import add_quality_parser, quality_report, render_quality
 from rtsr.engine import Stream
 from rtsr.features import HOP, SR
@@ -332,6 +334,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     qual = add_quality_parser(sub)
     _common(qual, steps=False)
     qual.set_defaults(func=run_bench, bench_run=(quality_report, render_quality))
+    band = add_band_parser(sub)
+    band.set_defaults(func=run_bench, bench_run=(band_report, render_band))
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -38,9 +38,10 @@ GRID_HZ = 50.0  # the long-term spectrum is pooled into bands this wide before t
 EMPTY_DB = 30.0  # above an edge, 80 % of the bands sit at least this far under the band below it
 PEAK_GAP_DB = 50.0  # ...and this far under the spectrum's peak (a tonal sound's quiet rest is not "empty")
 LOUD_SHARE = 0.2  # the rest may hold resampling images, codec birdies, a noise floor
-TOP_DB = 6.0  # the edge: the last band before the fall within this of the plateau below it
-STEEP_DB = 20.0  # ...and the level falls at least this much within 600 Hz of it
-MIN_EDGE_HZ, MAX_EDGE_HZ = 1000.0, 20500.0  # edges outside are not looked for ("full band" above)
+TOP_DB = 10.0  # the edge: the last band before the fall within this of the plateau below it
+STEEP_DB = 20.0  # ...and the level falls at least this much within 600 Hz or 15 % of it
+STEEP_SPAN = 0.15
+MIN_EDGE_HZ, MAX_EDGE_HZ = 1000.0, 19800.0  # edges outside are not looked for ("full band" above)
 MAX_EDGE_RATIO = 0.92  # x the rate's Nyquist: higher "edges" are the resampler's own roll-off
 MIN_CUTOFF_HZ = 1000.0  # a given cutoff below this is refused
 EDGE_MARGIN = 0.025  # x the edge: the input is kept whole this far above an edge
@@ -158,14 +159,14 @@ def find_edge(power: np.ndarray, top_hz: float) -> float | None:
     Scanning up from 1 kHz, the first position b where 80 % of the bands from 250 Hz above b up to
     0.99 x top_hz, and 80 % of its first kHz, sit EMPTY_DB under the band just below b (median of
     600 Hz) and PEAK_GAP_DB under the spectrum's peak, and the level falls by STEEP_DB within 600 Hz
-    of b. The edge is the top of that cliff: the last band before its steepest point (250 Hz
+    (or 15 %) of b. The edge is the top of that cliff: the last band before its steepest point (250 Hz
     either side, within 600 Hz of b) still within TOP_DB of the plateau before it.
     """
     f, level = _pooled_db(power)
     top = np.searchsorted(f, 0.99 * top_hz)
     below_n, gap, steep_n, step_n, near_n = (round(hz / GRID_HZ) for hz in (600, 250, 600, 250, 1000))
     limit = min(MAX_EDGE_RATIO * top_hz, MAX_EDGE_HZ)
-    start = max(np.searchsorted(f, MIN_EDGE_HZ), 3 * below_n)
+    start = max(np.searchsorted(f, MIN_EDGE_HZ), 5 * below_n)
     stop = min(np.searchsorted(f, limit), top - gap - round(1000 / GRID_HZ))  # >= 1 kHz above to judge
     if stop <= start:
         return None
@@ -176,7 +177,8 @@ def find_edge(power: np.ndarray, top_hz: float) -> float | None:
     loud = (level[None, :top] > quiet_below[:, None]) & (np.arange(top)[None, :] >= (cand + gap)[:, None])
     loud_share = loud.sum(axis=1) / np.maximum(top - (cand + gap), 1)
     near = loud & (np.arange(top)[None, :] < (cand + gap + near_n)[:, None])  # the first kHz above
-    steep = below - level[np.minimum(cand + steep_n, top - 1)] >= STEEP_DB
+    reach = np.maximum(steep_n, np.round(STEEP_SPAN * f[cand] / GRID_HZ)).astype(int)
+    steep = below - level[np.minimum(cand + reach, top - 1)] >= STEEP_DB
     hits = np.nonzero((loud_share <= LOUD_SHARE) & (near.sum(axis=1) <= LOUD_SHARE * near_n) & steep)[0]
     if not len(hits):
         return None
@@ -184,9 +186,9 @@ def find_edge(power: np.ndarray, top_hz: float) -> float | None:
     pos = np.arange(b - below_n, min(b + steep_n, top - step_n) + 1)  # the steepest point of the fall
     fall = [level[i - step_n:i].mean() - level[i:i + step_n].mean() for i in pos]
     steepest = pos[int(np.argmax(fall))]
-    plateau = np.median(level[steepest - 2 * below_n:steepest - below_n])
-    kept = np.nonzero(level[steepest - below_n:steepest] >= plateau - TOP_DB)[0]  # the cliff's top
-    edge = float(f[steepest - below_n + kept[-1]] if len(kept) else f[steepest] - GRID_HZ / 2)
+    plateau = np.median(level[steepest - 4 * below_n:steepest - 2 * below_n])
+    kept = np.nonzero(level[steepest - 2 * below_n:steepest] >= plateau - TOP_DB)[0]  # the cliff's top
+    edge = float(f[steepest - 2 * below_n + kept[-1]] if len(kept) else f[steepest] - GRID_HZ / 2)
     return edge if MIN_EDGE_HZ <= edge <= limit else None
 
 
