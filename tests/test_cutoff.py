@@ -1,0 +1,142 @@
+"""Band edge: real encoders and filters are found, full band is left alone, streams decide stably."""
+
+import numpy as np
+import pytest
+
+from rtsr import SuperResModel, Upscaler
+from rtsr.bench_band import bank, codec_edge, encode, generated, judge, music_like, speech_like
+from rtsr.cutoff import DECIDE_AFTER, DETECT_HOP, Band, given_band, rate_band, scan_band
+from rtsr.engine import Stream
+from rtsr.features import HOP, SR
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    return [judge(c) for c in bank(generated(seconds=2.0))]
+
+
+def test_real_encoders_and_filters_are_found(labelled):
+    """The labelled bank (LAME MP3, Vorbis, polyphase and FFT resamplers, IIR low-passes, phone band,
+    on speech-, music- and effects-like material, mono and stereo): most edges found within 500 Hz."""
+    edged = [r for r in labelled if r["true_edge_hz"] is not None]
+    assert sum(r["ok"] for r in edged) >= 0.6 * len(edged)
+    for codec in ("mp3-v9", "mp3-v6", "vorbis-q0"):  # what users have most: all found
+        assert all(r["ok"] for r in edged if r["degradation"] == codec), codec
+
+
+def test_full_band_gets_no_edge(labelled):
+    full = [r for r in labelled if r["true_edge_hz"] is None]
+    assert full and all(r["found_hz"] is None for r in full)
+    assert {r["channels"] for r in full} == {1, 2}
+
+
+def test_codec_edges_are_read_off_noise():
+    assert 7000 < codec_edge("mp3-v9") < 8500 and 15000 < codec_edge("mp3-v6") < 17500
+
+
+def test_natural_roll_off_and_quiet_levels_are_full_band():
+    rng = np.random.default_rng(3)
+    x = speech_like(48000, 2.0, rng)[:, None]
+    for gain in (1.0, 1e-3):  # -60 dB: still full band, still found as such
+        assert scan_band((gain * x).astype(np.float32), 48000) == rate_band(48000)
+
+
+def test_a_quiet_mp3_still_shows_its_edge():
+    x = 1e-2 * music_like(44100, 2.0, np.random.default_rng(4))[:, None]
+    y, sr = encode(x, "mp3-v6")
+    band = scan_band(y, sr)
+    assert band.source == "detected" and abs(band.hz - codec_edge("mp3-v6")) < 500
+
+
+def test_silence_and_empty_input_keep_the_rate_band():
+    assert scan_band(np.zeros((48000, 1), np.float32), 16000) == rate_band(16000)
+    assert scan_band(np.zeros((0, 2), np.float32), 44100) == rate_band(44100)
+
+
+def test_given_cutoffs_are_checked():
+    assert given_band(4000, 48000) == Band(4000, "given")
+    for bad in (0, 100, 999, 8001, float("nan")):
+        with pytest.raises(ValueError, match="outside"):
+            given_band(bad, 16000)
+
+
+def test_merge_ranges_keep_the_input_below_an_edge():
+    lo, hi = Band(8000, "detected").merge_range()
+    assert 8000 < lo < hi <= 8000 * 1.1  # generated only above the edge
+    assert Band(8000, "rate").merge_range() == pytest.approx((7040, 7680))
+    assert np.isinf(rate_band(48000).merge_range()[0])  # a full band: nothing generated
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SuperResModel.random()
+
+
+def phone_then_full(seconds_phone: float, seconds_full: float) -> np.ndarray:
+    """48 kHz audio whose first part holds a 4 kHz band and whose rest is full band."""
+    rng = np.random.default_rng(5)
+    x = speech_like(48000, seconds_phone + seconds_full, rng)
+    n = round(48000 * seconds_phone)
+    spec = np.fft.rfft(x[:n])
+    spec[np.fft.rfftfreq(n, 1 / 48000) > 4000] = 0
+    x[:n] = np.fft.irfft(spec, n)
+    return x[:, None].astype(np.float32)
+
+
+def test_a_stream_lowers_its_cutoff_after_a_second_then_restores_it(model):
+    x = phone_then_full(3.0, 3.0)
+    s = Stream(model, 48000, 1)
+    frames = []
+    for i in range(0, len(x), 4800):
+        s.push(x[i:i + 4800])
+        frames.append((s._frames, s.band))
+    bands = [b for _, b in frames]
+    assert bands[0] == rate_band(48000)
+    lowered = next(k for k, b in enumerate(bands) if b.source == "detected")
+    assert abs(bands[lowered].hz - 4000) < 500
+    assert frames[lowered][0] * HOP / SR <= 1.6  # decided within ~1 s of active audio (+ a 200 ms step)
+    assert bands[-1] == rate_band(48000)  # content above the edge arrived: restored, for good
+    changes = sum(a != b for a, b in zip(bands, bands[1:], strict=False))
+    assert changes == 2
+
+
+def test_streamed_cutoffs_do_not_depend_on_block_sizes(model):
+    """Offline == streamed with the cutoff moving: the output of any block sizes is the same."""
+    x = phone_then_full(1.5, 1.0)
+    ref = Stream(model, 48000, 1)
+    whole = np.concatenate([ref.feed(x), ref.flush()])
+    rng = np.random.default_rng(0)
+    s = Stream(model, 48000, 1)
+    out, i = [], 0
+    while i < len(x):
+        n = int(rng.integers(1, 9000))
+        out.append(s.feed(x[i:i + n]))
+        i += n
+    streamed = np.concatenate(out + [s.flush()])
+    assert streamed.shape == whole.shape == x.shape
+    assert np.abs(streamed - whole).max() <= 1e-4 * np.abs(whole).max()
+
+
+def test_decision_waits_for_active_audio(model):
+    """Silence first: nothing is decided until a second of signal has come."""
+    x = np.concatenate([np.zeros((3 * 48000, 1), np.float32), phone_then_full(2.0, 0.0)])
+    s = Stream(model, 48000, 1)
+    s.push(x[:3 * 48000])
+    assert s.band == rate_band(48000)
+    s.push(x[3 * 48000:])
+    assert s.band.source == "detected"
+    assert DECIDE_AFTER * DETECT_HOP >= 48000  # "a second" is at least one
+
+
+def test_a_file_is_extended_from_its_first_sample(model):
+    """Offline, a scanned file's band is fixed from the start; equal to a stream opened with it."""
+    x = phone_then_full(2.0, 0.0)
+    up = Upscaler(model)
+    band = up.find_band(x, 48000)
+    assert band.source == "detected"
+    s = up.stream(48000, 1, 20.0, band)
+    streamed = np.concatenate([s.feed(x), s.flush()])
+    np.testing.assert_allclose(up.upscale(x, 48000), streamed, atol=1e-4 * np.abs(streamed).max())
