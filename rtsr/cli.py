@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rtsr import __version__, bench, broker, client, compare, live, serve
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
 from rtsr.backends import BACKENDS, apply_backend
-from rtsr.cutoff import MIN_CUTOFF_HZ, given_band
+from rtsr.cutoff import cutoff_arg, given_band
 from rtsr.features import SR
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
@@ -44,20 +44,6 @@ class CliError(Exception):
 
 
 # --- arguments ------------------------------------------------------------------------------
-
-
-def cutoff_arg(text: str) -> float | None:
-    """'auto' -> None (found from the audio), else a frequency in Hz within 1..24 kHz (each input's
-    Nyquist is checked when it is opened)."""
-    if text == "auto":
-        return None
-    try:
-        hz = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a frequency in Hz, got {text!r}") from None
-    if not (math.isfinite(hz) and MIN_CUTOFF_HZ <= hz <= SR / 2):
-        raise argparse.ArgumentTypeError(f"cutoff must be 'auto' or {MIN_CUTOFF_HZ:g}..{SR / 2:g} Hz, got {text!r}")
-    return hz
 
 
 def _positive_int(text: str) -> int:

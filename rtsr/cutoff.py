@@ -20,6 +20,7 @@ whole first (`scan_band`) and streamed with the band it found, fixed from its fi
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -86,6 +87,20 @@ def given_band(cutoff_hz: float, input_sr: float) -> Band:
         raise ValueError(f"cutoff {cutoff_hz:g} Hz is outside {MIN_CUTOFF_HZ:g}..{top:g} Hz "
                          f"(1 kHz to the Nyquist of a {input_sr:g} Hz input)")
     return Band(float(cutoff_hz), "given")
+
+
+def cutoff_arg(text: str) -> float | None:
+    """'auto' -> None (found from the audio), else a frequency in Hz within 1..24 kHz (each input's
+    Nyquist is checked when it is opened)."""
+    if text == "auto":
+        return None
+    try:
+        hz = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a frequency in Hz, got {text!r}") from None
+    if not (math.isfinite(hz) and MIN_CUTOFF_HZ <= hz <= SR / 2):
+        raise argparse.ArgumentTypeError(f"cutoff must be 'auto' or {MIN_CUTOFF_HZ:g}..{SR / 2:g} Hz, got {text!r}")
+    return hz
 
 
 @cache

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rtsr.audio_io import AudioError, check_writable, write_audio
+from rtsr.cutoff import Band, cutoff_arg
 from rtsr.features import SR
 from rtsr.resample import StreamingResampler
 
@@ -247,6 +248,11 @@ class LiveEngine:
                 f"{c.skipped} output frames dropped to recover latency")
 
 
+def band_line(band: Band) -> str:
+    what = {"rate": "its rate's Nyquist", "detected": "detected", "given": "given"}[band.source]
+    return f"band {band.hz / 1000:.2f} kHz ({what})"
+
+
 # --- devices ----------------------------------------------------------------------------------------
 
 
@@ -261,6 +267,21 @@ def import_sounddevice() -> ModuleType:
     return sounddevice
 
 
+def choose_rate(can_open: Callable[[int], bool], default_sr: int, asked_sr: int | None,
+                cutoff: float | None) -> tuple[int, float | None, str | None]:
+    """(rate to open the input device at, cutoff, a note for the user).
+
+    A device that cannot run at --input-sr (a JACK server runs at one rate only) is opened at its
+    default rate instead; the rate asked for still says where the band ends (its Nyquist), unless
+    --cutoff does.
+    """
+    if asked_sr is None or asked_sr == default_sr or can_open(asked_sr):
+        return asked_sr or default_sr, cutoff, None
+    band = cutoff or min(asked_sr, default_sr) / 2
+    return default_sr, band, (f"the input device cannot run at {asked_sr} Hz: opened at {default_sr} Hz, "
+                              f"band {band / 1000:g} kHz")
+
+
 def _device(text: str | None) -> int | str | None:
     return int(text) if text is not None and text.isdigit() else text
 
@@ -273,7 +294,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--input-device", metavar="ID_OR_NAME", help="(default: the system's)")
     p.add_argument("--output-device", metavar="ID_OR_NAME", help="(default: the system's)")
-    p.add_argument("--input-sr", type=int, help="input rate (default: the input device's default rate)")
+    p.add_argument("--input-sr", type=int,
+                   help="input rate (default: the input device's default rate); a device that cannot run at it "
+                        "is opened at its default rate, with the band ending at half this rate")
+    p.add_argument("--cutoff", type=cutoff_arg, default=None, metavar="auto|HZ",
+                   help="where the input's real band ends (default: auto, found within ~1 s of sound)")
     p.add_argument("--channels", type=int, default=1, help="input channels (default: %(default)s)")
     p.add_argument("--hop-ms", type=float, default=20.0, help="engine hop, a multiple of 5 (default: %(default)s)")
     p.add_argument("--buffer-ms", type=float, default=20.0,
@@ -311,7 +336,17 @@ def _run_live(args: argparse.Namespace) -> int:
         info = sd.query_devices(in_dev, "input")
     except (ValueError, sd.PortAudioError) as e:
         raise LiveError(f"no such input device {args.input_device!r}: {e}") from e
-    input_sr = args.input_sr or int(info["default_samplerate"])
+
+    def can_open(sr: int) -> bool:
+        try:
+            sd.check_input_settings(device=in_dev, samplerate=sr, channels=args.channels)
+            return True
+        except (sd.PortAudioError, ValueError):
+            return False
+
+    input_sr, cutoff, note = choose_rate(can_open, int(info["default_samplerate"]), args.input_sr, args.cutoff)
+    if note:
+        print(f"rtsr live: {note}", file=sys.stderr)
 
     import torch
 
@@ -320,7 +355,7 @@ def _run_live(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     try:
-        stream = Upscaler.load(args.model, args.device).stream(input_sr, args.channels, args.hop_ms)
+        stream = Upscaler.load(args.model, args.device).stream(input_sr, args.channels, args.hop_ms, cutoff)
     except (ModelError, ValueError, RuntimeError) as e:
         raise LiveError(str(e)) from e
     if not args.passthrough:  # first calls are slow (allocation, caches): not on the live stream's time
@@ -341,8 +376,9 @@ def _run_live(args: argparse.Namespace) -> int:
         raise LiveError(f"cannot open the audio devices: {e}") from e
     device_s = ins.latency + (outs.latency if outs else 0.0)
     what = "passthrough" if args.passthrough else f"model {stream.model.name}"
-    print(f"{what}: {input_sr} Hz x {args.channels} -> 48000 Hz, engine latency {stream.latency_ms:.1f} ms; "
-          "Ctrl-C stops", file=sys.stderr)
+    band = stream.band
+    print(f"{what}: {input_sr} Hz x {args.channels} -> 48000 Hz, engine latency {stream.latency_ms:.1f} ms, "
+          f"{band_line(band)}; Ctrl-C stops", file=sys.stderr)
     live.start()
     t0 = time.monotonic()
     try:
@@ -351,6 +387,9 @@ def _run_live(args: argparse.Namespace) -> int:
                 time.sleep(0.25)
                 if live.error:
                     raise LiveError(f"engine failed: {live.error}")
+                if stream.band != band:
+                    band = stream.band
+                    print(f"\n{band_line(band)}", file=sys.stderr)
                 print("\r" + live.status(device_s), end="", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         pass

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from rtsr.cutoff import given_band
 from rtsr.engine import as_frames, check_rate
 
 VERSION = 1
@@ -70,6 +71,7 @@ class OpenSpec:
     dtype: str
     model: str | None
     hop_ms: float
+    cutoff: float | None = None  # where the input's band ends (Hz); None: found from the audio
 
 
 def encode(header: dict[str, Any], pcm: np.ndarray | bytes | None = None) -> list[bytes]:
@@ -138,7 +140,18 @@ def parse_open(h: dict[str, Any]) -> OpenSpec:
     model = h.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError(BAD_HEADER, "model must be a string", sid, closed=True)
-    return OpenSpec(sid, sr, channels, dtype, model, float(hop_ms))
+    cutoff = h.get("cutoff")
+    if cutoff == "auto":
+        cutoff = None
+    if cutoff is not None:
+        if not isinstance(cutoff, int | float) or isinstance(cutoff, bool):
+            raise ProtocolError(BAD_HEADER, f"cutoff must be 'auto' or a number of Hz, got {cutoff!r}", sid,
+                                closed=True)
+        try:
+            given_band(cutoff, sr)
+        except ValueError as e:
+            raise ProtocolError(BAD_HEADER, str(e), sid, closed=True) from None
+    return OpenSpec(sid, sr, channels, dtype, model, float(hop_ms), None if cutoff is None else float(cutoff))
 
 
 def decode_pcm(payload: bytes | memoryview, dtype: str, channels: int, stream: StreamId = None,

@@ -33,6 +33,7 @@ import torch
 import zmq
 
 from rtsr import protocol as P
+from rtsr.cutoff import Band
 from rtsr.engine import Stream
 from rtsr.features import SR
 from rtsr.model import ModelError
@@ -70,6 +71,7 @@ class Session:
     next_seq: int = 0
     last_frames: int = 0  # length of the last block: a gap is filled with this much silence per missing block
     audio_s: float = 0.0  # input seconds accepted, for the rate limit
+    band: Band | None = None  # the band last reported to the client
 
 
 @dataclass
@@ -209,14 +211,14 @@ class Service:
             raise P.ProtocolError(P.UNKNOWN_MODEL, f"model {name!r} is not loaded here; loaded: "
                                                    f"{', '.join(sorted(self.upscalers))}", spec.stream, closed=True)
         try:
-            engine = up.stream(spec.sr, spec.channels, spec.hop_ms)
+            engine = up.stream(spec.sr, spec.channels, spec.hop_ms, spec.cutoff)
         except ValueError as e:  # e.g. a hop that is not a multiple of the frame hop
             raise P.ProtocolError(P.BAD_HEADER, str(e), spec.stream, closed=True) from None
         now = self.clock()
-        self.sessions[key] = Session(spec, engine, now, now)
+        self.sessions[key] = Session(spec, engine, now, now, band=engine.band)
         self.stats.opened += 1
         return {"type": "opened", "stream": spec.stream, "out_sr": SR, "latency_samples": engine.latency_samples,
-                "channels": spec.channels, "model": name, "hop_ms": spec.hop_ms}
+                "channels": spec.channels, "model": name, "hop_ms": spec.hop_ms, **band_fields(engine.band)}
 
     def _audio_job(self, peer: Peer, h: dict[str, Any], frames: list) -> Job:
         """Validate, rate-check and sequence one audio message; the engine has not run yet."""
@@ -266,8 +268,17 @@ class Service:
                 out.append(self._error(job.peer, P.ProtocolError(
                     P.INTERNAL, f"engine failed: {e}", job.key[1], job.header["seq"], closed=True)))
                 continue
+            band = job.session.engine.band
+            if band != job.session.band:  # the cutoff in use moved: say so on this reply
+                job.header.update(band_fields(band))
+                job.session.band = band
             out.append((job.peer, P.encode(job.header, y)))
         jobs.clear()
+
+
+def band_fields(band: Band) -> dict[str, Any]:
+    """The cutoff in use, as `opened` and audio replies carry it."""
+    return {"cutoff": round(band.hz, 1), "band": band.source}
 
 
 # --- transports ---------------------------------------------------------------------------------

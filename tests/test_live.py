@@ -19,7 +19,7 @@ import torch
 
 from rtsr.cli import main
 from rtsr.engine import Stream
-from rtsr.live import LiveEngine, Passthrough, Ring
+from rtsr.live import LiveEngine, Passthrough, Ring, choose_rate
 from rtsr.model import SuperResModel
 from rtsr.resample import resample
 
@@ -241,3 +241,26 @@ def test_live_on_jack_dummy_device(jack_env, tiny_model_dir, tmp_path):
     assert "xruns" in r.stderr and "recorded" in r.stderr
     info = sf.info(out)
     assert info.samplerate == 48000 and 1.0 <= info.duration <= 3.0
+
+
+def test_a_device_that_cannot_run_at_the_asked_rate_opens_at_its_own():
+    """A JACK server at 48 kHz and --input-sr 16000: opened at 48 kHz, band 8 kHz (or --cutoff)."""
+    only_48k = lambda sr: sr == 48000  # noqa: E731
+    assert choose_rate(only_48k, 48000, None, None) == (48000, None, None)
+    assert choose_rate(only_48k, 48000, 48000, 5000.0) == (48000, 5000.0, None)
+    sr, cutoff, note = choose_rate(only_48k, 48000, 16000, None)
+    assert (sr, cutoff) == (48000, 8000.0) and "cannot run at 16000 Hz" in note
+    assert choose_rate(only_48k, 48000, 16000, 3400.0)[:2] == (48000, 3400.0)
+    assert choose_rate(lambda sr: True, 48000, 16000, None) == (16000, None, None)
+
+
+def test_live_at_an_unsupported_rate_on_jack(jack_env, tiny_model_dir, tmp_path):
+    out = tmp_path / "live.wav"
+    cmd = [sys.executable, "-m", "rtsr.cli", "live", "--model", str(tiny_model_dir), "--duration", "1.0",
+           "--input-sr", "16000", "--record", str(out), "--no-play"]
+    r = subprocess.run(cmd, env=jack_env, capture_output=True, text=True, timeout=90)
+    if "PortAudio library not found" in r.stderr:
+        pytest.skip("libportaudio2 not installed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cannot run at 16000 Hz" in r.stderr and "band 8.00 kHz (given)" in r.stderr
+    assert "engine latency 0.0 ms" not in r.stderr

@@ -427,3 +427,36 @@ def test_broker_reports_a_lost_worker_and_moves_on(up):
             time.sleep(0.05)
         assert (r.header["code"], r.header["closed"]) == (P.WORKER_LOST, True)
         assert c.stats() == {"v": 1, "type": "stats", "streams": 0, "workers": []}
+
+
+# --- the band ------------------------------------------------------------------------------------
+
+
+def test_open_with_a_cutoff_is_that_band(up):
+    x = noise(48000, 0.5)
+    with router(service(up)) as ep, client(ep) as c:
+        opened = c.open("a", 48000, cutoff=4000)
+        assert (opened["cutoff"], opened["band"]) == (4000, "given")
+        y = c.upscale(x, 48000, stream="b", cutoff=4000)
+        with pytest.raises(ServerError, match="outside 1000..8000"):
+            c.open("c", 16000, cutoff=9000)
+    close_max(y, up.upscale(x, 48000, cutoff=4000.0))
+
+
+def test_audio_replies_say_when_the_cutoff_moves(up):
+    """A 48 kHz stream holding a 4 kHz band: `opened` says the rate's band, a later reply the edge."""
+    rng = np.random.default_rng(1)
+    n = 48000 * 2
+    spec = np.fft.rfft(rng.standard_normal(n))
+    spec[np.fft.rfftfreq(n, 1 / 48000) > 4000] = 0
+    x = (0.1 * np.fft.irfft(spec, n)).astype(np.float32)
+    with router(service(up)) as ep, client(ep) as c:
+        opened = c.open("a", 48000)
+        assert (opened["cutoff"], opened["band"]) == (24000, "rate")
+        moves = []
+        for seq, i in enumerate(range(0, n, 4800)):
+            c.send("a", x[i:i + 4800], seq)
+            r = c.recv()
+            if "cutoff" in r.header:
+                moves.append((r.header["cutoff"], r.header["band"]))
+    assert len(moves) == 1 and moves[0][1] == "detected" and abs(moves[0][0] - 4000) < 500
