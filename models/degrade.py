@@ -29,9 +29,39 @@ def _lowpass_sos(family: str, order: int, cutoff: float) -> np.ndarray:
     return signal.butter(order, wn, output="sos")
 
 
+def codec_response(f: np.ndarray, edge: float, rng: np.random.Generator) -> np.ndarray:
+    """An encoder's low-pass (LAME, Vorbis, AAC): flat to the edge, a cliff over 1-5 % of it, then a
+    floor 70-100 dB down (what is left of the band above: quantisation, the odd kept band)."""
+    width = edge * rng.uniform(0.01, 0.05)
+    floor = 10 ** (-rng.uniform(70, 100) / 20)
+    ramp = np.clip((f - edge) / width, 0.0, 1.0)
+    return np.maximum(0.5 + 0.5 * np.cos(np.pi * ramp), floor)
+
+
+def resampler_response(f: np.ndarray, low_sr: float, rng: np.random.Generator) -> np.ndarray:
+    """A polyphase resampler's anti-alias filter down to low_sr and back (applied twice): a
+    Kaiser-windowed sinc with its cutoff at the lower Nyquist, as scipy's resample_poly or sox
+    designs it, from gentle (short, beta 5) to steep (long, beta 10)."""
+    taps = int(rng.integers(10, 40)) * 2 * round(SR / low_sr) + 1
+    h = signal.firwin(taps, 0.5 * low_sr, window=("kaiser", rng.uniform(5.0, 10.0)), fs=SR)
+    _, resp = signal.freqz(h, worN=f, fs=SR)
+    return np.abs(resp) ** 2
+
+
 def random_response(n_fft: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """One random degradation as (|response| on the rfft grid of n_fft, the cutoff to declare)."""
+    """One random degradation as (|response| on the rfft grid of n_fft, the cutoff to declare).
+
+    Besides filter families, the shapes the band-edge detector meets in users' files: encoders'
+    cliffs at any edge up to 19.8 kHz (MP3s at 44.1 kHz, Vorbis at 48 kHz) and resamplers' sinc
+    filters, each declared at their edge, as `rtsr.cutoff` reports it.
+    """
     f = np.fft.rfftfreq(n_fft, 1.0 / SR)
+    if rng.random() < 0.15:
+        edge = rng.uniform(4000.0, 19800.0)
+        return codec_response(f, edge, rng).astype(np.float32), float(edge * rng.uniform(0.98, 1.02))
+    if rng.random() < 0.15:
+        low_sr = float(rng.choice(COMMON_RATES)) if rng.random() < 0.5 else rng.uniform(6000.0, 40000.0)
+        return resampler_response(f, low_sr, rng).astype(np.float32), float(low_sr / 2 * rng.uniform(0.97, 1.03))
     if rng.random() < 0.08:  # telephone band: 300-3400 Hz through an 8 kHz channel
         sos = signal.butter(4, [300, 3400], btype="band", fs=SR, output="sos")
         _, h = signal.sosfreqz(sos, worN=f, fs=SR)

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from rtsr.features import SR
-from rtsr.models.degrade import DegradationBank, random_tilt
+from rtsr.models.degrade import DegradationBank, codec_response, random_tilt, resampler_response
 
 
 def _gain_db(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def test_degradations_keep_the_band_below_the_declared_cutoff_and_cut_above_it()
     bank = DegradationBank(9600, size=256, seed=0)
     f = torch.fft.rfftfreq(9600, 1 / SR)
     for resp, c in zip(bank.responses.float(), bank.cutoffs, strict=True):
-        assert 1800 < c < 16800
+        assert 1800 < c < 20500
         assert resp.max() < 1.03
         passband = resp[(f > 500) & (f < 0.5 * c)]
         assert passband.min() > 0.7
@@ -25,6 +25,19 @@ def test_degradations_keep_the_band_below_the_declared_cutoff_and_cut_above_it()
             assert above.mean() < 0.5 * (passband ** 2).mean()
     lr, cutoff = bank.degrade(torch.randn(4, 9600), torch.Generator().manual_seed(0))
     assert lr.shape == (4, 9600) and cutoff.shape == (4,)
+
+
+def test_codec_and_resampler_shapes_are_in_the_bank():
+    """The detector hands the model codec cliffs up to ~20 kHz and resamplers' sinc edges: training
+    sees both, each declared at its edge."""
+    f = np.fft.rfftfreq(9600, 1 / SR)
+    rng = np.random.default_rng(0)
+    codec = codec_response(f, 16000.0, rng)
+    assert codec[f < 15900].min() == 1.0 and codec[f > 16900].max() < 10 ** (-69 / 20)
+    sinc = resampler_response(f, 16000.0, rng)
+    assert abs(sinc[f < 6000] - 1).max() < 0.01 and sinc[f > 9000].max() < 1e-3
+    bank = DegradationBank(9600, size=512, seed=0)
+    assert (bank.cutoffs > 16800).sum() > 10  # edges above the old 16 kHz ceiling
 
 
 def test_tilt_is_a_straight_line_in_octaves_above_the_pivot_and_leaves_below_alone():
