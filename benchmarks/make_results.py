@@ -76,6 +76,8 @@ def main() -> None:
                 ["python", "benchmarks/serve_bench.py", "--seconds", "10", "--streams", "1,2,4", *m]),
         *[section(f"Quality on the dev-eval set: `{q}`", ["rtsr", "bench", "quality", "--eval", ev, "--model", q])
           for q in a.quality_models.split(",")],
+        section("Band-edge detector on generated material", ["rtsr", "bench", "band"]),
+        section("Band-edge detector on the dev-eval references", ["rtsr", "bench", "band", "--eval", ev]),
         section(f"What limits quality: `{a.model}` next to oracles",
                 ["python", "benchmarks/quality_limits.py", "--eval", ev, *m]),
         spectrogram(ev, a.model),
