@@ -28,7 +28,7 @@ from tqdm import tqdm
 from rtsr import __version__, bench, broker, client, compare, live, serve
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
 from rtsr.backends import BACKENDS, apply_backend
-from rtsr.cutoff import cutoff_arg, given_band
+from rtsr.cutoff import as_band, cutoff_arg
 from rtsr.features import SR
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
@@ -228,14 +228,14 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
         x, sr = read_audio(job.src)
         res.sr_in, res.channels, res.seconds = sr, x.shape[1], len(x) / sr
         t0 = perf_counter()
-        band = up.find_band(x, sr) if cutoff_hz is None else given_band(cutoff_hz, sr)
+        band = as_band(cutoff_hz, sr) or up.find_band(x, sr)
         res.cutoff_hz, res.band = round(band.hz, 1), band.source
         y = up.upscale(x, sr, cutoff=band)
         res.compute_s = perf_counter() - t0
         res.warning = level_warning(x, y)
         job.dest.parent.mkdir(parents=True, exist_ok=True)
         res.clipped = write_audio(job.dest, y, SR, fmt, overwrite)
-        res.status = "resampled" if band.source == "rate" and band.hz >= SR / 2 else "upscaled"
+        res.status = "resampled" if band.full else "upscaled"
     except AudioError as e:
         res.error = e.reason if e.path == job.src else str(e)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from itertools import chain
 
 import numpy as np
 
@@ -64,11 +67,16 @@ class Band:
     hz: float
     source: str = "given"
 
+    @property
+    def full(self) -> bool:
+        """A full band (no edge below the output's Nyquist): nothing to add, only resample."""
+        return self.source == "rate" and self.hz >= SR / 2
+
     def merge_range(self) -> tuple[float, float]:
         """(Hz where the input's weight starts to fall, Hz where it reaches 0)."""
+        if self.full:
+            return math.inf, math.inf
         if self.source == "rate":
-            if self.hz >= SR / 2:  # a full-band input: nothing to add
-                return math.inf, math.inf
             return 0.88 * self.hz, 0.96 * self.hz
         return (1 + EDGE_MARGIN) * self.hz, (1 + EDGE_MARGIN + 0.04) * self.hz
 
@@ -87,6 +95,11 @@ def given_band(cutoff_hz: float, input_sr: float) -> Band:
         raise ValueError(f"cutoff {cutoff_hz:g} Hz is outside {MIN_CUTOFF_HZ:g}..{top:g} Hz "
                          f"(1 kHz to the Nyquist of a {input_sr:g} Hz input)")
     return Band(float(cutoff_hz), "given")
+
+
+def as_band(cutoff: float | Band | None, input_sr: float) -> Band | None:
+    """A cutoff as callers pass it: None (to be found), a number of Hz (checked), or a Band."""
+    return given_band(cutoff, input_sr) if isinstance(cutoff, int | float) else cutoff
 
 
 def cutoff_arg(text: str) -> float | None:
@@ -128,7 +141,7 @@ class LongTermSpectrum:
     def __init__(self, channels: int):
         self.buf = np.zeros((0, channels), np.float32)
         self.base = 0  # absolute index of buf[0]
-        self.pending: list[tuple[int, np.ndarray]] = []  # (end sample, power) not yet committed
+        self.pending: deque[tuple[int, np.ndarray]] = deque()  # (end sample, power) not yet committed
         self.power = np.zeros(DETECT_FFT // 2 + 1)
         self.active = 0
 
@@ -150,7 +163,7 @@ class LongTermSpectrum:
         """Count every pending frame that ends at or before sample `until` (all if None)."""
         threshold = _active_power() * self.buf.shape[1]
         while self.pending and (until is None or self.pending[0][0] <= until):
-            _, p = self.pending.pop(0)
+            _, p = self.pending.popleft()
             if p.mean() > threshold:
                 self.power += p
                 self.active += 1
@@ -211,11 +224,17 @@ def scan_band(x: np.ndarray, input_sr: int, block: int = 1 << 16) -> Band:
     """The band of a whole signal ((frames, channels) at input_sr), read in blocks: what a file
     holds, known before its first sample is upscaled."""
     rs = StreamingResampler(input_sr, SR, x.shape[1])
-    lts = LongTermSpectrum(x.shape[1])
-    for i in range(0, len(x), block):
-        lts.feed(rs.process(np.ascontiguousarray(x[i:i + block], dtype=np.float32)))
-    lts.feed(rs.flush())
-    lts.commit()
+    blocks = (rs.process(np.ascontiguousarray(x[i:i + block], dtype=np.float32)) for i in range(0, len(x), block))
+    return band_of_48k(chain(blocks, [rs.flush()]), x.shape[1], input_sr)
+
+
+def band_of_48k(blocks: Iterable[np.ndarray], channels: int, input_sr: float) -> Band:
+    """The band of a whole signal already at 48 kHz, given as (samples, channels) blocks; each block's
+    frames are counted at once, so memory stays one block's worth whatever the length."""
+    lts = LongTermSpectrum(channels)
+    for y in blocks:
+        lts.feed(y)
+        lts.commit()
     return band_of(lts, input_sr)
 
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from rtsr.cutoff import Band, CutoffTracker, given_band
+from rtsr.cutoff import Band, CutoffTracker, as_band
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, window
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.ola import overlap_add
@@ -90,7 +90,7 @@ class Stream:
         self.model, self.input_sr, self.channels, self.seed = model, input_sr, channels, seed
         self.hop_frames = hop // HOP
         self.resampler = StreamingResampler(input_sr, SR, channels)
-        band = given_band(cutoff, input_sr) if isinstance(cutoff, int | float) else cutoff
+        band = as_band(cutoff, input_sr)
         self.cutoff = CutoffTracker(input_sr, channels, band)
         self.model_state = model.new_state(channels)
         self._n_in = 0
@@ -107,7 +107,7 @@ class Stream:
         self._finished = False
         self._last = 0  # the last frame to synthesise, known once the input has ended
         # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
-        self.passthrough = band is not None and band.source == "rate" and band.hz >= SR / 2
+        self.passthrough = band is not None and band.full
         self._through: list[np.ndarray] = []
 
     @property

@@ -12,12 +12,10 @@ one-line rule could not.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from rtsr.cutoff import scan_band
+from rtsr.cutoff import band_of_48k, scan_band
 from rtsr.engine import as_frames, check_rate
 from rtsr.features import HOP, N_FFT, bin_freqs, frame_count, istft, merge_weights, stft
 from rtsr.resample import resample
@@ -66,8 +64,8 @@ def extend(x: np.ndarray, sr: int, slope_db: float = SLOPE_DB_PER_OCTAVE, seed: 
     mono = np.ndim(x) == 1
     frames = as_frames(x, 1 if mono else np.shape(x)[1])
     x48 = resample(frames, sr)
-    band = scan_band(frames, sr)
-    if math.isinf(band.merge_range()[0]):  # a full band: nothing to add
+    band = band_of_48k([x48], x48.shape[1], sr)  # = scan_band(frames, sr): the resampler chunks exactly
+    if band.full:
         return x48[:, 0] if mono else x48
     spec = analyse(x48)
     cutoffs = np.full(spec.shape[1], band.hz, np.float32)

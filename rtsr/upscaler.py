@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rtsr.cutoff import Band, given_band, scan_band
+from rtsr.cutoff import Band, as_band, scan_band
 from rtsr.engine import Stream, as_frames, check_rate
 from rtsr.model import SuperResModel, load_model
 
@@ -58,10 +58,7 @@ class Upscaler:
         mono = x.ndim == 1
         check_rate(sr)
         frames = _as_frames(x)
-        if cutoff is None:
-            band = scan_band(frames, sr)
-        else:
-            band = cutoff if isinstance(cutoff, Band) else given_band(cutoff, sr)
+        band = as_band(cutoff, sr) or scan_band(frames, sr)
         s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, band)
         y = np.concatenate([s.feed(frames), s.flush()])
         return y[:, 0] if mono else y
