@@ -1,8 +1,10 @@
 """Reproducible training-corpus builder: open recordings shipped by Debian packages -> 48 kHz mono FLAC.
 
 No dataset hub is reachable, so rtsr trains on the packages listed in /work/shared/corpus/SOURCES.md.
-Every file is decoded, mixed to mono, resampled to 48 kHz, trimmed of digital silence and kept only if
-its measured bandwidth reaches 15 kHz (targets above a file's own bandwidth would be empty).
+Every file is decoded, mixed to mono, resampled to 48 kHz, trimmed of digital silence and kept if its
+own band (`rtsr.bench_quality.band_edge_hz`, the in-band scorer's edge) reaches 4 kHz; every segment
+records its band edge in the manifest (`band_hz`), where training stops its losses and below which
+it places the simulated cutoffs: a narrow-band file still teaches every cutoff under its band.
 
     python -m rtsr.models.corpus build --out corpus [--install] [--kinds speech,music,sfx] [--jobs N]
     python -m rtsr.models.corpus stats --corpus corpus
@@ -35,8 +37,10 @@ import soundfile as sf
 from scipy.signal import resample_poly
 from tqdm import tqdm
 
+from rtsr.bench_quality import band_edge_hz
+
 SR = 48_000
-MIN_BANDWIDTH_HZ = 15_000.0
+MIN_BAND_HZ = 4_000.0  # room for simulated cutoffs of 2-3.6 kHz under it
 MAX_SEG_S, MIN_SEG_S = 10.0, 0.25
 SPEECH_MIN_S, SPEECH_TARGET_S, SPEECH_GAP_S = 0.3, 8.0, 0.15
 SILENCE = 1e-4  # |x| below -80 dBFS at the ends counts as digital silence (codecs leave tiny residue)
@@ -67,6 +71,12 @@ class Source:
 SOURCES = (
     Source("speech", "tuxpaint-stamps-default", "/usr/share/tuxpaint/stamps", "**/*_desc_*"),
     Source("speech", "klettres-data", "/usr/share/klettres", "**/*.ogg"),
+    Source("speech", "nexuiz-data", f"{G}/nexuiz/data", "data.pk3", members="sound/tutorial/*.ogg"),
+    Source("speech", "nexuiz-data", f"{G}/nexuiz/data", "data.pk3", members="sound/player/*.ogg"),
+    Source("speech", "gcin-voice", "/usr/share/gcin-voice", "ogg/*/*.ogg"),
+    Source("speech", "kajongg", "/usr/share/kajongg/voices", "**/*.ogg"),
+    Source("speech", "fillets-ng-data-cs", f"{G}/fillets-ng/sound", "**/cs/*.ogg"),
+    Source("speech", "festvox-ru", "/usr/share/festival/voices/russian", "*/wav/*.wav"),
     Source("music", "warzone2100-music", f"{G}/warzone2100/music", "**/*.opus"),
     Source("music", "ufoai-music", f"{G}/ufoai/base", "0music.pk3", members="*.ogg"),
     Source("music", "drascula-music", "/usr/share/scummvm/drascula/audio", "*.ogg"),
@@ -76,11 +86,17 @@ SOURCES = (
     Source("music", "freedroidrpg-data", "/usr/share/freedroidrpg/data/sound/music", "*.ogg"),
     Source("music", "megaglest-data", f"{G}/megaglest", "**/music/*.ogg"),
     Source("music", "openttd-openmsx", f"{G}/openttd/baseset/openmsx", "*.mid"),
+    Source("music", "supertux-data", f"{G}/supertux2/music", "**/*.ogg"),
+    Source("music", "fretsonfire-songs-muldjord", f"{G}/fretsonfire/data/songs/muldjord", "*/*.ogg"),
+    Source("music", "fretsonfire-songs-sectoid", f"{G}/fretsonfire/data/songs/sectoid", "*/*.ogg"),
+    Source("music", "marsshooter-data", f"{G}/marsshooter/audio/music", "*.ogg"),
     Source("sfx", "megaglest-data", f"{G}/megaglest", "**/*.*", exclude=r"/music/"),
     Source("sfx", "wesnoth-1.16-data", f"{G}/wesnoth/1.16/data", "**/sounds/**/*.*"),
     Source("sfx", "ufoai-sound", f"{G}/ufoai/base", "0snd.pk3", members="*.ogg"),
     Source("sfx", "lmms-common", "/usr/share/lmms/samples", "**/*.*"),
     Source("sfx", "colobot-common-sounds", f"{G}/colobot/sounds", "*.*"),
+    Source("sfx", "supertux-data", f"{G}/supertux2/sounds", "*.*"),
+    Source("sfx", "marsshooter-data", f"{G}/marsshooter/audio", "*/*.*", exclude=r"/(music|announcer)/"),
 )
 
 
@@ -242,25 +258,6 @@ def trim_silence(x: np.ndarray, threshold: float = SILENCE) -> np.ndarray:
     return x[idx[0]:idx[-1] + 1] if idx.size else x[:0]
 
 
-def bandwidth_hz(x: np.ndarray, sr: int = SR, n_fft: int = 4096, floor_db: float = 60.0,
-                 min_hz: float = 50.0) -> float:
-    """Highest frequency whose long-term average power is within `floor_db` of the peak (peak above min_hz).
-
-    Files whose real content stops low (old 22 kHz assets, narrowband speech) would teach the model to
-    predict silence above their cutoff, so build() drops them.
-    """
-    x = np.pad(x, (0, max(0, n_fft - len(x)))).astype(np.float64)
-    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::n_fft // 2]
-    win, power = np.hanning(n_fft), np.zeros(n_fft // 2 + 1)
-    for i in range(0, len(frames), 256):  # blocks bound memory on long files
-        power += (np.abs(np.fft.rfft(frames[i:i + 256] * win, axis=1)) ** 2).sum(axis=0)
-    freqs = np.fft.rfftfreq(n_fft, 1 / sr)
-    peak = power[freqs >= min_hz].max()
-    if peak <= 0:
-        return 0.0
-    return float(freqs[np.flatnonzero(power >= peak * 10 ** (-floor_db / 10))[-1]])
-
-
 def cut_segments(x: np.ndarray, sr: int = SR, max_s: float = MAX_SEG_S,
                  min_s: float = MIN_SEG_S) -> list[np.ndarray]:
     """Equal pieces of at most max_s (no stub tail); pieces under min_s are too short to train on."""
@@ -296,7 +293,7 @@ def pack_speech(clips: Iterable[np.ndarray], sr: int = SR, target_s: float = SPE
 
 # ---------------------------------------------------------------- building
 def load_clip(source: str, min_s: float) -> tuple[np.ndarray, float, str]:
-    """Decoded, 48 kHz, trimmed audio and its bandwidth; the reason string is empty when it is kept."""
+    """Decoded, 48 kHz, trimmed audio and its band edge; the reason string is empty when it is kept."""
     try:
         x, sr = read_audio(source)
     except Exception as e:
@@ -304,8 +301,8 @@ def load_clip(source: str, min_s: float) -> tuple[np.ndarray, float, str]:
     x = trim_silence(to_48k(x, sr))
     if len(x) < min_s * SR:
         return x, 0.0, "silent" if len(x) == 0 else "short"
-    bw = min(bandwidth_hz(x), sr / 2)  # resampling images sit ~55 dB down: not real content
-    return x, bw, "" if bw >= MIN_BANDWIDTH_HZ else "narrowband"
+    bw = min(band_edge_hz(x), sr / 2)  # resampling images sit ~55 dB down: not real content
+    return x, bw, "" if bw >= MIN_BAND_HZ else "narrowband"
 
 
 def process_unit(job: tuple[Unit, str]) -> tuple[Unit, list[dict], list[dict]]:
@@ -319,7 +316,7 @@ def process_unit(job: tuple[Unit, str]) -> tuple[Unit, list[dict], list[dict]]:
             x, bw, reason = load_clip(src, SPEECH_MIN_S if unit.kind == "speech" else MIN_SEG_S)
             if reason:
                 dropped.append(dict(source=src, kind=unit.kind, package=unit.package, split=unit.split,
-                                    seconds=round(len(x) / SR, 3), bandwidth_hz=round(bw), reason=reason))
+                                    seconds=round(len(x) / SR, 3), band_hz=round(bw), reason=reason))
             else:
                 kept.append((src, bw))
                 yield x
@@ -332,7 +329,8 @@ def process_unit(job: tuple[Unit, str]) -> tuple[Unit, list[dict], list[dict]]:
     for audio, members in packs:
         srcs = [s for s, _ in members]
         for k, seg in enumerate(cut_segments(audio)):
-            records.append(write_segment(Path(out), unit, srcs, seg, min(bw for _, bw in members), k))
+            bw = min(band_edge_hz(seg), *(bw for _, bw in members))
+            records.append(write_segment(Path(out), unit, srcs, seg, bw, k))
     return unit, records, dropped
 
 
@@ -343,9 +341,9 @@ def write_segment(out: Path, unit: Unit, srcs: list[str], seg: np.ndarray, bw: f
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     sf.write(out / rel, np.clip(seg, -1.0, 1.0), SR, subtype="PCM_16", format="FLAC")
     rec = dict(path=rel, kind=unit.kind, package=unit.package, source=srcs[0],
-               seconds=round(len(seg) / SR, 3), bandwidth_hz=round(bw), split=unit.split)
+               seconds=round(len(seg) / SR, 3), band_hz=round(bw), split=unit.split)
     if len(srcs) > 1:
-        rec["sources"] = srcs  # speech: bandwidth_hz is the narrowest clip's
+        rec["sources"] = srcs  # speech: band_hz is the narrowest clip's
     return rec
 
 
@@ -410,17 +408,18 @@ def summary(corpus: Path) -> str:
     for r in read_jsonl(corpus / "manifest.jsonl", "path"):
         for key in ((r["kind"], r["package"]), (r["kind"], "TOTAL")):
             rows[key][r["split"]] += r["seconds"] / 3600
+            rows[key]["wide"] += r["seconds"] / 3600 * (r.get("band_hz", 0) >= 15_000)
             rows[key]["segments"] += 1
     for d in read_jsonl(corpus / "dropped.jsonl", "source"):
         for key in ((d["kind"], d["package"]), (d["kind"], "TOTAL")):
             rows[key]["dropped"] += d["seconds"] / 3600
             reasons[key][d["reason"].split(":")[0]] += 1
-    row = "{:6} {:24} {:>8} {:>7} {:>6} {:>7}  {}".format
-    lines = [row("kind", "package", "train h", "val h", "segs", "drop h", "dropped files")]
+    row = "{:6} {:24} {:>8} {:>7} {:>9} {:>6} {:>7}  {}".format
+    lines = [row("kind", "package", "train h", "val h", ">=15k h", "segs", "drop h", "dropped files")]
     for kind, pkg in sorted(rows, key=lambda k: (k[0], k[1] == "TOTAL", k[1])):
         c = rows[kind, pkg]
         why = " ".join(f"{k}={n}" for k, n in reasons[kind, pkg].most_common())
-        hours = (f"{c[k]:.3f}" for k in ("train", "val"))
+        hours = (f"{c[k]:.3f}" for k in ("train", "val", "wide"))
         lines.append(row(kind, pkg, *hours, c["segments"], f"{c['dropped']:.3f}", why))
     return "\n".join(lines)
 

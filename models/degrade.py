@@ -105,14 +105,24 @@ class DegradationBank:
 
     def __init__(self, n_fft: int, size: int = 2048, seed: int = 0, device: str = "cpu"):
         rng = np.random.default_rng(seed)
-        pairs = [random_response(n_fft, rng) for _ in range(size)]
+        pairs = sorted((random_response(n_fft, rng) for _ in range(size)), key=lambda p: p[1])
         self.n_fft = n_fft
         self.responses = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device, torch.float16)
-        self.cutoffs = torch.tensor([p[1] for p in pairs], device=device)
+        self.cutoffs = torch.tensor([p[1] for p in pairs], device=device)  # ascending
 
-    def degrade(self, hr: torch.Tensor, gen: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hr: (B, n_fft) -> (low-resolution audio at 48 kHz, declared cutoff in Hz per item)."""
-        idx = torch.randint(len(self.cutoffs), (hr.shape[0],), device=hr.device, generator=gen)
+    def degrade(self, hr: torch.Tensor, gen: torch.Generator | None = None,
+                max_cutoff: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hr: (B, n_fft) -> (low-resolution audio at 48 kHz, declared cutoff in Hz per item).
+
+        max_cutoff (B,) draws each item's degradation among those declared at or under it: a
+        target whose own band ends at 11 kHz can teach a 6 kHz cutoff, not a 14 kHz one (its
+        "missing" band would be the codec's silence). The lowest entry stands in when none fits.
+        """
+        u = torch.rand(hr.shape[0], generator=gen).to(hr.device)
+        if max_cutoff is None:
+            count = torch.full_like(u, len(self.cutoffs))
+        else:
+            count = torch.searchsorted(self.cutoffs, max_cutoff.to(self.cutoffs), right=True).clamp_min(1)
+        idx = (u * count).long().clamp_max(len(self.cutoffs) - 1)
         spec = torch.fft.rfft(hr.float(), n=self.n_fft) * self.responses[idx].float()
         return torch.fft.irfft(spec, n=self.n_fft), self.cutoffs[idx]

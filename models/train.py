@@ -16,47 +16,63 @@ import json
 import logging
 import math
 import time
+from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from rtsr.features import HOP, N_FFT, cutoff_mask, istft, log_mel, stft
+from rtsr.features import HOP, N_FFT, SR, bin_freqs, cutoff_mask, istft, log_mel, mel_basis, stft
+from rtsr.model import load_model
 from rtsr.models.degrade import DegradationBank, random_tilt
 from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
 from rtsr.models.nets import Denoiser, Vocoder, to_complex
 
 log = logging.getLogger("rtsr.train")
+FULL_BAND_HZ = SR / 2
+CUTOFF_UNDER_BAND = 0.9  # simulated cutoffs stay this far under the target's own band edge
 MARGIN = 4800  # samples each side degraded with the crop, then cut: hides FFT wrap-around
 LOOKAHEAD = 1  # conditioning frames the denoiser sees ahead of the frame it denoises
 TEACHER_STEPS = 32
 
 
 class AudioPool:
-    """All training audio on the device, sampled as random crops with per-kind weights."""
+    """All training audio on the device, sampled as random crops with per-kind weights; each crop
+    carries the band edge of its target (the narrowest `band_hz` of the segments it spans)."""
 
     def __init__(self, root: Path, split: str, kinds: dict[str, float], device: str, seed: int):
         rows = [json.loads(line) for line in open(root / "manifest.jsonl") if line.strip()]
         rows = [r for r in rows if r.get("split", split) == split and r["kind"] in kinds]
         if not rows:
             raise SystemExit(f"no {split} audio of kinds {sorted(kinds)} under {root}")
-        self.kinds, self.audio, self.starts = [], {}, {}
+        self.kinds, self.audio, self.starts, self.bands = [], {}, {}, {}
         for kind, weight in kinds.items():
-            clips = [sf.read(root / r["path"], dtype="int16")[0] for r in rows if r["kind"] == kind]
+            mine = [r for r in rows if r["kind"] == kind]
+            clips = [sf.read(root / r["path"], dtype="int16")[0] for r in mine]
             if not clips or weight <= 0:
                 continue
             self.kinds.append((kind, weight))
             self.audio[kind] = torch.from_numpy(np.concatenate(clips)).to(device)  # int16: half the RAM
+            self.starts[kind] = np.cumsum([0] + [len(c) for c in clips])
+            self.bands[kind] = np.array([r.get("band_hz", FULL_BAND_HZ) for r in mine], np.float32)
             log.info("%s %s: %d files, %.2f h", split, kind, len(clips), len(self.audio[kind]) / 48000 / 3600)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
-    def crops(self, batch: int, length: int) -> tuple[torch.Tensor, list[str]]:
-        """Random crops, skipping near-silent ones (they teach nothing about high bands)."""
+    def band_of(self, kind: str, start: int, length: int) -> float:
+        """The narrowest band edge among the segments that [start, start + length) spans."""
+        first = np.searchsorted(self.starts[kind], start, side="right") - 1
+        last = np.searchsorted(self.starts[kind], start + length, side="left") - 1
+        return float(self.bands[kind][first:max(last, first) + 1].min())
+
+    def crops(self, batch: int, length: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Random crops, skipping near-silent ones (they teach nothing about high bands), with the
+        band edge of each (Hz)."""
         w = torch.tensor([k[1] for k in self.kinds])
         picks = torch.multinomial(w / w.sum(), batch, replacement=True, generator=self.gen)
-        out, names = [], []
+        out, names, bands = [], [], []
         for p in picks.tolist():
             kind = self.kinds[p][0]
             a = self.audio[kind]
@@ -67,8 +83,9 @@ class AudioPool:
                     break
             out.append(F.pad(x, (0, length - len(x))))
             names.append(kind)
+            bands.append(self.band_of(kind, s, length))
         gain = 10 ** (torch.empty(batch).uniform_(-20, 3, generator=self.gen) / 20)
-        return torch.stack(out) * gain.to(out[0].device)[:, None], names
+        return torch.stack(out) * gain.to(out[0].device)[:, None], names, torch.tensor(bands, device=out[0].device)
 
 
 def features(hr: torch.Tensor, lr: torch.Tensor, frames: int):
@@ -79,21 +96,57 @@ def features(hr: torch.Tensor, lr: torch.Tensor, frames: int):
     return hr_spec, log_mel(hr_spec).transpose(1, 2), log_mel(lr_spec).transpose(1, 2)
 
 
-def band_weights(mask: torch.Tensor) -> torch.Tensor:
-    """Loss weight per mel band: the bands above the cutoff are the ones to learn."""
-    return (1.0 - 0.9 * mask)[:, :, None]
+class TargetBand(NamedTuple):
+    """Each target's own band: (B, N_MELS) 1 for mel bands wholly inside it, and its edge in Hz (B,)."""
+
+    mels: torch.Tensor
+    hz: torch.Tensor
 
 
-def vocoder_loss(voc: Vocoder, mel: torch.Tensor, hr_spec: torch.Tensor, hr: torch.Tensor):
+@cache
+def mel_tops() -> np.ndarray:
+    """The highest frequency (Hz) each mel band's triangle reaches."""
+    fb, f = mel_basis(), bin_freqs()
+    return np.array([f[np.flatnonzero(row)[-1]] for row in fb], np.float32)
+
+
+def in_band(band_hz: torch.Tensor) -> torch.Tensor:
+    """(B,) band edge in Hz -> (B, N_MELS) 1 for the mel bands wholly inside each target's band.
+
+    Why: above its edge a target holds a codec's silence, no ground truth for a full-band output;
+    every loss leaves those bands out, so the model learns content there only from targets that
+    have it."""
+    tops = torch.from_numpy(mel_tops()).to(band_hz.device)
+    return (tops[None, :] <= band_hz[:, None]).float()
+
+
+def band_weights(mask: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Loss weight per mel band: the bands above the cutoff are the ones to learn, those above the
+    target's own band not at all."""
+    return ((1.0 - 0.9 * mask) * inside)[:, :, None]
+
+
+def bins_in_band(band_hz: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """(B, 1, n_fft/2+1) 1 for the STFT bins of an n_fft transform below each target's band edge."""
+    f = torch.fft.rfftfreq(n_fft, 1.0 / SR, device=band_hz.device)
+    return (f[None, :] <= band_hz[:, None]).float()[:, None, :]
+
+
+def vocoder_loss(voc: Vocoder, mel: torch.Tensor, hr_spec: torch.Tensor, hr: torch.Tensor, band_hz: torch.Tensor):
+    """Log-magnitude and multi-resolution STFT losses over each target's own band."""
     out = voc(mel).float()  # the complex and FFT ops below run in float32 under autocast
     spec = to_complex(out)
-    loss = (out[:, :, 0] - torch.log(hr_spec.abs().clamp_min(1e-5))).abs().mean()
+    inside = bins_in_band(band_hz, N_FFT)
+    loss = ((out[:, :, 0] - torch.log(hr_spec.abs().clamp_min(1e-5))).abs() * inside).sum() / (
+        inside.sum() * out.shape[1]).clamp_min(1)
     y = istft(spec)[:, :hr.shape[-1]]
     for n_fft in (256, 1024, 2048):
         win = torch.hann_window(n_fft, device=y.device)
-        sy = torch.stft(y, n_fft, n_fft // 4, window=win, return_complex=True).abs()
-        sr = torch.stft(hr, n_fft, n_fft // 4, window=win, return_complex=True).abs()
-        loss = loss + (torch.log(sy.clamp_min(1e-5)) - torch.log(sr.clamp_min(1e-5))).abs().mean()
+        inside = bins_in_band(band_hz, n_fft).transpose(1, 2)  # torch.stft is (B, bins, frames)
+        sy = torch.stft(y, n_fft, n_fft // 4, window=win, return_complex=True).abs() * inside
+        sr = torch.stft(hr, n_fft, n_fft // 4, window=win, return_complex=True).abs() * inside
+        log_err = (torch.log(sy.clamp_min(1e-5)) - torch.log(sr.clamp_min(1e-5))).abs()
+        loss = loss + (log_err * inside).sum() / (inside.sum() * sy.shape[-1]).clamp_min(1)
         loss = loss + torch.linalg.norm(sy - sr) / torch.linalg.norm(sr).clamp_min(1e-5)
     return loss
 
@@ -109,13 +162,15 @@ class Trainer:
         self.amp = torch.autocast("cuda", torch.bfloat16) if self.device.startswith("cuda") else None
 
     def batch(self, pool: AudioPool, size: int):
-        raw, _ = pool.crops(size, self.samples + 2 * MARGIN)
+        """Targets, their spectra and mels, the degraded input's mel, the cutoff's mel mask and the
+        targets' in-band mel mask and edge (Hz). Cutoffs are drawn under each target's band edge."""
+        raw, _, band = pool.crops(size, self.samples + 2 * MARGIN)
         if self.args.tilt:
             raw = random_tilt(raw, self.args.tilt, pool.gen)
-        lr, cutoff = self.bank.degrade(raw)
+        lr, cutoff = self.bank.degrade(raw, max_cutoff=band * CUTOFF_UNDER_BAND)
         hr, lr = raw[:, MARGIN:-MARGIN], lr[:, MARGIN:-MARGIN]
         hr_spec, hr_mel, lr_mel = features(hr, lr, self.frames)
-        return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff)
+        return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff), TargetBand(in_band(band), band)
 
     def autocast(self):
         return self.amp if self.amp is not None else torch.autocast("cpu", enabled=False)
@@ -135,14 +190,15 @@ def new_denoiser(tr: Trainer) -> Denoiser:
     return Denoiser(dilations=tr.args.dilations).to(tr.device)
 
 
-def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
+                 band: TargetBand) -> torch.Tensor:
     """v-prediction loss at a random time, conditioning dropped for 10 % of items (what
     classifier-free guidance needs), weighted towards the bands above the cutoff."""
     drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
     t = torch.rand(x0.shape[0], device=x0.device)
     eps = torch.randn_like(x0)
     v = net(noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
-    return ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask)).mean()
+    return ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask, band.mels)).mean()
 
 
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
@@ -183,6 +239,12 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         ema.load_state_dict(nets["teacher"].state_dict())
         step = int(slim.get("joint.step", 0))
         log.info("started joint from %s (step %d)", a.init_slim, step)
+    elif a.init_model:
+        shipped = load_model(str(a.init_model), tr.device)
+        for k, n in nets.items():
+            n.load_state_dict((shipped.vocoder if k == "vocoder" else shipped.denoiser).state_dict())
+        ema.load_state_dict(nets["teacher"].state_dict())
+        log.info("started joint from shipped model %s (its denoiser for teacher and regression)", a.init_model)
     t0, last_ck = time.time() - spent, time.time()
 
     def checkpoint() -> dict:
@@ -193,13 +255,13 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         for g in opt.param_groups:  # cosine decay over the stage's time budget
             done = min((time.time() - t0) / a.budget_s, 1.0)
             g["lr"] = a.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.475 * (1 + math.cos(math.pi * done)))
-        hr, hr_spec, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
+        hr, hr_spec, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            l_teacher = teacher_loss(nets["teacher"], x0, cond, mask)
+            l_teacher = teacher_loss(nets["teacher"], x0, cond, mask, band)
             r = nets["regression"](torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
-            l_reg = ((r.float() - x0).abs() * band_weights(mask)).mean()
-            l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr)
+            l_reg = ((r.float() - x0).abs() * band_weights(mask, band.mels)).mean()
+            l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr, band.hz)
         opt.zero_grad(set_to_none=True)
         (l_teacher + l_reg + l_voc).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,14 +281,15 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
 @torch.no_grad()
 def evaluate(tr: Trainer, val: AudioPool, teacher: Denoiser, regression: Denoiser | None = None,
              students: dict[int, Denoiser] | None = None, guidance: float = 1.0, batches: int = 4) -> dict:
-    """Mean |error| of the log-mel above the cutoff (in dB-ish units) on fixed validation crops."""
+    """Mean |error| of the log-mel above the cutoff and inside the target's band (normalised log-mel
+    units) on fixed validation crops."""
     gen_state = val.gen.get_state()
     val.gen.manual_seed(1234)
     res: dict[str, list[float]] = {}
     for _ in range(batches):
-        _, _, hr_mel, lr_mel, mask = tr.batch(val, 16)
+        _, _, hr_mel, lr_mel, mask, band = tr.batch(val, 16)
         x0, cond = aligned(hr_mel, lr_mel)
-        above = (1 - mask)[:, :, None].expand_as(x0)
+        above = ((1 - mask) * band.mels)[:, :, None].expand_as(x0)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7)).to(x0.device)
 
         def err(pred, x0=x0, above=above):
@@ -251,7 +314,7 @@ def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Deno
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr * 0.5, weight_decay=0.0)
     t0, n = time.time(), 0
     while time.time() - t0 < budget_s:
-        _, _, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
+        _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         k = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
         t = 1.0 - k.float() / steps
@@ -263,7 +326,7 @@ def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Deno
             target = distill_target(z, z_end, t, t_end)
         with tr.autocast():
             v = student(z, cond, mask, t)
-        loss = ((v.float() - target) ** 2 * band_weights(mask)).mean()
+        loss = ((v.float() - target) ** 2 * band_weights(mask, band.mels)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -319,10 +382,10 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     t0, n = time.time(), 0
     while time.time() - t0 < a.budget_s:
-        _, _, hr_mel, lr_mel, mask = tr.batch(pool, a.batch)
+        _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            loss = teacher_loss(net, x0, cond, mask)
+            loss = teacher_loss(net, x0, cond, mask, band)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -359,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budgets", default="3600", help="wall seconds per stage, comma list")
     p.add_argument("--slim-dir", type=Path, help="also write small fp16 weight files here per stage")
     p.add_argument("--init-slim", type=Path, help="start the joint stage from these slim weights")
+    p.add_argument("--init-model", type=Path,
+                   help="start the joint stage from a shipped model folder (only its student and vocoder exist)")
     p.add_argument("--skip-vocoder", action="store_true", help="joint stage: keep the vocoder as it is")
     p.add_argument("--guidance", default="1.5",
                    help="classifier-free guidance baked into the students, or 'auto' (see train_distill)")

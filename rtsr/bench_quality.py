@@ -38,7 +38,9 @@ POWER_FLOOR = 1e-8
 HF_FROM = 0.95  # x the input's Nyquist: where the scorer's "above the cutoff" band starts
 MAX_LAG = 9600  # samples (200 ms) searched either side
 LAG_SECONDS = 10  # of the signal used for the lag
-METRICS = ("lsd", "lsd_hf", "lsd_lf", "snr_lowband_db")
+SILENT = 10 ** -7.5  # power within 5 dB of the floor: digital silence left by a codec
+CLIFF_DB, KHZ_BINS, QUARTER_KHZ_BINS = 30.0, 43, 10
+METRICS = ("lsd_inband", "lsd", "lsd_hf", "lsd_lf", "snr_lowband_db", "snr_lowband_steep_db")
 
 
 # --- the scorer's metrics ---------------------------------------------------------------------
@@ -96,6 +98,53 @@ def score(ref: np.ndarray, est: np.ndarray, cutoff: float) -> dict[str, float | 
     snr = 10 * np.log10(np.sum(rl ** 2) / max(np.sum((rl - el) ** 2), 1e-20))
     return {"lsd": lsd(rp, ep), "lsd_hf": lsd(rp, ep, k), "lsd_lf": lsd(rp, ep, 0, k),
             "snr_lowband_db": float(snr), "lag_samples": lag, "len_ref": n, "len_est_vs_ref": int(len(est) - n)}
+
+
+def band_edge_bin(ref_p: np.ndarray) -> int:
+    """One past the highest bin (of 1025) inside the reference's own band (score.py's
+    `ref_band_edge_bin`): below the bins digitally silent in most active frames, and below a
+    codec's low-pass cliff, i.e. the first run of positions where the mean level over the kHz
+    under it is >= 30 dB above the 90th percentile of everything from 1 kHz over it to the top;
+    the edge is the run's steepest 250 Hz step. Why: a codec's silence is no ground truth for
+    what a full-band upscaler should put there, so in-band scores and training losses stop here."""
+    e = ref_p.sum(axis=0)
+    p = ref_p[:, e > e.max() * 1e-3]
+    has = np.nonzero((p <= SILENT).mean(axis=1) < 0.5)[0]
+    edge = int(has.max()) + 1 if len(has) else ref_p.shape[0]
+    level = np.convolve(10 * np.log10(p.mean(axis=1)), np.ones(5) / 5, mode="same")
+    kz, q = KHZ_BINS, QUARTER_KHZ_BINS
+
+    def cliff(b: int) -> bool:
+        return level[b - kz:b].mean() - np.percentile(level[b + kz:], 90) >= CLIFF_DB
+
+    for a in range(4 * kz, len(level) - kz):
+        if cliff(a):
+            z = a
+            while z + 1 < len(level) - kz and cliff(z + 1):
+                z += 1
+            b = max(range(a, z + 1), key=lambda i: level[i - q:i].mean() - level[i:i + q].mean())
+            return min(edge, b)
+    return edge
+
+
+def band_edge_hz(x: np.ndarray) -> float:
+    """A 48 kHz signal's own band edge in Hz (band_edge_bin on its scoring spectrum)."""
+    return float(min(band_edge_bin(power_spec(np.asarray(x, np.float64))) * SR / SCORE_FFT, SR / 2))
+
+
+def score_inband(ref: np.ndarray, est: np.ndarray, cutoff: float) -> dict[str, float]:
+    """LSD over the reference's own band (and that edge in Hz), and the low band's SNR through a
+    steep filter (Chebyshev II, 80 dB stop band, at 0.9 x cutoff) that, unlike `score`'s order-10
+    Butterworth, keeps the generated band just above the cutoff out of the check."""
+    n = min(len(ref), len(est))
+    ref, est = ref[:n], est[:n]
+    rp, ep = power_spec(ref), power_spec(est)
+    k = band_edge_bin(rp)
+    sos = signal.cheby2(10, 80, 0.9 * cutoff, fs=SR, output="sos")
+    rl, el = signal.sosfiltfilt(sos, ref), signal.sosfiltfilt(sos, est)
+    snr = 10 * np.log10(np.sum(rl ** 2) / max(np.sum((rl - el) ** 2), 1e-20))
+    return {"lsd_inband": lsd(rp, ep, 0, k), "ref_edge_hz": float(min(k * SR / SCORE_FFT, SR / 2)),
+            "snr_lowband_steep_db": float(snr)}
 
 
 def scoring_cutoff(input_sr: int) -> float:
@@ -166,7 +215,8 @@ def run_system(label: str, fn: System, items: list[Clip], refs: dict[Path, np.nd
             write_audio(dest, y, SR, overwrite=True)
         est = to_scoring_rate(y, SR)
         rows.append({"system": label, "clip": c.base, "kind": c.kind, "sr": sr,
-                     **score(refs[c.hr], est, scoring_cutoff(sr))})
+                     **score(refs[c.hr], est, scoring_cutoff(sr)),
+                     **score_inband(refs[c.hr], est, scoring_cutoff(sr))})
     return rows, compute
 
 
@@ -189,6 +239,7 @@ def summarise(per_clip: list[dict]) -> list[dict]:
     sinc = {(r["kind"], r["sr"]): r for r in rows if r["system"] == "sinc"}
     for r in rows:
         base = sinc[(r["kind"], r["sr"])]
+        r["lsd_inband_vs_sinc"] = r["lsd_inband"] / base["lsd_inband"]
         r["lsd_vs_sinc"] = r["lsd"] / base["lsd"]
         r["lsd_hf_vs_sinc"] = r["lsd_hf"] / base["lsd_hf"]
     order = list(dict.fromkeys(r["system"] for r in per_clip))
@@ -198,18 +249,19 @@ def summarise(per_clip: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     """The summary as Markdown, one row per (kind, rate, system)."""
     return "\n".join(markdown_table(
-        ["kind", "input Hz", "system", "LSD", "LSD / sinc", "LSD HF", "LSD HF / sinc", "LSD LF", "low-band SNR dB",
-         "max lag"],
-        [[r["kind"], r["sr"], r["system"], f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf']:.3f}",
-          f"{r['lsd_hf_vs_sinc']:.3f}", f"{r['lsd_lf']:.3f}", f"{r['snr_lowband_db']:.1f}", r["max_abs_lag"]]
+        ["kind", "input Hz", "system", "in-band LSD", "in-band / sinc", "LSD", "LSD / sinc", "LSD HF / sinc",
+         "LSD LF", "low-band SNR dB (steep)", "max lag"],
+        [[r["kind"], r["sr"], r["system"], f"{r['lsd_inband']:.3f}", f"{r['lsd_inband_vs_sinc']:.3f}",
+          f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf_vs_sinc']:.3f}", f"{r['lsd_lf']:.3f}",
+          f"{r['snr_lowband_steep_db']:.1f}", r["max_abs_lag"]]
          for r in rows]))
 
 
-def mean_ratios(rows: list[dict]) -> dict[str, float]:
-    """Each system's LSD / sinc averaged over the (kind, rate) groups: one number to track."""
+def mean_ratios(rows: list[dict], key: str = "lsd_vs_sinc") -> dict[str, float]:
+    """Each system's LSD / sinc (or another ratio) averaged over the (kind, rate) groups."""
     by: dict[str, list[float]] = defaultdict(list)
     for r in rows:
-        by[r["system"]].append(r["lsd_vs_sinc"])
+        by[r["system"]].append(r[key])
     return {s: float(np.mean(v)) for s, v in by.items()}
 
 
@@ -245,6 +297,7 @@ def quality_report(args: argparse.Namespace) -> dict:
         per_clip += rows
     rows = summarise(per_clip)
     return {"eval": str(args.eval), "clips": len(items), "audio_s": audio_s, "rows": rows,
+            "mean_lsd_inband_vs_sinc": mean_ratios(rows, "lsd_inband_vs_sinc"),
             "mean_lsd_vs_sinc": mean_ratios(rows),
             "rtf": {k: v / audio_s for k, v in compute.items()}, "per_clip": per_clip}
 
@@ -253,6 +306,7 @@ def render_quality(report: dict) -> str:
     """The report for people: the table, then one line per system."""
     lines = [f"{report['clips']} clips, {report['audio_s']:.0f} s of input from {report['eval']}", "",
              table(report["rows"]), ""]
-    for system, ratio in report["mean_lsd_vs_sinc"].items():
-        lines.append(f"- {system}: mean LSD / sinc {ratio:.3f}, offline RTF {report['rtf'][system]:.3f}")
+    for system, ratio in report["mean_lsd_inband_vs_sinc"].items():
+        lines.append(f"- {system}: mean in-band LSD / sinc {ratio:.3f} (full band "
+                     f"{report['mean_lsd_vs_sinc'][system]:.3f}), offline RTF {report['rtf'][system]:.3f}")
     return "\n".join(lines)

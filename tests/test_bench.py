@@ -14,7 +14,15 @@ from scipy import signal
 
 from rtsr import SuperResModel, Upscaler
 from rtsr.bench import measure_latency
-from rtsr.bench_quality import load_for_scoring, score, scoring_cutoff, to_scoring_rate
+from rtsr.bench_quality import (
+    band_edge_bin,
+    load_for_scoring,
+    power_spec,
+    score,
+    score_inband,
+    scoring_cutoff,
+    to_scoring_rate,
+)
 from rtsr.cli import main
 from rtsr.naive import extend
 
@@ -73,6 +81,24 @@ def test_metrics_match_the_reference_scorer():
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert ours[k] == pytest.approx(theirs[k], rel=1e-9), k
+    ours, theirs = score_inband(ref, est, scoring_cutoff(sr)), ref_scorer.score_inband(ref, est, sr / 2 * 0.95)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-9), k
+
+
+@pytest.mark.skipif(not (EVAL / "score.py").exists(), reason="no shared/eval-dev beside the repo")
+def test_band_edge_matches_the_reference_scorer_on_every_dev_reference():
+    """Full-band references and those under a codec cliff: the same edge bin as score.py's."""
+    spec = importlib.util.spec_from_file_location("eval_dev_score", EVAL / "score.py")
+    ref_scorer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_scorer)
+    edges = []
+    for hr in sorted((EVAL / "hr").glob("*.flac")):
+        p = power_spec(load_for_scoring(hr))
+        edges.append(band_edge_bin(p))
+        assert edges[-1] == ref_scorer.ref_band_edge_bin(p), hr.name
+    assert min(edges) < 900 and max(edges) == 1025  # both cases are covered
 
 
 def test_naive_extension_continues_the_top_octave_at_its_slope():

@@ -1,7 +1,8 @@
-"""Corpus builder: bandwidth filter and speech packing on synthetic audio (no Debian packages needed)."""
+"""Corpus builder: band edges and speech packing on synthetic audio (no Debian packages needed)."""
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from rtsr.models import corpus
 
@@ -16,17 +17,23 @@ def lowpassed_noise(cutoff_hz: float, seconds: float = 2.0, seed: int = 0) -> np
     return (0.1 * np.fft.irfft(spec, len(x))).astype(np.float32)
 
 
-@pytest.mark.parametrize("cutoff", [10_000, 20_000])
-def test_bandwidth_measures_cutoff(cutoff: int) -> None:
-    bw = corpus.bandwidth_hz(lowpassed_noise(cutoff))
-    assert abs(bw - cutoff) < 150  # a few 11.7 Hz bins of Hann leakage
-    assert (bw >= corpus.MIN_BANDWIDTH_HZ) == (cutoff > corpus.MIN_BANDWIDTH_HZ)
+@pytest.mark.parametrize("cutoff", [3_000, 10_000, 20_000])
+def test_band_edge_is_measured_per_file_and_narrow_files_stay_for_lower_cutoffs(cutoff: int, tmp_path) -> None:
+    """A brick-wall band is found (to 100 Hz; at 3 kHz, under the cliff rule's 4 kHz floor, where the
+    Hann window's leakage stops being digital silence, 400 Hz above); files narrower than 15 kHz are kept now
+    (their segments train the cutoffs below their edge); under MIN_BAND_HZ they are dropped."""
+    x = lowpassed_noise(cutoff)
+    assert cutoff - 50 < corpus.band_edge_hz(x) < cutoff + (450 if cutoff < 4000 else 100)
+    path = tmp_path / "clip.wav"
+    sf.write(path, x, SR, subtype="FLOAT")
+    _, bw, reason = corpus.load_clip(str(path), 0.25)
+    assert bw == corpus.band_edge_hz(x)
+    assert reason == ("" if cutoff >= corpus.MIN_BAND_HZ else "narrowband")
 
 
-def test_bandwidth_ignores_dc_and_silence() -> None:
-    x = lowpassed_noise(20_000) + 0.5  # a large DC offset must not set the peak
-    assert abs(corpus.bandwidth_hz(x) - 20_000) < 150
-    assert corpus.bandwidth_hz(np.zeros(1000, np.float32)) == 0.0
+def test_full_band_noise_is_full_band() -> None:
+    x = np.random.default_rng(1).standard_normal(SR).astype(np.float32) * 0.1 + 0.5  # DC offset too
+    assert corpus.band_edge_hz(x) == SR / 2
 
 
 def test_trim_and_cut() -> None:

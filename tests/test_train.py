@@ -1,0 +1,95 @@
+"""Band-aware training: crops know their target's band, cutoffs fall under it, losses ignore what lies above."""
+
+import argparse
+import json
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from rtsr.features import N_FFT, SR, mel_centers, stft
+from rtsr.models.nets import Vocoder
+from rtsr.models.train import (
+    CUTOFF_UNDER_BAND,
+    AudioPool,
+    TargetBand,
+    Trainer,
+    aligned,
+    band_weights,
+    in_band,
+    vocoder_loss,
+)
+
+
+def _noise(seconds: float, band_hz: float, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(int(seconds * SR))
+    spec = np.fft.rfft(x)
+    spec[np.fft.rfftfreq(len(x), 1 / SR) > band_hz] = 0
+    return (0.1 * np.fft.irfft(spec, len(x))).astype(np.float32)
+
+
+def _corpus(tmp_path, bands=(24000, 8000)):
+    rows = []
+    for i, band in enumerate(bands):
+        rel = f"train/music/p/seg{i}.flac"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / rel, _noise(3.0, band, i), SR, subtype="PCM_16")
+        rows.append(dict(path=rel, kind="music", package="p", seconds=3.0, band_hz=band, split="train"))
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_crops_carry_the_narrowest_band_they_span(tmp_path):
+    pool = AudioPool(_corpus(tmp_path), "train", {"music": 1.0}, "cpu", 0)
+    assert pool.band_of("music", 0, SR) == 24000  # inside the full-band segment
+    assert pool.band_of("music", 4 * SR, SR) == 8000  # inside the 8 kHz one
+    assert pool.band_of("music", 2 * SR, 2 * SR) == 8000  # straddling both
+    x, _, bands = pool.crops(32, SR // 2)
+    assert x.shape == (32, SR // 2) and set(bands.tolist()) <= {24000.0, 8000.0}
+
+
+def test_cutoffs_are_drawn_under_each_targets_band(tmp_path):
+    args = argparse.Namespace(frames=32, bank=256, seed=0, device="cpu", tilt=0.0)
+    tr = Trainer(argparse.Namespace(**vars(args), out=tmp_path / "run"))
+    pool = AudioPool(_corpus(tmp_path / "c", bands=(8000, 8000)), "train", {"music": 1.0}, "cpu", 0)
+    for _ in range(4):
+        hr, _, hr_mel, _, mask, band = tr.batch(pool, 8)
+        assert (band.hz == 8000).all()
+        cutoffs = mel_centers()[mask.sum(1).long().numpy() - 1]  # the highest band under each cutoff
+        assert (cutoffs < 8000 * CUTOFF_UNDER_BAND).all()
+        assert band.mels.sum(1).min() > mask.sum(1).max()  # something to learn between cutoff and edge
+
+
+def test_bands_above_a_targets_edge_carry_no_loss():
+    band_hz = torch.tensor([24000.0, 8000.0])
+    inside = in_band(band_hz)
+    assert inside[0].all() and not inside[1, mel_centers() > 8000].any() and inside[1, mel_centers() < 7000].all()
+    w = band_weights(torch.zeros(2, 80), inside)
+    assert (w[1, torch.from_numpy(mel_centers()) > 8000] == 0).all()
+
+    torch.manual_seed(0)
+    voc = Vocoder(32, 2)
+    mel = torch.randn(2, 80, 20)
+    hr = torch.randn(2, 20 * 240)
+    pad = torch.nn.functional.pad(hr, (N_FFT // 2, N_FFT // 2))
+    spec = stft(pad)[:, :20]
+    # a target that differs only above 8 kHz (its codec's silence vs. content) gives the same loss
+    f = torch.fft.rfftfreq(hr.shape[-1], 1 / SR)
+    silent = torch.fft.irfft(torch.fft.rfft(hr) * (f <= 7000), n=hr.shape[-1])
+    spec_silent = stft(torch.nn.functional.pad(silent, (N_FFT // 2, N_FFT // 2)))[:, :20]
+    narrow = torch.tensor([7000.0, 7000.0])
+    a = vocoder_loss(voc, mel, spec, hr, narrow)
+    b = vocoder_loss(voc, mel, spec_silent, silent, narrow)
+    full = torch.tensor([24000.0, 24000.0])
+    assert abs(a - b) < 0.05 * a < abs(vocoder_loss(voc, mel, spec, hr, full) - vocoder_loss(
+        voc, mel, spec_silent, silent, full))
+
+
+def test_target_band_is_what_batch_returns(tmp_path):
+    args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, out=tmp_path / "run")
+    tr = Trainer(args)
+    pool = AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0)
+    hr, hr_spec, hr_mel, lr_mel, mask, band = tr.batch(pool, 4)
+    assert isinstance(band, TargetBand) and band.mels.shape == mask.shape == (4, 80)
+    x0, cond = aligned(hr_mel, lr_mel)
+    assert x0.shape == cond.shape == (4, 80, 15)
