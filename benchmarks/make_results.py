@@ -34,7 +34,7 @@ def sh(*argv: str) -> str:
 
 def training_running() -> bool:
     """Whether a training job shares the cores (pgrep without a shell, so it cannot match itself)."""
-    return subprocess.run(["pgrep", "-f", "rtsr.models.train"], capture_output=True).returncode == 0
+    return subprocess.run(["pgrep", "-f", "rtsr.training.train"], capture_output=True).returncode == 0
 
 
 def section(title: str, command: list[str]) -> str:
@@ -91,7 +91,7 @@ def main() -> None:
         f"CPU: {cpu_model()}, {os.cpu_count()} cores; every command runs torch with 1 thread "
         f"(`--threads 1`, the default). Model: `{a.model}` with its shipped sampler steps.",
         "",
-        "**A training job (`rtsr.models.train`) was running on the same cores during these measurements**, so "
+        "**A training job (`rtsr.training.train`) was running on the same cores during these measurements**, so "
         "every time below is slower and noisier than on an idle machine." if training else
         "No training job was running during these measurements.",
         "",

@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 import rtsr.models
-from rtsr.features import mel_centers
+from rtsr.features import HOP, N_FFT, N_MELS, SR, mel_centers
 from rtsr.models.diffusion import sample
 from rtsr.models.nets import Cache, Denoiser, Vocoder, init_cache, to_complex
 
 BUNDLED = Path(rtsr.models.__file__).resolve().parent  # the shipped weights live beside the code
 KNOWN_MODELS = ("basic", "speech")
 WEIGHTS = "weights.safetensors"
+FORMAT = 1  # the layout of config.json and the weights' names
+FEATURES = {"sr": SR, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS}  # what the networks were trained on
 
 
 class ModelError(RuntimeError):
@@ -65,6 +67,9 @@ class SuperResModel:
         if not cfg_path.exists() or not w_path.exists():
             raise ModelError(f"no trained model installed at {path} (needs config.json and {WEIGHTS})")
         cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != FORMAT or cfg.get("features") != FEATURES:
+            raise ModelError(f"{cfg_path} describes format {cfg.get('format')} with features {cfg.get('features')}; "
+                             f"this engine runs format {FORMAT} with {FEATURES}: install a model made for it")
         digest = hashlib.sha256(w_path.read_bytes()).hexdigest()
         if digest != cfg.get("sha256"):
             raise ModelError(f"{w_path} does not match the sha256 in its config.json: the file is "

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from rtsr.model import SuperResModel
-from rtsr.models.export import export
+from rtsr.training.export import export
 
 
 @pytest.fixture(scope="session")

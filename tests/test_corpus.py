@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsr.models import corpus
+from rtsr.training import corpus
 
 SR = corpus.SR
 

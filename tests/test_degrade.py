@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from rtsr.features import SR
-from rtsr.models.degrade import DegradationBank, codec_response, random_tilt, resampler_response
+from rtsr.training.degrade import DegradationBank, codec_response, random_tilt, resampler_response
 
 
 def _gain_db(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -124,3 +124,26 @@ def test_temperature_zero_makes_the_output_independent_of_the_seed():
         by_seed[temperature] = [Upscaler(model, seed).upscale(x, 8000) for seed in (0, 1)]
     assert not np.allclose(*by_seed[1.0])
     np.testing.assert_array_equal(*by_seed[0.0])
+
+
+@pytest.mark.parametrize("change", [{"format": 2}, {"features": {"sr": 44100, "n_fft": 480, "hop": 240, "n_mels": 80}},
+                                    {"features": {"sr": 48000, "n_fft": 480, "hop": 240, "n_mels": 128}}])
+def test_a_model_made_for_other_features_is_refused(tmp_path, change):
+    dest = tmp_path / "m"
+    shutil.copytree(bundled_path("basic"), dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ModelError, match="this engine runs format 1"):
+        load_model(str(dest))
+
+
+def test_the_runtime_never_imports_training_code():
+    """Every runtime entry point loads without rtsr.training (corpus builder, trainer, export)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rtsr.cli, rtsr.serve, rtsr.broker, rtsr.live, rtsr.client, rtsr.upscaler, "
+            "rtsr.bench_quality, rtsr.bench_band, rtsr.compare\n"
+            "from rtsr.model import load_model\nload_model('basic')\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('rtsr.training'))\nassert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ import torch
 
 from rtsr.features import N_FFT, SR, mel_centers, stft
 from rtsr.models.nets import Vocoder
-from rtsr.models.train import (
+from rtsr.training.train import (
     CUTOFF_UNDER_BAND,
     AudioPool,
     TargetBand,

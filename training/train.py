@@ -1,8 +1,8 @@
 """Training: diffusion teacher + vocoder + regression baseline, then progressive distillation.
 
-    python -m rtsr.models.train --data corpus --out runs/basic --stage joint --budget-s 3600
-    python -m rtsr.models.train --data corpus --out runs/basic --stage distill --budget-s 1800
-    python -m rtsr.models.train --data corpus --out runs/basic --stage speech --budget-s 1800
+    python -m rtsr.training.train --data corpus --out runs/basic --stage joint --budget-s 3600
+    python -m rtsr.training.train --data corpus --out runs/basic --stage distill --budget-s 1800
+    python -m rtsr.training.train --data corpus --out runs/basic --stage speech --budget-s 1800
 
 Every stage is bounded by wall time (so a run fits a machine lease), checkpoints to OUT every
 `--ckpt-s` seconds and resumes from its last checkpoint when started again.
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from rtsr.features import HOP, N_FFT, SR, bin_freqs, cutoff_mask, istft, log_mel, mel_basis, stft
 from rtsr.model import load_model
-from rtsr.models.degrade import DegradationBank, random_tilt
 from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
 from rtsr.models.nets import Denoiser, Vocoder, to_complex
+from rtsr.training.degrade import DegradationBank, random_tilt
 
 log = logging.getLogger("rtsr.train")
 FULL_BAND_HZ = SR / 2

@@ -6,9 +6,9 @@ own band (`rtsr.bench_quality.band_edge_hz`, the in-band scorer's edge) reaches 
 records its band edge in the manifest (`band_hz`), where training stops its losses and below which
 it places the simulated cutoffs: a narrow-band file still teaches every cutoff under its band.
 
-    python -m rtsr.models.corpus build --out corpus [--install] [--kinds speech,music,sfx] [--jobs N]
-    python -m rtsr.models.corpus stats --corpus corpus
-    python -m rtsr.models.corpus pack --corpus corpus --out DIR --max-mib 55 --mix speech=.3,music=.4,sfx=.3
+    python -m rtsr.training.corpus build --out corpus [--install] [--kinds speech,music,sfx] [--jobs N]
+    python -m rtsr.training.corpus stats --corpus corpus
+    python -m rtsr.training.corpus pack --corpus corpus --out DIR --max-mib 55 --mix speech=.3,music=.4,sfx=.3
 """
 
 from __future__ import annotations
@@ -482,7 +482,7 @@ def pack(corpus: Path, out: Path, max_mib: float, mix: dict[str, float], split: 
 # ---------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry: build | stats | pack."""
-    ap = argparse.ArgumentParser(prog="python -m rtsr.models.corpus", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rtsr.training.corpus", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="decode, filter and segment the Debian sources")
     b.add_argument("--out", type=Path, default=Path("corpus"))

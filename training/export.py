@@ -1,7 +1,7 @@
 """Turn training checkpoints into a shipped model folder: models/<name>/{weights.safetensors,config.json}.
 
-    python -m rtsr.models.export --slim runs/gpu/slim --name basic --student 2
-    python -m rtsr.models.export --slim runs/gpu/slim --name speech --student 2 --speech
+    python -m rtsr.training.export --slim runs/gpu/slim --name basic --student 2
+    python -m rtsr.training.export --slim runs/gpu/slim --name speech --student 2 --speech
 
 Weights are stored as float16 safetensors (no pickle on load) and the config records their
 sha256, which the loader checks before using them.
@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rtsr.features import HOP, N_FFT, N_MELS, SR
+from rtsr.model import BUNDLED, FEATURES, FORMAT
 from rtsr.models.nets import Denoiser, Vocoder
-from rtsr.models.train import LOOKAHEAD
-
-MODELS = Path(__file__).resolve().parent
+from rtsr.training.train import LOOKAHEAD
 
 
 def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: int, guidance: float,
@@ -32,9 +30,9 @@ def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: i
     dest.mkdir(parents=True, exist_ok=True)
     w = dest / "weights.safetensors"
     save_file(tensors, str(w))
-    cfg = {"name": name, "format": 1, "steps": steps, "guidance": guidance, "temperature": temperature,
+    cfg = {"name": name, "format": FORMAT, "steps": steps, "guidance": guidance, "temperature": temperature,
            "lookahead": LOOKAHEAD,
-           "features": {"sr": SR, "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS},
+           "features": FEATURES,
            "denoiser": denoiser.config, "vocoder": vocoder.config,
            "sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "training": info}
     (dest / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     den_net, voc_net = Denoiser(**nets.get("joint.config", {})), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})
     voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
-    print(export(den_net, voc_net, a.out or MODELS / a.name, a.name, steps, guidance, info, a.temperature))
+    print(export(den_net, voc_net, a.out or BUNDLED / a.name, a.name, steps, guidance, info, a.temperature))
 
 
 if __name__ == "__main__":
