@@ -81,6 +81,10 @@ class SuperResModel:
         den, voc = Denoiser(**cfg["denoiser"]), Vocoder(**cfg["vocoder"])
         for prefix, net in (("denoiser.", den), ("vocoder.", voc)):
             net.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+        counts = step_counts(cfg)
+        if steps is not None and steps not in counts:
+            raise ModelError(f"{cfg.get('name', path.name)} was distilled for {_listed(counts)} sampler step(s), "
+                             f"not {steps}: a distilled student is undefined at other counts (it drifts louder)")
         return cls(den, voc, cfg["steps"] if steps is None else steps, cfg.get("guidance", 1.0), cfg["lookahead"],
                    cfg.get("name", path.name), device, cfg, cfg.get("temperature", 1.0))
 
@@ -142,6 +146,16 @@ def _unstack(merged: Cache, caches: list[Cache], sizes: list[int]) -> None:
     for k, v in merged.items():
         for c, part in zip(caches, v.split(sizes), strict=True):
             c[k] = part
+
+
+def step_counts(cfg: dict) -> list[int]:
+    """The sampler step counts a model's weights were made for: a distilled student's own count
+    (its config's `steps`), a teacher's every count up to its training grid (`step_counts`)."""
+    return list(cfg.get("step_counts", [cfg["steps"]]))
+
+
+def _listed(counts: list[int]) -> str:
+    return ", ".join(map(str, counts)) if len(counts) < 6 else f"{counts[0]}-{counts[-1]}"
 
 
 def bundled_path(name: str) -> Path:

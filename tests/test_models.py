@@ -147,3 +147,11 @@ def test_the_runtime_never_imports_training_code():
             "from rtsr.model import load_model\nload_model('basic')\n"
             "bad = sorted(m for m in sys.modules if m.startswith('rtsr.training'))\nassert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_distilled_student_runs_only_at_its_own_step_count(tmp_path):
+    """basic's 1-step student run as a 99-step sampler drifted 4 dB louder and clipped: refused."""
+    assert load_model("basic", steps=1).steps == 1
+    for steps in (2, 4, 99):
+        with pytest.raises(ModelError, match="distilled for 1 sampler step"):
+            load_model("basic", steps=steps)

@@ -23,14 +23,17 @@ from rtsr.training.train import LOOKAHEAD
 
 
 def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: int, guidance: float,
-           info: dict, temperature: float = 1.0) -> Path:
-    """Write weights (float16) and config; the networks' own configs travel with them."""
+           info: dict, temperature: float = 1.0, teacher_steps: int = 0) -> Path:
+    """Write weights (float16) and config; the networks' own configs travel with them. A student
+    (or the regression, steps 0) runs at its own step count only; a teacher (teacher_steps, its
+    training grid) at any count up to it."""
     tensors = {f"denoiser.{k}": v.half().contiguous() for k, v in denoiser.state_dict().items()}
     tensors.update({f"vocoder.{k}": v.half().contiguous() for k, v in vocoder.state_dict().items()})
     dest.mkdir(parents=True, exist_ok=True)
     w = dest / "weights.safetensors"
     save_file(tensors, str(w))
     cfg = {"name": name, "format": FORMAT, "steps": steps, "guidance": guidance, "temperature": temperature,
+           "step_counts": list(range(1, teacher_steps + 1)) if teacher_steps else [steps],
            "lookahead": LOOKAHEAD,
            "features": FEATURES,
            "denoiser": denoiser.config, "vocoder": vocoder.config,
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     den_net, voc_net = Denoiser(**nets.get("joint.config", {})), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})
     voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
-    print(export(den_net, voc_net, a.out or BUNDLED / a.name, a.name, steps, guidance, info, a.temperature))
+    print(export(den_net, voc_net, a.out or BUNDLED / a.name, a.name, steps, guidance, info, a.temperature,
+                 teacher_steps=0 if a.regression or a.student else a.teacher_steps))
 
 
 if __name__ == "__main__":
