@@ -40,7 +40,8 @@ MAX_LAG = 9600  # samples (200 ms) searched either side
 LAG_SECONDS = 10  # of the signal used for the lag
 SILENT = 10 ** -7.5  # power within 5 dB of the floor: digital silence left by a codec
 CLIFF_DB, KHZ_BINS, QUARTER_KHZ_BINS = 30.0, 43, 10
-METRICS = ("lsd_inband", "lsd", "lsd_hf", "lsd_lf", "snr_lowband_db", "snr_lowband_steep_db")
+METRICS = ("lsd_inband", "lsd", "lsd_hf", "lsd_lf", "snr_lowband_db", "snr_lowband_steep_db", "hf_envelope_corr",
+           "hf_flatness_ratio")
 
 
 # --- the scorer's metrics ---------------------------------------------------------------------
@@ -147,6 +148,35 @@ def score_inband(ref: np.ndarray, est: np.ndarray, cutoff: float) -> dict[str, f
             "snr_lowband_steep_db": float(snr)}
 
 
+def score_realism(ref: np.ndarray, est: np.ndarray, cutoff: float) -> dict[str, float]:
+    """Two things listening notices and LSD does not (LSD rewards a smooth mean), over the generated
+    band [cutoff, the reference's own edge) of the frames where the reference is active:
+
+    - hf_envelope_corr: Pearson correlation of the band's temporal envelope (its energy per 10.7 ms
+      frame, in dB) with the reference's: transients where they belong, 1 at best, 0 for a flat
+      or absent band;
+    - hf_flatness_ratio: the band's spectral flatness (Wiener entropy: geometric over arithmetic
+      mean of its power spectrum, Johnston 1988), mean over frames, over the reference's: 1 when
+      as noise-like as the reference, above 1 when noisier/flatter, below when too tonal or empty.
+    """
+    n = min(len(ref), len(est))
+    rp, ep = power_spec(ref[:n]), power_spec(est[:n])
+    lo = int(round(cutoff / (SR / 2) * (SCORE_FFT // 2)))
+    hi = band_edge_bin(rp)
+    e = rp.sum(axis=0)
+    active = e > e.max() * 1e-3
+    if hi - lo < 4 or active.sum() < 3:
+        return {"hf_envelope_corr": float("nan"), "hf_flatness_ratio": float("nan")}
+    r, g = rp[lo:hi, active], ep[lo:hi, active]
+    env_r, env_g = 10 * np.log10(r.sum(axis=0)), 10 * np.log10(g.sum(axis=0))
+    corr = 0.0 if env_g.std() < 1e-9 or env_r.std() < 1e-9 else float(np.corrcoef(env_r, env_g)[0, 1])
+
+    def flatness(p: np.ndarray) -> float:
+        return float(np.mean(np.exp(np.log(p).mean(axis=0)) / p.mean(axis=0)))
+
+    return {"hf_envelope_corr": corr, "hf_flatness_ratio": flatness(g) / flatness(r)}
+
+
 def scoring_cutoff(input_sr: int) -> float:
     return input_sr / 2 * HF_FROM
 
@@ -216,7 +246,8 @@ def run_system(label: str, fn: System, items: list[Clip], refs: dict[Path, np.nd
         est = to_scoring_rate(y, SR)
         rows.append({"system": label, "clip": c.base, "kind": c.kind, "sr": sr,
                      **score(refs[c.hr], est, scoring_cutoff(sr)),
-                     **score_inband(refs[c.hr], est, scoring_cutoff(sr))})
+                     **score_inband(refs[c.hr], est, scoring_cutoff(sr)),
+                     **score_realism(refs[c.hr], est, scoring_cutoff(sr))})
     return rows, compute
 
 
@@ -233,7 +264,8 @@ def summarise(per_clip: list[dict]) -> list[dict]:
     rows = []
     for (kind, sr, system), v in groups.items():
         row = {"kind": kind, "sr": sr, "system": system, "n": len(v),
-               **{m: float(np.mean([r[m] for r in v])) for m in METRICS},
+               **{m: float(np.nanmean([r[m] for r in v])) if any(np.isfinite(r[m]) for r in v) else float("nan")
+                  for m in METRICS},
                "max_abs_lag": max(abs(r["lag_samples"]) for r in v)}
         rows.append(row)
     sinc = {(r["kind"], r["sr"]): r for r in rows if r["system"] == "sinc"}
@@ -250,10 +282,11 @@ def table(rows: list[dict]) -> str:
     """The summary as Markdown, one row per (kind, rate, system)."""
     return "\n".join(markdown_table(
         ["kind", "input Hz", "system", "in-band LSD", "in-band / sinc", "LSD", "LSD / sinc", "LSD HF / sinc",
-         "LSD LF", "low-band SNR dB (steep)", "max lag"],
+         "LSD LF", "low-band SNR dB (steep)", "HF envelope corr", "HF flatness / ref", "max lag"],
         [[r["kind"], r["sr"], r["system"], f"{r['lsd_inband']:.3f}", f"{r['lsd_inband_vs_sinc']:.3f}",
           f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf_vs_sinc']:.3f}", f"{r['lsd_lf']:.3f}",
-          f"{r['snr_lowband_steep_db']:.1f}", r["max_abs_lag"]]
+          f"{r['snr_lowband_steep_db']:.1f}", f"{r['hf_envelope_corr']:.2f}", f"{r['hf_flatness_ratio']:.2f}",
+          r["max_abs_lag"]]
          for r in rows]))
 
 

@@ -20,6 +20,7 @@ from rtsr.bench_quality import (
     power_spec,
     score,
     score_inband,
+    score_realism,
     scoring_cutoff,
     to_scoring_rate,
 )
@@ -54,6 +55,32 @@ def test_impulse_latency_is_the_computed_latency():
     assert lat["computed_samples"] - 2 < lat["measured_worst_samples"] <= lat["computed_samples"]
     assert lat["measured_best_ms"] < lat["measured_worst_ms"]
     assert all(abs(lag) <= 1 for lag in lat["peak_lags_48k"])
+
+
+def test_realism_sees_transients_and_noisiness_that_lsd_averages_away():
+    """Clicks in 4 kHz-wide noise bursts: the same high band scores envelope corr 1 and flatness 1;
+    noise at the band's mean level (what a predictor of the mean gives) has no envelope (corr ~0),
+    bursts 100 ms late anti-correlate, an empty band has no envelope."""
+    rng = np.random.default_rng(0)
+    n = 48000 * 3
+    gate = (np.arange(n) // 4800) % 5 == 0  # a 100 ms burst every 0.5 s
+    hf = rng.standard_normal(n) * (0.02 + gate)
+    spec = np.fft.rfft(hf)
+    spec[np.fft.rfftfreq(n, 1 / 48000) < 12000] = 0
+    hf = np.fft.irfft(spec, n)
+    low = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * (np.fft.rfftfreq(n, 1 / 48000) < 11000), n)
+    ref = low + hf
+    same = score_realism(ref, ref.copy(), 11400.0)
+    assert same["hf_envelope_corr"] == pytest.approx(1.0) and same["hf_flatness_ratio"] == pytest.approx(1.0)
+    mean_band = np.fft.irfft(np.fft.rfft(rng.standard_normal(n)) * (np.fft.rfftfreq(n, 1 / 48000) >= 12000), n)
+    mean_band *= np.sqrt(np.mean(hf ** 2) / np.mean(mean_band ** 2))
+    shifted = low + np.roll(hf, 4800)
+    flat = score_realism(ref, low + mean_band, 11400.0)
+    assert abs(flat["hf_envelope_corr"]) < 0.2 < 0.9 < same["hf_envelope_corr"]
+    assert score_realism(ref, shifted, 11400.0)["hf_envelope_corr"] < 0
+    assert abs(score_realism(ref, low, 11400.0)["hf_envelope_corr"]) < 0.1  # an empty band: no envelope
+    tone = low + np.sqrt(2 * np.mean(hf ** 2)) * np.sin(2 * np.pi * 15000 * np.arange(n) / 48000)
+    assert score_realism(ref, tone, 11400.0)["hf_flatness_ratio"] < 0.2  # a whistle is not noise
 
 
 def test_metrics_on_a_synthetic_pair():
