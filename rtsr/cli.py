@@ -89,7 +89,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="CPU threads for the model (default 1: its small matrices gain little from more, "
                         "and oversubscribed threads are many times slower)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: skip inputs whose output exists, so a "
+                        "stopped batch resumes)")
     p.add_argument("--json", action="store_true", help="print one JSON object with per-file results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only failures")
     p.set_defaults(func=run_upscale)
@@ -105,6 +107,8 @@ class Job:
     src: Path
     dest: Path | None = None
     error: str | None = None
+    root: Path | None = None  # the folder it was found under
+    skip: bool = False  # its output exists already (and no --overwrite)
 
 
 def _read_list(path: Path) -> list[Path]:
@@ -116,14 +120,23 @@ def _read_list(path: Path) -> list[Path]:
     return [path.parent / e for e in entries if e and not e.startswith("#")]
 
 
-def _scan(folder: Path, pattern: str | None) -> list[Path]:
-    """Files under a folder, recursively, minus hidden files and our own earlier outputs."""
+def _scan(folder: Path, pattern: str | None, outdir: Path | None) -> tuple[list[Path], list[Path]]:
+    """Files under a folder, recursively, minus hidden files, as (inputs, earlier outputs left out).
+
+    An earlier output is a file inside -o OUTDIR, or NAME_48k.* beside an input NAME.*: a run
+    writing next to its inputs must not take its own results as inputs the next time. Any other
+    name ending in _48k is an input like the rest.
+    """
     if pattern:
         found = folder.rglob(pattern)
     else:
         found = (f for f in folder.rglob("*") if f.suffix.lower().lstrip(".") in AUDIO_EXTS)
-    return sorted(f for f in found if f.is_file() and not f.name.startswith(".")
-                  and not f.stem.endswith(OUT_SUFFIX))
+    files = sorted(f for f in found if f.is_file() and not f.name.startswith("."))
+    out_root = outdir.resolve() if outdir is not None else None
+    stems = {(f.parent, f.stem) for f in files}
+    ours = [f for f in files if (out_root is not None and out_root in f.resolve().parents)
+            or (f.stem.endswith(OUT_SUFFIX) and (f.parent, f.stem[:-len(OUT_SUFFIX)]) in stems)]
+    return [f for f in files if f not in ours], ours
 
 
 def _sources(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
@@ -137,38 +150,56 @@ def _sources(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
     out: list[tuple[Path, Path | None]] = []
     for path in paths:
         if path.is_dir():
-            out += [(f, path) for f in _scan(path, args.glob)] or [(path, path)]
+            found, ours = _scan(path, args.glob, args.outdir)
+            if ours:
+                print(f"note: {len(ours)} earlier output(s) under {path} not taken as inputs "
+                      f"(e.g. {ours[0]})", file=sys.stderr)
+            out += [(f, path) for f in found] or [(path, path)]
         else:
             out.append((path, None))
     return out
 
 
-def _dest(src: Path, root: Path | None, args: argparse.Namespace, fmt: str) -> Path:
+def _dest(src: Path, root: Path | None, args: argparse.Namespace, fmt: str, tag: bool = False) -> Path:
+    """Where an input's output goes; `tag` puts the input's extension in the name (song.mp3 ->
+    song_mp3_48k.wav), for inputs that would otherwise share one output."""
     if args.output is not None:
         return args.output
-    name = f"{src.stem}{OUT_SUFFIX}.{fmt}"
+    stem = f"{src.stem}_{src.suffix.lstrip('.').lower()}" if tag and src.suffix else src.stem
+    name = f"{stem}{OUT_SUFFIX}.{fmt}"
     if args.outdir is None:
         return src.with_name(name)
     return args.outdir / (src.parent.relative_to(root) if root else Path()) / name
 
 
 def plan(args: argparse.Namespace, fmt: str) -> list[Job]:
-    """Inputs in order, each file once; two inputs that would write the same output fail the second."""
-    jobs, seen, written_by = [], set(), {}
+    """Inputs in order, each file once, each with an output of its own: inputs that would share one
+    (song.mp3 and song.ogg) get their extension in the name; inputs that still share one are a
+    command-line error, before any work. An output that exists already is skipped (a batch
+    resumes where it stopped) unless --overwrite."""
+    jobs, seen = [], set()
     for src, root in _sources(args):
         if src == root:
             pattern = args.glob or "audio files"
             jobs.append(Job(src, error=f"folder has no {pattern} (searched recursively)"))
-            continue
-        if src.resolve() in seen:
-            continue
-        seen.add(src.resolve())
-        dest = _dest(src, root, args, fmt)
-        other = written_by.setdefault(dest.resolve(), src)
-        jobs.append(Job(src, dest) if other is src else
-                    Job(src, error=f"its output {dest} is already the output of {other}"))
+        elif src.resolve() not in seen:
+            seen.add(src.resolve())
+            jobs.append(Job(src, _dest(src, root, args, fmt), root=root))
     if args.output is not None and len(jobs) != 1:
         raise CliError(f"--output needs exactly one input file, got {len(jobs)}; use -o OUTDIR")
+    by_dest: dict[Path, list[Job]] = {}
+    for job in jobs:
+        if job.dest is not None:
+            by_dest.setdefault(job.dest.resolve(), []).append(job)
+    for shared in (js for js in by_dest.values() if len(js) > 1):
+        for job in shared:
+            job.dest = _dest(job.src, job.root, args, fmt, tag=True)
+    final: dict[Path, Job] = {}
+    for job in (j for j in jobs if j.dest is not None):
+        if (other := final.setdefault(job.dest.resolve(), job)) is not job:
+            raise CliError(f"{other.src} and {job.src} would both be written to {job.dest}; "
+                           "rename one, or upscale them into different -o folders")
+        job.skip = job.dest.exists() and not args.overwrite
     return jobs
 
 
@@ -196,7 +227,7 @@ class Result:
     sr_in: int | None = None
     seconds: float | None = None  # input duration
     channels: int | None = None
-    status: str = "failed"  # upscaled | resampled | failed
+    status: str = "failed"  # upscaled | resampled | skipped (output there already) | failed
     error: str | None = None
     cutoff_hz: float | None = None  # where the input's band ends: the output is the input below it
     band: str | None = None  # who says so: detected | rate (its Nyquist) | given
@@ -207,6 +238,8 @@ class Result:
     def line(self) -> str:
         if self.status == "failed":
             return f"FAILED {self.input}: {self.error}"
+        if self.status == "skipped":
+            return f"skipped {self.input}: {self.output} exists (--overwrite replaces it)"
         notes = [f"{self.sr_in} Hz, {self.channels} ch, {self.seconds:.2f} s, {self.compute_s:.2f} s compute",
                  f"band {self.cutoff_hz / 1000:.2f} kHz ({self.band})"]
         if self.status == "resampled":
@@ -222,6 +255,9 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
     """Read, upscale, write one file; any failure becomes the result's error, so a batch goes on."""
     res = Result(str(job.src), str(job.dest) if job.dest else None, error=job.error)
     if job.dest is None:
+        return res
+    if job.skip:
+        res.status, res.error = "skipped", None
         return res
     try:
         check_writable(job.dest, overwrite)  # before the compute it would waste
@@ -254,16 +290,17 @@ def level_warning(x: np.ndarray, y: np.ndarray) -> str | None:
 
 
 def _totals(results: list[Result]) -> dict[str, float | int]:
-    count = {s: sum(r.status == s for r in results) for s in ("upscaled", "resampled", "failed")}
-    done = [r for r in results if r.status != "failed"]
+    count = {s: sum(r.status == s for r in results) for s in ("upscaled", "resampled", "skipped", "failed")}
+    done = [r for r in results if r.status in ("upscaled", "resampled")]
     return {"files": len(results), **count, "seconds": sum((r.seconds for r in done), 0.0),
             "compute_s": sum((r.compute_s for r in done), 0.0)}
 
 
 def _summary(totals: dict[str, float | int]) -> str:
     parts = [f"{totals['upscaled']} upscaled"]
-    if totals["resampled"]:
-        parts.append(f"{totals['resampled']} resampled")
+    for status in ("resampled", "skipped"):
+        if totals[status]:
+            parts.append(f"{totals[status]} {status}")
     return ", ".join(parts + [f"{totals['failed']} failed"])
 
 

@@ -142,16 +142,27 @@ def test_input_list(rtsr, tmp_path: Path) -> None:
 
 
 def test_folder_glob_and_flac(rtsr, tmp_path: Path) -> None:
-    """Recursive search, only matching names, subfolders mirrored, earlier outputs not re-taken."""
+    """Recursive search, only matching names, subfolders mirrored; an input whose name merely ends
+    in _48k is taken, an earlier output (NAME_48k beside NAME) is not, and the user is told."""
     put(tmp_path / "in" / "deep" / "a.flac", tone(22050, 0.2), 22050, "PCM_16")
     put(tmp_path / "in" / "b.wav", tone(22050, 0.2), 22050)
-    put(tmp_path / "in" / "old_48k.flac", tone(22050, 0.2), 22050, "PCM_16")
+    put(tmp_path / "in" / "take_48k.flac", tone(22050, 0.2), 22050, "PCM_16")
+    put(tmp_path / "in" / "deep" / "a_48k.flac", tone(48000, 0.2), 48000, "PCM_24")
     r = rtsr("-i", tmp_path / "in", "--glob", "*.flac", "--format", "flac", "-o", tmp_path / "out")
     assert r.rc == 0, r.err
-    written = [p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert written == [Path("deep/a_48k.flac")]
+    written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == [Path("deep/a_48k.flac"), Path("take_48k_48k.flac")]
+    assert "1 earlier output(s)" in r.err and "a_48k.flac" in r.err
     info = sf.info(tmp_path / "out" / "deep" / "a_48k.flac")
     assert (info.subtype, info.samplerate, info.frames) == ("PCM_24", SR, round(4410 * SR / 22050))
+
+
+def test_a_second_run_next_to_the_inputs_takes_no_outputs_as_inputs(rtsr, tmp_path: Path) -> None:
+    put(tmp_path / "in" / "a.wav", tone(16000, 0.2), 16000)
+    assert rtsr("-i", tmp_path / "in").rc == 0
+    r = rtsr("-i", tmp_path / "in")
+    assert r.rc == 0 and "0 upscaled, 1 skipped, 0 failed" in r.out
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.wav", "a_48k.wav"]
 
 
 def test_cutoff_is_passed_to_the_engine(rtsr, tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -177,24 +188,36 @@ def test_empty_folder_is_one_failure(rtsr, tmp_path: Path) -> None:
     assert r.rc == 1 and "folder has no audio files" in r.err
 
 
-def test_refuses_overwrite(rtsr, tmp_path: Path) -> None:
+def test_existing_outputs_are_skipped_so_a_batch_resumes(rtsr, tmp_path: Path) -> None:
+    """A finished file is counted as skipped (exit 0) and left alone; --overwrite redoes it."""
     src = put(tmp_path / "a.wav", tone(16000, 0.2), 16000)
+    put(tmp_path / "b.wav", tone(16000, 0.2, seed=1), 16000)
     old = tmp_path / "a_48k.wav"
     old.write_bytes(b"precious")
-    r = rtsr("-i", src)
-    assert r.rc == 1 and "already exists" in r.err and "--overwrite" in r.err
+    r = rtsr("-i", src, "-i", tmp_path / "b.wav", "--json")
+    report = json.loads(r.out)
+    assert r.rc == 0 and report["totals"]["skipped"] == 1 and report["totals"]["upscaled"] == 1
+    assert [x["status"] for x in report["results"]] == ["skipped", "upscaled"]
     assert old.read_bytes() == b"precious"
     assert rtsr("-i", src, "--overwrite").rc == 0
     assert sf.info(old).frames == 9600
 
 
-def test_colliding_outputs_fail_the_second(rtsr, tmp_path: Path) -> None:
+def test_inputs_sharing_a_name_get_outputs_of_their_own(rtsr, tmp_path: Path) -> None:
+    """song.wav and song.flac would both make song_48k.wav: each gets its extension in the name."""
+    put(tmp_path / "in" / "song.wav", tone(16000, 0.2), 16000)
+    put(tmp_path / "in" / "song.flac", tone(16000, 0.2, seed=1), 16000, "PCM_16")
+    r = rtsr("-i", tmp_path / "in", "-o", tmp_path / "out")
+    assert r.rc == 0, r.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["song_flac_48k.wav", "song_wav_48k.wav"]
+
+
+def test_inputs_that_still_share_an_output_are_refused_before_any_work(rtsr, tmp_path: Path) -> None:
     a = put(tmp_path / "one" / "x.wav", tone(16000, 0.2), 16000)
     b = put(tmp_path / "two" / "x.wav", tone(16000, 0.2, seed=1), 16000)
     r = rtsr("-i", a, "-i", b, "-o", tmp_path / "out")
-    assert r.rc == 1 and "already the output of" in r.err
-    assert "1 upscaled, 1 failed" in r.out
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x_48k.wav"]
+    assert r.rc == 2 and "would both be written to" in r.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_goes_past_a_bad_file(rtsr, tmp_path: Path) -> None:
