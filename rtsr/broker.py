@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from rtsr import protocol as P
+from rtsr.curve import CurveKeyError, add_curve_argument, curve_keys, warn_if_open
 from rtsr.serve import POLL_S, Transport, _attach, _drain
 
 log = logging.getLogger("rtsr.broker")
@@ -62,20 +63,21 @@ class Broker:
         for s in (self.front, self.back):
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
-            self.t.ready({"frontend": _attach(self.front, self.frontend_addr, True),
-                          "backend": _attach(self.back, self.backend_addr, True)})
-            poller = zmq.Poller()
-            poller.register(self.front, zmq.POLLIN)
-            poller.register(self.back, zmq.POLLIN)
-            while not self.t.stop.is_set():
-                ready = dict(poller.poll(int(POLL_S * 1000)))
-                if self.back in ready:  # replies first: they free capacity
-                    for m in _drain(self.back):
-                        self._from_worker(m[0].bytes, [f.bytes for f in m[1:]])
-                if self.front in ready:
-                    for m in _drain(self.front):
-                        self._from_client(m[0].bytes, m[1:])
-                self._expire_workers()
+            with self.t.authenticator(ctx):
+                self.t.ready({"frontend": _attach(self.front, self.frontend_addr, True),
+                              "backend": _attach(self.back, self.backend_addr, True)})
+                poller = zmq.Poller()
+                poller.register(self.front, zmq.POLLIN)
+                poller.register(self.back, zmq.POLLIN)
+                while not self.t.stop.is_set():
+                    ready = dict(poller.poll(int(POLL_S * 1000)))
+                    if self.back in ready:  # replies first: they free capacity
+                        for m in _drain(self.back):
+                            self._from_worker(m[0].bytes, [f.bytes for f in m[1:]])
+                    if self.front in ready:
+                        for m in _drain(self.front):
+                            self._from_client(m[0].bytes, m[1:])
+                    self._expire_workers()
         finally:
             self.front.close(0)
             self.back.close(0)
@@ -217,14 +219,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S, metavar="S",
                    help="forget a connected worker silent this long (default: %(default)s)")
     p.add_argument("--hwm", type=int, default=Transport.hwm, help="ZeroMQ high-water mark (default: %(default)s)")
+    add_curve_argument(p, "accept only clients and workers whose public key is in DIR/authorized/")
     p.set_defaults(func=run_broker)
 
 
 def run_broker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        Broker(args.frontend, args.backend, Transport(hwm=args.hwm, name="rtsr broker"), args.max_frame_bytes,
-               args.worker_timeout).run()
+        keys = curve_keys(args.curve_keys, server=True)
+    except CurveKeyError as e:
+        print(f"rtsr broker: {e}", file=sys.stderr)
+        return 2
+    for endpoint in (args.frontend, args.backend):
+        warn_if_open(endpoint, keys, "rtsr broker")
+    try:
+        Broker(args.frontend, args.backend, Transport(hwm=args.hwm, name="rtsr broker", curve=keys),
+               args.max_frame_bytes, args.worker_timeout).run()
     except zmq.ZMQError as e:
         print(f"rtsr broker: {e}", file=sys.stderr)
         return 2

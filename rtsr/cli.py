@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rtsr import __version__, bench, broker, client, compare, live, serve
+from rtsr import __version__, bench, broker, client, compare, curve, live, serve
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
 from rtsr.backends import BACKENDS, apply_backend
 from rtsr.cutoff import as_band, cutoff_arg
@@ -345,8 +345,8 @@ def run_upscale(args: argparse.Namespace) -> int:
 # --- entry point ------------------------------------------------------------------------------
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_upscale_parser, serve.add_parser, client.add_parser, broker.add_parser, bench.add_parser, compare.add_parser,
-    live.add_parser]
+    add_upscale_parser, serve.add_parser, client.add_parser, broker.add_parser, curve.add_parser, bench.add_parser,
+    compare.add_parser, live.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

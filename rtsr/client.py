@@ -30,6 +30,8 @@ import zmq
 
 from rtsr import protocol as P
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
+from rtsr.curve import CurveKeyError, add_curve_argument
+from rtsr.curve import curve_keys as load_curve_keys
 from rtsr.cutoff import cutoff_arg
 from rtsr.features import SR
 
@@ -61,10 +63,16 @@ class Reply:
 class Client:
     """One connection to a service (or broker), any number of streams over it."""
 
-    def __init__(self, endpoint: str = P.DEFAULT_ENDPOINT, timeout: float = 10.0, hwm: int = 64):
+    def __init__(self, endpoint: str = P.DEFAULT_ENDPOINT, timeout: float = 10.0, hwm: int = 64,
+                 curve_keys: str | Path | None = None):
+        """curve_keys: a folder from `rtsr keygen` (client.key_secret, server.key) for a service
+        started with --curve-keys; without it such a service never answers (a TimeoutError)."""
         self.endpoint, self.timeout = endpoint, timeout
+        keys = load_curve_keys(curve_keys, server=False)
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.DEALER)
+        if keys is not None:
+            keys.make_client(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
@@ -253,6 +261,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=tuple(P.DTYPES), default="float32", help="wire PCM (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_curve_argument(p, "connect with DIR/client.key_secret to a service holding DIR/server.key")
     p.set_defaults(func=run_filter)
 
 
@@ -265,12 +274,15 @@ def run_filter(args: argparse.Namespace) -> int:
         check_writable(args.output, args.overwrite)
         x, sr = read_audio(args.input)
         t0 = time.monotonic()
-        with Client(args.connect, args.timeout) as c:
+        with Client(args.connect, args.timeout, curve_keys=args.curve_keys) as c:
             y = c.upscale(x, sr, stream=args.input.name, block_ms=args.block_ms, realtime=args.realtime,
                           model=args.model, dtype=args.dtype, cutoff=args.cutoff)
         wall = time.monotonic() - t0
         args.output.parent.mkdir(parents=True, exist_ok=True)
         clipped = write_audio(args.output, y, SR, fmt, args.overwrite)
+    except CurveKeyError as e:
+        print(f"rtsr filter: {e}", file=sys.stderr)
+        return 2
     except (AudioError, ServerError, TimeoutError, ValueError) as e:
         print(f"rtsr filter: {e}", file=sys.stderr)
         return 1

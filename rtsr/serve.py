@@ -18,6 +18,7 @@ that runs each job's `Stream.feed` in turn; a batched GPU version would replace 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -33,6 +34,7 @@ import torch
 import zmq
 
 from rtsr import protocol as P
+from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, warn_if_open
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
 from rtsr.features import SR
@@ -294,9 +296,14 @@ class Transport:
     stop: threading.Event = field(default_factory=threading.Event)
     on_ready: Callable[[dict[str, str]], None] | None = None  # called with the bound endpoints
     name: str = "rtsr serve"  # for the log line
+    curve: CurveKeys | None = None  # CURVE: encrypted, authorised peers only (rtsr.curve)
 
-    def socket(self, ctx: zmq.Context, kind: int) -> zmq.Socket:
+    def socket(self, ctx: zmq.Context, kind: int, server: bool = True) -> zmq.Socket:
+        """A socket with the limits below; with CURVE keys, the server side (authenticating peers
+        through `authenticator`) or the client side of the handshake."""
         s = ctx.socket(kind)
+        if self.curve is not None:
+            (self.curve.make_server if server else self.curve.make_client)(s)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVHWM, self.hwm)
         s.setsockopt(zmq.SNDHWM, self.hwm)
@@ -306,6 +313,13 @@ class Transport:
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         return s
+
+    def authenticator(self, ctx: zmq.Context) -> contextlib.ExitStack:
+        """The ZAP handler that checks CURVE clients on ctx's server sockets, for the loop's life."""
+        stack = contextlib.ExitStack()
+        if self.curve is not None:
+            stack.callback(self.curve.authenticator(ctx).stop)
+        return stack
 
     def ready(self, endpoints: dict[str, str]) -> None:
         log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in endpoints.items()))
@@ -350,12 +364,13 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
     sock = t.socket(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises instead of silently dropping
     try:
-        t.ready({"router": _attach(sock, endpoint, True)})
-        while not t.stop.is_set():
-            msgs = _drain(sock) if sock.poll(int(POLL_S * 1000)) else []
-            replies = service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in msgs)
-            for peer, frames in replies + service.expire():
-                _send_router(sock, service, peer, frames)
+        with t.authenticator(ctx):
+            t.ready({"router": _attach(sock, endpoint, True)})
+            while not t.stop.is_set():
+                msgs = _drain(sock) if sock.poll(int(POLL_S * 1000)) else []
+                replies = service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in msgs)
+                for peer, frames in replies + service.expire():
+                    _send_router(sock, service, peer, frames)
     finally:
         sock.close(0)
         ctx.term()
@@ -378,18 +393,20 @@ def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None =
     """Pipeline stage: PULL messages, PUSH replies (errors too, and to the log) downstream."""
     t = t or Transport()
     ctx = zmq.Context()
-    src, dst = t.socket(ctx, zmq.PULL), t.socket(ctx, zmq.PUSH)
+    (pull_at, pull_bind), (push_at, push_bind) = pipeline_endpoint(pull), pipeline_endpoint(push)
+    src, dst = t.socket(ctx, zmq.PULL, server=pull_bind), t.socket(ctx, zmq.PUSH, server=push_bind)
     try:
-        t.ready({"pull": _attach(src, *pipeline_endpoint(pull)), "push": _attach(dst, *pipeline_endpoint(push))})
-        while not t.stop.is_set():
-            msgs = _drain(src) if src.poll(int(POLL_S * 1000)) else []
-            for _, frames in service.handle_batch((b"", _buffers(m)) for m in msgs) + service.expire():
-                if json.loads(frames[0]).get("type") == "error":
-                    log.warning("pipeline error: %s", frames[0].decode())
-                while not t.stop.is_set():  # downstream full or absent: wait (backpressure), but stay stoppable
-                    if dst.poll(int(POLL_S * 1000), zmq.POLLOUT):
-                        dst.send_multipart(frames)
-                        break
+        with t.authenticator(ctx):
+            t.ready({"pull": _attach(src, pull_at, pull_bind), "push": _attach(dst, push_at, push_bind)})
+            while not t.stop.is_set():
+                msgs = _drain(src) if src.poll(int(POLL_S * 1000)) else []
+                for _, frames in service.handle_batch((b"", _buffers(m)) for m in msgs) + service.expire():
+                    if json.loads(frames[0]).get("type") == "error":
+                        log.warning("pipeline error: %s", frames[0].decode())
+                    while not t.stop.is_set():  # downstream full or absent: wait (backpressure), but stay stoppable
+                        if dst.poll(int(POLL_S * 1000), zmq.POLLOUT):
+                            dst.send_multipart(frames)
+                            break
     finally:
         src.close(0)
         dst.close(0)
@@ -405,7 +422,7 @@ def serve_worker(service: Service, broker: str, t: Transport | None = None) -> N
     """
     t = t or Transport()
     ctx = zmq.Context()
-    sock = t.socket(ctx, zmq.DEALER)
+    sock = t.socket(ctx, zmq.DEALER, server=False)
     try:
         t.ready({"broker": _attach(sock, broker, False)})
         beat = 0.0
@@ -467,8 +484,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="refuse audio sent faster than X times real time with error 'rate' "
                         "(default: 0, no limit: a fast client is only slowed by the socket queues)")
     p.add_argument("--hwm", type=int, default=Transport.hwm, help="ZeroMQ high-water mark (default: %(default)s)")
+    add_curve_argument(p, "with --bind, accept only clients whose public key is in DIR/authorized/; with "
+                          "--connect-broker, connect to the broker as DIR/client.key")
     p.add_argument("-v", "--verbose", action="store_true", help="log every error reply")
     p.set_defaults(func=run_serve)
+
+
+def serve_keys(args: argparse.Namespace) -> CurveKeys | None:
+    """--curve-keys checked for the sides this mode plays: a bound socket is a CURVE server, a
+    connected one (a worker to its broker, a pipeline end) a client."""
+    if args.pull:
+        binds = {pipeline_endpoint(e)[1] for e in (args.pull, args.push)}
+    else:
+        binds = {not args.connect_broker}
+    keys = None
+    for server in binds:
+        keys = curve_keys(args.curve_keys, server)
+    return keys
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -477,6 +509,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if bool(args.pull) != bool(args.push):
         print("rtsr serve: --pull and --push go together", file=sys.stderr)
         return 2
+    try:
+        keys = serve_keys(args)
+    except CurveKeyError as e:
+        print(f"rtsr serve: {e}", file=sys.stderr)
+        return 2
+    if not (args.pull or args.connect_broker):
+        warn_if_open(args.bind, keys, "rtsr serve")
     torch.set_num_threads(1)  # one stream's matrices are small; more threads only contend
     names = args.model or ["basic"]
     try:
@@ -487,7 +526,7 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_streams=args.max_streams, max_frame_bytes=args.max_frame_bytes,
                     idle_timeout=args.idle_timeout, max_speed=args.max_speed)
     service = Service(ups, names[0], limits)
-    t = Transport(hwm=args.hwm)
+    t = Transport(hwm=args.hwm, curve=keys)
     try:
         if args.pull:
             serve_pipeline(service, args.pull, args.push, t)
