@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -41,17 +42,23 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(p, "is a folder, not an audio file")
     if not os.access(p, os.R_OK):
         raise AudioError(p, "no permission to read it")
+    return decode_audio(p, p)
+
+
+def decode_audio(source: Path | BinaryIO, name: str | Path) -> tuple[np.ndarray, int]:
+    """read_audio's decoding, also of a file's bytes (a file-like object) sent from elsewhere;
+    `name` is what errors call it."""
     try:
-        f = sf.SoundFile(p)
+        f = sf.SoundFile(source)
     except (sf.SoundFileError, RuntimeError, TypeError) as e:
-        raise AudioError(p, f"not a readable audio file ({_reason(e)})") from e
+        raise AudioError(name, f"not a readable audio file ({_reason(e)})") from e
     with f:
         sr = f.samplerate
         try:
             x = f.read(dtype="float32", always_2d=True)
         except (sf.SoundFileError, RuntimeError) as e:
-            raise AudioError(p, f"corrupt or truncated audio ({_reason(e)})") from e
-    return _checked(p, x, sr), sr
+            raise AudioError(name, f"corrupt or truncated audio ({_reason(e)})") from e
+    return _checked(Path(name), x, sr), sr
 
 
 def _reason(e: Exception) -> str:

@@ -14,29 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from time import perf_counter
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from rtsr import __version__, bench, broker, client, compare, curve, live, serve
-from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
-from rtsr.backends import BACKENDS, apply_backend
-from rtsr.cutoff import as_band, cutoff_arg
-from rtsr.features import SR
+from rtsr.audio_io import FORMATS
+from rtsr.backends import BACKENDS
+from rtsr.cutoff import cutoff_arg
+from rtsr.files import Job, LoadOptions, Result, load_upscaler, upscale_file
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
 
 AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64")  # what libsndfile reads
 OUT_SUFFIX = "_48k"
-PASSTHROUGH_NOTE = "full band: resampled, nothing generated"
-LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged
 
 
 class CliError(Exception):
@@ -92,23 +86,16 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: skip inputs whose output exists, so a "
                         "stopped batch resumes)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the files on a Dask cluster: a scheduler address (tcp://host:8786), or local:N "
+                        "for N local worker processes; inputs are sent to the workers, outputs written here "
+                        "(needs the cluster extra: pip install 'rtsr[cluster]')")
     p.add_argument("--json", action="store_true", help="print one JSON object with per-file results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only failures")
     p.set_defaults(func=run_upscale)
 
 
 # --- planning: which files, written where ------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One input file and its output path, or the reason it cannot be planned."""
-
-    src: Path
-    dest: Path | None = None
-    error: str | None = None
-    root: Path | None = None  # the folder it was found under
-    skip: bool = False  # its output exists already (and no --overwrite)
 
 
 def _read_list(path: Path) -> list[Path]:
@@ -218,77 +205,6 @@ def _format(args: argparse.Namespace) -> str:
 # --- running ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Result:
-    """One file's outcome: a line of the report and an entry of --json."""
-
-    input: str
-    output: str | None = None
-    sr_in: int | None = None
-    seconds: float | None = None  # input duration
-    channels: int | None = None
-    status: str = "failed"  # upscaled | resampled | skipped (output there already) | failed
-    error: str | None = None
-    cutoff_hz: float | None = None  # where the input's band ends: the output is the input below it
-    band: str | None = None  # who says so: detected | rate (its Nyquist) | given
-    warning: str | None = None  # e.g. an output much louder than its input
-    compute_s: float | None = None
-    clipped: int = 0  # samples clipped to fit 24-bit flac
-
-    def line(self) -> str:
-        if self.status == "failed":
-            return f"FAILED {self.input}: {self.error}"
-        if self.status == "skipped":
-            return f"skipped {self.input}: {self.output} exists (--overwrite replaces it)"
-        notes = [f"{self.sr_in} Hz, {self.channels} ch, {self.seconds:.2f} s, {self.compute_s:.2f} s compute",
-                 f"band {self.cutoff_hz / 1000:.2f} kHz ({self.band})"]
-        if self.status == "resampled":
-            notes.append(PASSTHROUGH_NOTE)
-        if self.warning:
-            notes.append(f"WARNING: {self.warning}")
-        if self.clipped:
-            notes.append(f"{self.clipped} samples clipped to fit 24-bit flac")
-        return f"{self.input} -> {self.output} ({'; '.join(notes)})"
-
-
-def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool) -> Result:
-    """Read, upscale, write one file; any failure becomes the result's error, so a batch goes on."""
-    res = Result(str(job.src), str(job.dest) if job.dest else None, error=job.error)
-    if job.dest is None:
-        return res
-    if job.skip:
-        res.status, res.error = "skipped", None
-        return res
-    try:
-        check_writable(job.dest, overwrite)  # before the compute it would waste
-        x, sr = read_audio(job.src)
-        res.sr_in, res.channels, res.seconds = sr, x.shape[1], len(x) / sr
-        t0 = perf_counter()
-        band = as_band(cutoff_hz, sr) or up.find_band(x, sr)
-        res.cutoff_hz, res.band = round(band.hz, 1), band.source
-        y = up.upscale(x, sr, cutoff=band)
-        res.compute_s = perf_counter() - t0
-        res.warning = level_warning(x, y)
-        job.dest.parent.mkdir(parents=True, exist_ok=True)
-        res.clipped = write_audio(job.dest, y, SR, fmt, overwrite)
-        res.status = "resampled" if band.full else "upscaled"
-    except AudioError as e:
-        res.error = e.reason if e.path == job.src else str(e)
-    except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
-        res.error = f"{type(e).__name__}: {e}"
-    return res
-
-
-def level_warning(x: np.ndarray, y: np.ndarray) -> str | None:
-    """A note when the output's RMS is far above the input's (a cutoff set far too low, say)."""
-    rms_in, rms_out = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), float(np.sqrt(np.mean(
-        np.square(y, dtype=np.float64))))
-    if rms_out <= 0 or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
-        return None
-    gain = 20 * math.log10(rms_out / max(rms_in, 1e-12))
-    return f"output is {gain:.1f} dB louder than the input (RMS); check --cutoff"
-
-
 def _totals(results: list[Result]) -> dict[str, float | int]:
     count = {s: sum(r.status == s for r in results) for s in ("upscaled", "resampled", "skipped", "failed")}
     done = [r for r in results if r.status in ("upscaled", "resampled")]
@@ -305,11 +221,8 @@ def _summary(totals: dict[str, float | int]) -> str:
 
 
 def _load(args: argparse.Namespace) -> Upscaler:
-    torch.set_num_threads(max(args.threads, 1))
     try:
-        up = Upscaler.load(args.model, args.device, args.steps, args.seed)
-        apply_backend(up.model, args.backend)
-        return up
+        return load_upscaler(LoadOptions.of(args))
     except ModelError as e:
         raise CliError(str(e)) from e
     except RuntimeError as e:  # e.g. --device cuda without a GPU
@@ -317,29 +230,52 @@ def _load(args: argparse.Namespace) -> Upscaler:
 
 
 def run_upscale(args: argparse.Namespace) -> int:
-    """The batch: plan every output first, load the model once, then file by file."""
+    """The batch: plan every output first, load the model once (here, or once per Dask worker),
+    then file by file."""
     fmt = _format(args)
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise CliError(f"-o {args.outdir} is a file, not a folder")
     jobs = plan(args, fmt)
-    up = _load(args)
     chatty = not (args.quiet or args.json)
-    results = []
-    for job in tqdm(jobs, unit="file", disable=not chatty or not sys.stderr.isatty(), file=sys.stderr):
-        res = upscale_file(up, job, fmt, args.cutoff, args.overwrite)
-        results.append(res)
+    bar = tqdm(total=len(jobs), unit="file", disable=not chatty or not sys.stderr.isatty(), file=sys.stderr)
+
+    def report(res: Result) -> None:
+        bar.update()
         if res.status == "failed":
             tqdm.write(res.line(), file=sys.stderr)
         elif chatty:
             tqdm.write(res.line(), file=sys.stdout)
+
+    with bar:
+        if args.scheduler:
+            results = _on_cluster(args, jobs, fmt, report)
+            model, device = args.model, f"dask {args.scheduler}"
+        else:
+            up = _load(args)
+            results = []
+            for job in jobs:
+                results.append(upscale_file(up, job, fmt, args.cutoff, args.overwrite))
+                report(results[-1])
+            model, device = up.model.name, up.model.device
     totals = _totals(results)
     if args.json:
-        report = {"model": up.model.name, "device": up.model.device, "format": fmt,
-                  "results": [asdict(r) for r in results], "totals": totals}
-        print(json.dumps(report, indent=1))
+        report_ = {"model": model, "device": device, "format": fmt,
+                   "results": [asdict(r) for r in results], "totals": totals}
+        print(json.dumps(report_, indent=1))
     elif chatty or totals["failed"]:
         print(_summary(totals), file=sys.stdout if chatty else sys.stderr)
     return 1 if totals["failed"] else 0
+
+
+def _on_cluster(args: argparse.Namespace, jobs: list[Job], fmt: str, report: Callable[[Result], None]) -> list[Result]:
+    try:
+        from rtsr.cluster import run_on_cluster
+    except ImportError as e:
+        raise CliError(f"--scheduler needs Dask's distributed package: pip install 'rtsr[cluster]' ({e})") from e
+    try:
+        return run_on_cluster(args.scheduler, jobs, LoadOptions.of(args), fmt, args.cutoff, args.overwrite, report)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise CliError(f"cannot use the Dask scheduler {args.scheduler}: {e}") from e
 
 
 # --- entry point ------------------------------------------------------------------------------

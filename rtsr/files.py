@@ -1,0 +1,146 @@
+"""One file's upscale, wherever it runs: in the `rtsr upscale` process, or on a Dask worker.
+
+The batch around it (planning outputs, progress, the report) is `rtsr.cli`'s; distributing it is
+`rtsr.cluster`'s. Both call `upscale_audio` for the work itself, so a file upscaled on a cluster is
+the same as one upscaled locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+import torch
+
+from rtsr.audio_io import AudioError, check_writable, read_audio, write_audio
+from rtsr.backends import apply_backend
+from rtsr.cutoff import as_band
+from rtsr.features import SR
+from rtsr.upscaler import Upscaler
+
+PASSTHROUGH_NOTE = "full band: resampled, nothing generated"
+LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load the model for a batch: the same on every machine that runs part of it."""
+
+    model: str = "basic"
+    device: str = "auto"
+    steps: int | None = None
+    seed: int = 0
+    backend: str = "auto"
+    threads: int = 1
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> LoadOptions:
+        return cls(args.model, args.device, args.steps, args.seed, args.backend, args.threads)
+
+
+def load_upscaler(opts: LoadOptions) -> Upscaler:
+    """The model on its device and backend with the thread count set; ModelError/RuntimeError on failure."""
+    torch.set_num_threads(max(opts.threads, 1))
+    up = Upscaler.load(opts.model, opts.device, opts.steps, opts.seed)
+    apply_backend(up.model, opts.backend)
+    return up
+
+
+@dataclass
+class Job:
+    """One input file and its output path, or the reason it cannot be planned."""
+
+    src: Path
+    dest: Path | None = None
+    error: str | None = None
+    root: Path | None = None  # the folder it was found under
+    skip: bool = False  # its output exists already (and no --overwrite)
+
+
+@dataclass
+class Result:
+    """One file's outcome: a line of the report and an entry of --json."""
+
+    input: str
+    output: str | None = None
+    sr_in: int | None = None
+    seconds: float | None = None  # input duration
+    channels: int | None = None
+    status: str = "failed"  # upscaled | resampled | skipped (output there already) | failed
+    error: str | None = None
+    cutoff_hz: float | None = None  # where the input's band ends: the output is the input below it
+    band: str | None = None  # who says so: detected | rate (its Nyquist) | given
+    warning: str | None = None  # e.g. an output much louder than its input
+    compute_s: float | None = None
+    clipped: int = 0  # samples clipped to fit 24-bit flac
+
+    def line(self) -> str:
+        if self.status == "failed":
+            return f"FAILED {self.input}: {self.error}"
+        if self.status == "skipped":
+            return f"skipped {self.input}: {self.output} exists (--overwrite replaces it)"
+        notes = [f"{self.sr_in} Hz, {self.channels} ch, {self.seconds:.2f} s, {self.compute_s:.2f} s compute",
+                 f"band {self.cutoff_hz / 1000:.2f} kHz ({self.band})"]
+        if self.status == "resampled":
+            notes.append(PASSTHROUGH_NOTE)
+        if self.warning:
+            notes.append(f"WARNING: {self.warning}")
+        if self.clipped:
+            notes.append(f"{self.clipped} samples clipped to fit 24-bit flac")
+        return f"{self.input} -> {self.output} ({'; '.join(notes)})"
+
+
+def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool) -> Result:
+    """Read, upscale, write one file; any failure becomes the result's error, so a batch goes on."""
+    res = Result(str(job.src), str(job.dest) if job.dest else None, error=job.error)
+    if job.dest is None:
+        return res
+    if job.skip:
+        res.status, res.error = "skipped", None
+        return res
+    try:
+        check_writable(job.dest, overwrite)  # before the compute it would waste
+        y = upscale_audio(up, *read_audio(job.src), cutoff_hz, res)
+        if y is not None:
+            job.dest.parent.mkdir(parents=True, exist_ok=True)
+            res.clipped = write_audio(job.dest, y, SR, fmt, overwrite)
+    except AudioError as e:
+        res.status, res.error = "failed", e.reason if e.path == job.src else str(e)
+    except OSError as e:  # e.g. the output folder cannot be made
+        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+    return res
+
+
+def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, cutoff_hz: float | None, res: Result) -> np.ndarray | None:
+    """Upscale decoded audio, filling in res (band, timing, level warning, status); engine refusals
+    (ValueError, RuntimeError such as CUDA out of memory) become res.error and return None."""
+    res.sr_in, res.channels, res.seconds = sr, x.shape[1], len(x) / sr
+    try:
+        t0 = perf_counter()
+        band = as_band(cutoff_hz, sr) or up.find_band(x, sr)
+        res.cutoff_hz, res.band = round(band.hz, 1), band.source
+        y = up.upscale(x, sr, cutoff=band)
+        res.compute_s = perf_counter() - t0
+    except (ValueError, RuntimeError, MemoryError) as e:
+        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+        return None
+    res.warning = level_warning(x, y)
+    res.status, res.error = ("resampled" if band.full else "upscaled"), None
+    return y
+
+
+def level_warning(x: np.ndarray, y: np.ndarray) -> str | None:
+    """A note when the output's RMS is far above the input's (a cutoff set far too low, say)."""
+    rms_in, rms_out = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), float(np.sqrt(np.mean(
+        np.square(y, dtype=np.float64))))
+    if rms_out <= 0 or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
+        return None
+    gain = 20 * math.log10(rms_out / max(rms_in, 1e-12))
+    return f"output is {gain:.1f} dB louder than the input (RMS); check --cutoff"
+
+
+
