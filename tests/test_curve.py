@@ -1,12 +1,9 @@
 """CURVE: `rtsr keygen` keys, serve and broker letting in only authorised clients (real loopback sockets)."""
 
 import logging
-import queue
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +11,14 @@ import pytest
 import torch
 import zmq
 import zmq.auth
+from test_serve import running
 
 from rtsr import protocol as P
 from rtsr.broker import Broker
 from rtsr.cli import main
 from rtsr.client import Client
 from rtsr.curve import CurveKeyError, CurveKeys, keygen, warn_if_open
-from rtsr.serve import Limits, Service, Transport, serve_router, serve_worker
+from rtsr.serve import Limits, Service, serve_router, serve_worker
 from rtsr.upscaler import Upscaler
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -38,20 +36,6 @@ def keys(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("keys")
     assert main(["keygen", str(folder)]) == 0
     return folder
-
-
-@contextmanager
-def running(loop: Callable[[Transport], None], keys: Path) -> Iterator[dict[str, str]]:
-    ready: queue.Queue = queue.Queue()
-    t = Transport(on_ready=ready.put, curve=CurveKeys(keys))
-    th = threading.Thread(target=loop, args=(t,), daemon=True)
-    th.start()
-    try:
-        yield ready.get(timeout=TIMEOUT)
-    finally:
-        t.stop.set()
-        th.join(TIMEOUT)
-        assert not th.is_alive(), "server thread did not stop"
 
 
 def open_with(endpoint: str, socket_setup: Callable[[zmq.Socket], None] | None, wait_s: float) -> dict | None:
@@ -92,7 +76,7 @@ def test_serve_answers_only_authorised_clients(up, keys, tmp_path):
     shutil.copytree(stranger, wrong_server)
     shutil.copy(keys / "client.key_secret", wrong_server / "client.key_secret")  # our key, the wrong server's
     svc = Service({"tiny": up}, "tiny", Limits())
-    with running(lambda t: serve_router(svc, ANY_PORT, t), keys) as eps:
+    with running(lambda t: serve_router(svc, ANY_PORT, t), CurveKeys(keys)) as eps:
         ep = eps["router"]
         assert open_with(ep, None, 1.0) is None  # no keys: no reply at all
         assert open_with(ep, as_client(stranger), 1.0) is None  # a key not authorised
@@ -110,8 +94,8 @@ def test_serve_answers_only_authorised_clients(up, keys, tmp_path):
 
 def test_broker_with_keys_serves_authorised_clients_through_an_authorised_worker(up, keys):
     svc = Service({"tiny": up}, "tiny", Limits())
-    with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run(), keys) as eps, \
-            running(lambda t: serve_worker(svc, eps["backend"], t), keys):
+    with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run(), CurveKeys(keys)) as eps, \
+            running(lambda t: serve_worker(svc, eps["backend"], t), CurveKeys(keys)):
         c = Client(eps["frontend"], timeout=TIMEOUT, curve_keys=keys)
         try:
             deadline = time.monotonic() + TIMEOUT

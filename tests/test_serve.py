@@ -24,6 +24,7 @@ from rtsr import protocol as P
 from rtsr.broker import Broker
 from rtsr.cli import main
 from rtsr.client import Client, ServerError
+from rtsr.curve import CurveKeys
 from rtsr.serve import Limits, Service, Transport, serve_pipeline, serve_router, serve_worker
 from rtsr.upscaler import Upscaler
 
@@ -47,10 +48,11 @@ def noise(sr: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarr
 
 
 @contextmanager
-def running(loop: Callable[[Transport], None]) -> Iterator[dict[str, str]]:
-    """Run a serving loop in a thread; yields its bound endpoints; always stops and joins it."""
+def running(loop: Callable[[Transport], None], curve: CurveKeys | None = None) -> Iterator[dict[str, str]]:
+    """Run a serving loop in a thread (with CURVE keys, if given); yields its bound endpoints;
+    always stops and joins it."""
     ready: queue.Queue = queue.Queue()
-    t = Transport(on_ready=ready.put)
+    t = Transport(on_ready=ready.put, curve=curve)
     th = threading.Thread(target=loop, args=(t,), daemon=True)
     th.start()
     try:
