@@ -60,6 +60,9 @@ class Reply:
         return self.header.get("stream")
 
 
+RESEND_CODES = (P.RATE, P.BUSY)  # refusals of one audio block: send it again later
+
+
 class Client:
     """One connection to a service (or broker), any number of streams over it."""
 
@@ -186,7 +189,10 @@ class Client:
 
         At most `window` blocks are unanswered at a time (the flow control that keeps a fast
         sender from queueing without bound); with `realtime`, each block is sent when its last
-        sample would have arrived from a live source. Raises ServerError on this stream's errors.
+        sample would have arrived from a live source. A block refused with `rate` or `busy` is sent
+        again after its retry_after_ms, with every block after it (the server refuses those until
+        it comes: docs/protocol.md). Raises ServerError on this stream's other errors
+        (`worker_lost`, `not_reading`, ...: the stream is gone; reopen to go on).
         """
         mono = np.ndim(x) == 1
         x2 = np.asarray(x)[:, None] if mono else np.asarray(x)
@@ -198,12 +204,13 @@ class Client:
             return r.stream == stream
 
         out: list[np.ndarray] = []
-        t0, sent, answered = time.monotonic(), 0, 0
+        t0, sent, answered, not_before = time.monotonic(), 0, 0, 0.0
         while answered < len(starts):
             if sent < len(starts) and sent - answered < window:
                 due = t0 + min(starts[sent] + block, len(x2)) / sr - time.monotonic() if realtime else 0.0
+                due = max(due, not_before - time.monotonic())
                 if due <= 0:
-                    self.send(stream, x2[starts[sent]:starts[sent] + block])
+                    self.send(stream, x2[starts[sent]:starts[sent] + block], seq=sent)
                     sent += 1
                     continue
                 try:
@@ -212,6 +219,11 @@ class Client:
                     continue
             else:
                 r = self._take(mine)
+            if r.type == "error" and r.header.get("code") in RESEND_CODES and r.header.get("seq") is not None:
+                if r.header["seq"] == answered:  # go back: resend from the refused block, after the wait
+                    sent = answered
+                    not_before = time.monotonic() + r.header.get("retry_after_ms", 10) / 1000
+                continue  # a later block of the same refused flight: resent anyway
             answered += self._collect(r, out)
         self.close(stream)
         while (r := self._take(mine)).type != "closed":

@@ -35,6 +35,7 @@ UNKNOWN_STREAM, DUPLICATE_STREAM, BAD_RATE, UNKNOWN_MODEL = "unknown_stream", "d
     "unknown_model"
 BAD_PCM, BAD_AUDIO, TOO_BIG, SEQ, RATE, BUSY = "bad_pcm", "bad_audio", "too_big", "seq", "rate", "busy"
 EXPIRED, INTERNAL, NO_WORKER, WORKER_LOST = "expired", "internal", "no_worker", "worker_lost"
+NOT_READING = "not_reading"
 
 StreamId = str | int | None
 

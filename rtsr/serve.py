@@ -38,6 +38,7 @@ from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys,
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
 from rtsr.features import SR
+from rtsr.flow import FlowControl, FlowLimits, SendResult
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
 
@@ -48,6 +49,9 @@ Reply = tuple[Peer, list[bytes]]
 POLL_S = 0.05  # how often the loops look at their stop flag and at idle streams
 MAX_BATCH = 64  # messages taken per poll round
 HEARTBEAT_S = 1.0  # worker -> broker "ready" interval
+MAX_DROPPED_REMEMBERED = 4096  # streams whose drop is told on their next message
+FLUSH_S = 0.005  # poll interval while replies wait for a slow reader
+BROKER = b"broker"  # a worker's one peer, for its flow control
 
 
 @dataclass
@@ -74,6 +78,7 @@ class Session:
     last_frames: int = 0  # length of the last block: a gap is filled with this much silence per missing block
     audio_s: float = 0.0  # input seconds accepted, for the rate limit
     band: Band | None = None  # the band last reported to the client
+    resend_from: int | None = None  # a refused (rate) seq: later ones are refused too until it comes again
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Service:
         self.upscalers, self.default_model = upscalers, default_model
         self.limits, self.clock = limits or Limits(), clock
         self.sessions: dict[tuple[Peer, P.StreamId], Session] = {}
+        self.dropped: dict[tuple[Peer, P.StreamId], str] = {}  # why a stream was dropped, told on its next message
         self.stats = Stats()
 
     # --- entry points -----------------------------------------------------------------------
@@ -146,14 +152,19 @@ class Service:
                     P.EXPIRED, f"stream idle for more than {self.limits.idle_timeout:g} s", key[1], closed=True)))
         return out
 
-    def drop_peer(self, peer: Peer) -> int:
-        """Forget every stream of a client that vanished or stopped reading its replies."""
+    def drop_peer(self, peer: Peer, reason: str | None = None) -> list[P.StreamId]:
+        """Forget every stream of a client that vanished, or (with a reason) stopped reading its
+        replies: then each of those streams answers its next message with `not_reading` and the reason."""
         keys = [k for k in self.sessions if k[0] == peer]
         for k in keys:
             del self.sessions[k]
+            if reason is not None:
+                self.dropped[k] = reason
+        while len(self.dropped) > MAX_DROPPED_REMEMBERED:
+            del self.dropped[next(iter(self.dropped))]
         if keys:
             self.stats.dropped_peers += 1
-        return len(keys)
+        return [k[1] for k in keys]
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -165,6 +176,9 @@ class Service:
     def _session(self, peer: Peer, h: dict[str, Any]) -> tuple[tuple[Peer, P.StreamId], Session]:
         key = (peer, h.get("stream"))
         s = self.sessions.get(key)
+        if s is None and key in self.dropped:
+            raise P.ProtocolError(P.NOT_READING, f"stream {key[1]!r} was dropped: {self.dropped[key]}", key[1],
+                                  h.get("seq"), closed=True)
         if s is None:
             raise P.ProtocolError(P.UNKNOWN_STREAM, f"no open stream {key[1]!r} (open it first)", key[1],
                                   h.get("seq"), closed=True)
@@ -236,10 +250,15 @@ class Service:
         lim, sr = self.limits, s.spec.sr
         if lim.max_speed > 0:
             ahead = s.audio_s + len(x) / sr - lim.burst_s - lim.max_speed * (now - s.opened)
+            if s.resend_from is not None and seq > s.resend_from:  # go-back-N: nothing past the refused block
+                ahead = max(ahead, 0.001 * lim.max_speed)
             if ahead > 0:
+                s.resend_from = seq if s.resend_from is None else s.resend_from
                 raise P.ProtocolError(P.RATE, f"stream is sending faster than {lim.max_speed:g}x real time; "
-                                              "block not consumed, resend it later", sid, seq,
-                                      retry_after_ms=int(1000 * ahead / lim.max_speed) + 1)
+                                              f"block not consumed, resend from seq {s.resend_from}", sid, seq,
+                                      retry_after_ms=int(1000 * ahead / lim.max_speed) + 1,
+                                      resend_from=s.resend_from)
+            s.resend_from = None
         header: dict[str, Any] = {"type": "audio", "stream": sid, "seq": seq}
         n, gap = len(x), seq - s.next_seq
         if gap:  # fill the missing blocks with silence so everything after keeps its time
@@ -297,6 +316,7 @@ class Transport:
     on_ready: Callable[[dict[str, str]], None] | None = None  # called with the bound endpoints
     name: str = "rtsr serve"  # for the log line
     curve: CurveKeys | None = None  # CURVE: encrypted, authorised peers only (rtsr.curve)
+    flow: FlowLimits = field(default_factory=FlowLimits)  # when a client that does not read is dropped
 
     def socket(self, ctx: zmq.Context, kind: int, server: bool = True) -> zmq.Socket:
         """A socket with the limits below; with CURVE keys, the server side (authenticating peers
@@ -358,35 +378,63 @@ def _buffers(frames: list[zmq.Frame]) -> list[memoryview]:
 
 
 def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transport | None = None) -> None:
-    """Serve clients on a bound ROUTER until `t.stop` is set."""
+    """Serve clients on a bound ROUTER until `t.stop` is set, with flow control (rtsr.flow): a
+    client's replies wait for it to read, its requests wait while they do, and only a client past
+    the documented bound is dropped (told `not_reading`)."""
     t = t or Transport()
     ctx = zmq.Context()
     sock = t.socket(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises instead of silently dropping
+    flow = FlowControl(_router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, peer))
     try:
         with t.authenticator(ctx):
             t.ready({"router": _attach(sock, endpoint, True)})
             while not t.stop.is_set():
-                msgs = _drain(sock) if sock.poll(int(POLL_S * 1000)) else []
-                replies = service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in msgs)
-                for peer, frames in replies + service.expire():
-                    _send_router(sock, service, peer, frames)
+                flow.flush()
+                msgs = _drain(sock) if sock.poll(int(_poll_s(flow) * 1000)) else []
+                ready = flow.admit([(m[0].bytes, m, _nbytes(m)) for m in msgs])
+                for peer, frames in service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in ready) + \
+                        service.expire():
+                    flow.put(peer, frames)
+                for peer, reason in flow.overdue():
+                    streams = service.drop_peer(peer, reason)
+                    log.warning("client %r is not reading its replies (%s): dropped %d streams", peer, reason,
+                                len(streams))
+                    flow.dropped(peer, [P.encode(P.ProtocolError(
+                        P.NOT_READING, f"stream dropped: {reason}", sid, closed=True).header()) for sid in streams])
     finally:
         sock.close(0)
         ctx.term()
 
 
-def _send_router(sock: zmq.Socket, service: Service, peer: Peer, frames: list[bytes]) -> None:
-    try:
-        sock.send_multipart([peer, *frames], zmq.NOBLOCK)
-    except zmq.Again:  # its queue is full: it stopped reading, so it may not hold us up
-        log.warning("client %r is not reading its replies: dropped %d streams", peer, service.drop_peer(peer))
-    except zmq.ZMQError as e:
-        if e.errno != zmq.EHOSTUNREACH:
-            raise
-        n = service.drop_peer(peer)
-        if n:
-            log.info("client %r went away: dropped %d streams", peer, n)
+def _poll_s(flow: FlowControl) -> float:
+    """Come back soon while replies wait for a slow reader; else at the stop-flag rate."""
+    return FLUSH_S if flow.waiting() else POLL_S
+
+
+def _nbytes(frames: list[zmq.Frame]) -> int:
+    return sum(len(f.buffer) for f in frames)
+
+
+def _router_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
+    """ROUTER sends for FlowControl: "full" when ZeroMQ's queue to the peer is at its high-water
+    mark, "gone" when the peer is disconnected (ROUTER_MANDATORY tells both apart)."""
+    def send(peer: Peer, frames: list) -> SendResult:
+        try:
+            sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+            return "sent"
+        except zmq.Again:
+            return "full"
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return "gone"
+    return send
+
+
+def _gone(service: Service, peer: Peer) -> None:
+    if n := len(service.drop_peer(peer)):
+        log.info("client %r went away: dropped %d streams", peer, n)
 
 
 def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None = None) -> None:
@@ -416,35 +464,42 @@ def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None =
 def serve_worker(service: Service, broker: str, t: Transport | None = None) -> None:
     """A worker behind `rtsr broker`: frames arrive as [client id, header, PCM] and go back the same way.
 
-    "ready" messages (with an empty client frame), sent between batches, register the worker and
-    its capacity; the broker forgets a worker silent for its --worker-timeout (a hung process),
-    and learns of a dead connection at once from ZeroMQ.
+    "ready" messages (with an empty client frame), sent every HEARTBEAT_S between batches, register
+    the worker and its capacity; the broker gives up on a worker silent for its --worker-timeout
+    (dead or hung) and tells its clients. Replies the broker cannot take yet wait, in order (and
+    new requests with them): none is ever dropped, so no stream is shifted.
     """
     t = t or Transport()
     ctx = zmq.Context()
     sock = t.socket(ctx, zmq.DEALER, server=False)
+    flow = FlowControl(_dealer_sender(sock), t.flow)
     try:
         t.ready({"broker": _attach(sock, broker, False)})
         beat = 0.0
         while not t.stop.is_set():
+            flow.flush()
             if time.monotonic() - beat >= HEARTBEAT_S:
                 beat = time.monotonic()
-                _send_quiet(sock, [b"", *P.encode({"type": "ready", "capacity": service.limits.max_streams,
-                                                   "streams": len(service.sessions)})])
-            msgs = _drain(sock) if sock.poll(int(POLL_S * 1000)) else []
+                flow.put(BROKER, [b"", *P.encode({"type": "ready", "capacity": service.limits.max_streams,
+                                                  "streams": len(service.sessions)})])
+            msgs = _drain(sock) if sock.poll(int(_poll_s(flow) * 1000)) else []
             msgs = [m for m in msgs if len(m) >= 2 and len(m[0])]  # frames with no client: nothing to answer
-            for peer, frames in service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in msgs) + service.expire():
-                _send_quiet(sock, [peer, *frames])
+            ready = flow.admit([(BROKER, m, _nbytes(m)) for m in msgs])
+            for peer, frames in service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in ready) + service.expire():
+                flow.put(BROKER, [peer, *frames])
     finally:
         sock.close(0)
         ctx.term()
 
 
-def _send_quiet(sock: zmq.Socket, frames: list[bytes]) -> None:
-    try:
-        sock.send_multipart(frames, zmq.NOBLOCK)
-    except zmq.Again:
-        log.warning("broker is not taking replies: one dropped")
+def _dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
+    def send(_: Peer, frames: list) -> SendResult:
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+            return "sent"
+        except zmq.Again:
+            return "full"
+    return send
 
 
 # --- command line -------------------------------------------------------------------------------

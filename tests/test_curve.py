@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zmq
 import zmq.auth
 from test_serve import running
@@ -19,16 +18,9 @@ from rtsr.cli import main
 from rtsr.client import Client
 from rtsr.curve import CurveKeyError, CurveKeys, keygen, warn_if_open
 from rtsr.serve import Limits, Service, serve_router, serve_worker
-from rtsr.upscaler import Upscaler
 
 ANY_PORT = "tcp://127.0.0.1:*"
 TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def up(tiny_model_dir) -> Upscaler:
-    torch.set_num_threads(1)
-    return Upscaler.load(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")

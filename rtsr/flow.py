@@ -1,0 +1,149 @@
+"""Flow control for the ZeroMQ loops: no reply is dropped because ZeroMQ's queue was momentarily full.
+
+ZeroMQ's ROUTER drops or refuses a message to a peer whose queue is at its high-water mark; a
+client that sends a burst and then reads (a file filter, a reconnecting client) used to be dropped
+for it. Here (the zguide's answer: stop reading a peer's requests while its replies cannot be sent,
+with a bounded per-peer reply buffer):
+
+- replies that ZeroMQ will not take yet wait in the peer's own queue, in order, and go out as soon
+  as it reads;
+- while a peer has replies waiting, its new requests are held, not processed (so a fast sender
+  cannot make the server produce replies without bound);
+- a peer that truly stops reading is dropped only past a documented bound: more than
+  `max_unsent_bytes` of replies plus held requests, or none of its replies taken for `max_stall_s`
+  seconds. Its streams are then closed and it is told (`not_reading`) when it reads again.
+
+Socket-free: the loops give it a `send(peer, frames) -> "sent" | "full" | "gone"` function and an
+injectable clock, so it is tested without sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SendResult = Literal["sent", "full", "gone"]
+Msg = Any  # whatever the loop receives: held requests are returned as they came
+
+
+@dataclass(frozen=True)
+class FlowLimits:
+    """The documented bound past which a client that does not read is dropped (docs/protocol.md)."""
+
+    max_unsent_bytes: int = 64 * 1024 * 1024  # unsent replies + held requests, per peer
+    max_stall_s: float = 10.0  # a peer with waiting replies that takes none for this long
+
+
+def _size(frames: list) -> int:
+    return sum(len(f) if isinstance(f, bytes | bytearray) else memoryview(f).nbytes for f in frames)
+
+
+@dataclass
+class _Peer:
+    replies: deque[list] = field(default_factory=deque)
+    held: deque[tuple[Msg, int]] = field(default_factory=deque)  # (request, its bytes)
+    bytes: int = 0  # replies + held requests
+    stalled_since: float | None = None  # since when its first waiting reply has waited
+    dropped: bool = False  # only the notice of its drop is waiting
+
+
+class FlowControl:
+    """Per-peer reply queues and held requests for one socket."""
+
+    def __init__(self, send: Callable[[bytes, list], SendResult], limits: FlowLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic, on_gone: Callable[[bytes], None] | None = None):
+        self.send, self.limits, self.clock, self.on_gone = send, limits or FlowLimits(), clock, on_gone
+        self.peers: dict[bytes, _Peer] = {}
+
+    # --- replies ----------------------------------------------------------------------------
+
+    def put(self, peer: bytes, frames: list) -> None:
+        """Send now if nothing of this peer's is waiting and ZeroMQ takes it; else queue it."""
+        p = self.peers.get(peer)
+        if p is None or not p.replies:
+            result = self.send(peer, frames)
+            if result == "sent":
+                return
+            if result == "gone":
+                self._gone(peer)
+                return
+            p = self.peers.setdefault(peer, _Peer())
+            p.stalled_since = self.clock()
+        p.replies.append(frames)
+        p.bytes += _size(frames)
+
+    def flush(self) -> None:
+        """Send what ZeroMQ now takes, per peer in order, stopping at a peer's first refusal."""
+        for peer, p in list(self.peers.items()):
+            while p.replies:
+                result = self.send(peer, p.replies[0])
+                if result == "full":
+                    break
+                if result == "gone":
+                    self._gone(peer)
+                    break
+                p.bytes -= _size(p.replies.popleft())
+                p.stalled_since = self.clock() if p.replies else None
+            if peer in self.peers and not p.replies and not p.held:
+                del self.peers[peer]
+
+    def waiting(self) -> bool:
+        """True while any reply is queued (the loop should come back soon to flush it)."""
+        return any(p.replies for p in self.peers.values())
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def admit(self, msgs: list[tuple[bytes, Msg, int]]) -> list[Msg]:
+        """(peer, message, bytes) as received -> the messages to process now, in order.
+
+        A peer with replies waiting has its messages held (in order); once its replies are out,
+        its held messages come back here first, before anything newer of its own.
+        """
+        ready: list[Msg] = []
+        for peer, p in list(self.peers.items()):
+            if p.held and not p.replies:
+                ready += [msg for msg, _ in p.held]
+                del self.peers[peer]
+        for peer, msg, n in msgs:
+            p = self.peers.get(peer)
+            if p is not None and (p.replies or p.held):
+                p.held.append((msg, n))
+                p.bytes += n
+            else:
+                ready.append(msg)
+        return ready
+
+    # --- bounds -----------------------------------------------------------------------------
+
+    def overdue(self) -> list[tuple[bytes, str]]:
+        """Peers past the bound, with the reason to tell them; the caller drops their streams and
+        calls `dropped` (which forgets what was queued for them)."""
+        now, out = self.clock(), []
+        for peer, p in list(self.peers.items()):
+            if p.dropped:  # its notice waited too: forget it for good
+                if now - p.stalled_since > self.limits.max_stall_s or p.bytes > self.limits.max_unsent_bytes:
+                    del self.peers[peer]
+            elif p.bytes > self.limits.max_unsent_bytes:
+                out.append((peer, f"{p.bytes / 2**20:.1f} MiB of replies and requests waiting for a client that "
+                                  f"does not read (bound {self.limits.max_unsent_bytes / 2**20:g} MiB)"))
+            elif p.stalled_since is not None and now - p.stalled_since > self.limits.max_stall_s:
+                out.append((peer, f"no reply taken for {now - p.stalled_since:.1f} s "
+                                  f"(bound {self.limits.max_stall_s:g} s)"))
+        return out
+
+    def dropped(self, peer: bytes, notices: list[list]) -> None:
+        """Forget a dropped peer's queue and held requests; `notices` (messages saying why) wait
+        alone for it to read, as long as the bound allows."""
+        self.peers.pop(peer, None)
+        if notices:
+            p = self.peers[peer] = _Peer(stalled_since=self.clock(), dropped=True,
+                                         bytes=sum(_size(n) for n in notices))
+            p.replies.extend(notices)
+
+    def _gone(self, peer: bytes) -> None:
+        self.peers.pop(peer, None)
+        if self.on_gone is not None:
+            self.on_gone(peer)
