@@ -6,17 +6,17 @@
 A stream's engine state lives in one worker, so the broker routes by stream, not by message: an
 `open` goes to the worker with the fewest streams (among those with room), and everything else of
 that (client, stream) follows it until a reply says the stream is gone (`closed`, or an error with
-"closed": true). Workers announce themselves with "ready" heartbeats; one that falls silent is
-forgotten and its clients are told (`worker_lost`). A worker whose connection drops is noticed by
-ZeroMQ's own heartbeats: a send to it fails, an `open` then goes to the next worker, and a stream
-already on it gets `worker_lost`. A client that vanishes has its streams
+"closed": true). Workers announce themselves with "ready" heartbeats every second; one silent for
+`--worker-timeout` (5 s), or whose connection is found gone, is forgotten and each of its clients
+is told at once (`worker_lost`). Nothing is dropped on a full ZeroMQ queue (rtsr.flow): replies
+wait per client and requests per worker; audio for a worker too far behind is refused `busy` with
+its seq, go-back-N. A client that vanishes, or stops reading past the bound, has its streams
 cancelled on their workers. The broker reads headers only; PCM passes through untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -28,11 +28,14 @@ import zmq
 
 from rtsr import protocol as P
 from rtsr.curve import CurveKeyError, add_curve_argument, curve_keys, warn_if_open
-from rtsr.serve import POLL_S, Transport, _attach, _drain
+from rtsr.flow import FlowControl
+from rtsr.serve import FLUSH_S, MAX_DROPPED_REMEMBERED, POLL_S, Transport, _attach, _drain, _nbytes, _router_sender
 
 log = logging.getLogger("rtsr.broker")
 DEFAULT_BACKEND = "tcp://127.0.0.1:5560"
-WORKER_TIMEOUT_S = 30.0  # silence before a connected worker counts as hung: longer than any one batch
+WORKER_TIMEOUT_S = 5.0  # silence before a worker counts as dead or hung: workers beat every second
+MAX_WORKER_BACKLOG = 8 * 1024 * 1024  # bytes waiting for one worker before audio to it is refused (busy)
+BUSY_RETRY_MS = 50
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Broker:
         self.max_frame_bytes, self.worker_timeout = max_frame_bytes, worker_timeout
         self.workers: dict[bytes, Worker] = {}
         self.routes: dict[tuple[bytes, P.StreamId], bytes] = {}
+        self.resend_from: dict[tuple[bytes, P.StreamId], int] = {}  # busy refusals: go-back-N per stream
+        self.dropped: dict[tuple[bytes, P.StreamId], str] = {}  # streams of clients dropped for not reading
         self._assigned = 0
 
     def run(self) -> None:
@@ -62,6 +67,9 @@ class Broker:
         self.front, self.back = self.t.socket(ctx, zmq.ROUTER), self.t.socket(ctx, zmq.ROUTER)
         for s in (self.front, self.back):
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # replies wait per client and requests to a worker per worker, never dropped (rtsr.flow)
+        self.to_clients = FlowControl(_router_sender(self.front), self.t.flow, on_gone=self._client_gone)
+        self.to_workers = FlowControl(_router_sender(self.back), self.t.flow, on_gone=self._drop_worker)
         try:
             with self.t.authenticator(ctx):
                 self.t.ready({"frontend": _attach(self.front, self.frontend_addr, True),
@@ -70,14 +78,18 @@ class Broker:
                 poller.register(self.front, zmq.POLLIN)
                 poller.register(self.back, zmq.POLLIN)
                 while not self.t.stop.is_set():
-                    ready = dict(poller.poll(int(POLL_S * 1000)))
+                    self.to_workers.flush()
+                    self.to_clients.flush()
+                    waiting = self.to_workers.waiting() or self.to_clients.waiting()
+                    ready = dict(poller.poll(int((FLUSH_S if waiting else POLL_S) * 1000)))
                     if self.back in ready:  # replies first: they free capacity
                         for m in _drain(self.back):
                             self._from_worker(m[0].bytes, [f.bytes for f in m[1:]])
-                    if self.front in ready:
-                        for m in _drain(self.front):
-                            self._from_client(m[0].bytes, m[1:])
+                    msgs = _drain(self.front) if self.front in ready else []
+                    for m in self.to_clients.admit([(m[0].bytes, m, _nbytes(m)) for m in msgs]):
+                        self._from_client(m[0].bytes, m[1:])
                     self._expire_workers()
+                    self._drop_slow_clients()
         finally:
             self.front.close(0)
             self.back.close(0)
@@ -95,17 +107,37 @@ class Broker:
                 return
             worker = self.routes.get(key)
             if worker is not None:
+                if h["type"] == "audio":
+                    self._admit_audio(key, worker, h.get("seq"))
                 self._to_worker(worker, [client, *frames])
+            elif key in self.dropped:
+                raise P.ProtocolError(P.NOT_READING, f"stream {key[1]!r} was dropped: {self.dropped[key]}", key[1],
+                                      h.get("seq"), closed=True)
             elif h["type"] != "open":
                 raise P.ProtocolError(P.UNKNOWN_STREAM, f"no open stream {key[1]!r} (open it first)", key[1],
                                       h.get("seq"), closed=True)
             else:
-                while not self._try_send(worker := self._pick(key[1]), [client, *frames]):
-                    self._drop_worker(worker)  # its connection is gone: try the next one
+                while True:  # a worker found gone on this send is dropped: the next one is tried
+                    worker = self._pick(key[1])
+                    self.to_workers.put(worker, [client, *frames])
+                    if worker in self.workers:
+                        break
                 self.routes[key] = worker
                 self.workers[worker].streams.add(key)
         except P.ProtocolError as e:
             self._to_client(client, P.encode(e.header()))
+
+    def _admit_audio(self, key: tuple[bytes, P.StreamId], worker: bytes, seq: Any) -> None:
+        """Refuse (busy, with the seq) audio for a worker whose backlog is past the bound, and every
+        later block of that stream until the refused one is sent again (go-back-N: nothing shifts)."""
+        first = self.resend_from.get(key)
+        backlog = self.to_workers.peers[worker].bytes if worker in self.to_workers.peers else 0
+        if (first is not None and isinstance(seq, int) and seq > first) or backlog > MAX_WORKER_BACKLOG:
+            first = seq if first is None else first
+            self.resend_from[key] = first
+            raise P.ProtocolError(P.BUSY, f"the stream's worker is behind; block not forwarded, resend from seq "
+                                          f"{first}", key[1], seq, retry_after_ms=BUSY_RETRY_MS, resend_from=first)
+        self.resend_from.pop(key, None)
 
     def _pick(self, sid: P.StreamId) -> bytes:
         """The least-loaded worker with room; ties go to the one that got a stream longest ago."""
@@ -125,16 +157,32 @@ class Broker:
                             for wid, w in self.workers.items()]}
 
     def _to_client(self, client: bytes, frames: list[bytes]) -> None:
-        try:
-            self.front.send_multipart([client, *frames], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not reading (EAGAIN): free its streams
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            for key in [k for k in self.routes if k[0] == client]:
-                worker = self._unroute(key)
-                if worker is not None:  # best effort: its idle timeout frees it otherwise
-                    with contextlib.suppress(P.ProtocolError):
-                        self._to_worker(worker, [client, *P.encode({"type": "cancel", "stream": key[1]})])
+        self.to_clients.put(client, frames)
+
+    def _client_gone(self, client: bytes) -> None:
+        """A vanished client: its streams are cancelled on their workers."""
+        self._release_client(client, None)
+
+    def _drop_slow_clients(self) -> None:
+        for client, reason in self.to_clients.overdue():
+            streams = self._release_client(client, reason)
+            log.warning("client %s is not reading its replies (%s): dropped %d streams", client.hex(), reason,
+                        len(streams))
+            self.to_clients.dropped(client, [P.encode(P.ProtocolError(
+                P.NOT_READING, f"stream dropped: {reason}", sid, closed=True).header()) for sid in streams])
+
+    def _release_client(self, client: bytes, reason: str | None) -> list[P.StreamId]:
+        """Unroute a client's streams and cancel them on their workers; with a reason, remember why."""
+        keys = [k for k in self.routes if k[0] == client]
+        for key in keys:
+            worker = self._unroute(key)
+            if reason is not None:
+                self.dropped[key] = reason
+            if worker in self.workers:
+                self._to_worker(worker, [client, *P.encode({"type": "cancel", "stream": key[1]})])
+        while len(self.dropped) > MAX_DROPPED_REMEMBERED:
+            del self.dropped[next(iter(self.dropped))]
+        return [k[1] for k in keys]
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -161,24 +209,13 @@ class Broker:
             self._unroute(key)
         self._to_client(client, frames[1:])
 
-    def _try_send(self, worker: bytes, frames: list) -> bool:
-        """False if the worker's connection is gone; a full queue is the client's error to see."""
-        try:
-            self.back.send_multipart([worker, *frames], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:
-                return False
-            if e.errno != zmq.EAGAIN:
-                raise
-            raise P.ProtocolError(P.BUSY, "the stream's worker has a full queue; message dropped",
-                                  _stream_of(frames[1])) from None
-
     def _to_worker(self, worker: bytes, frames: list) -> None:
-        if not self._try_send(worker, frames):
-            self._drop_worker(worker)  # tells every client of it, this one's included
+        """Queued if the worker's queue is full (its backlog bounds audio by `busy`); a worker whose
+        connection is gone is dropped, which tells each of its clients."""
+        self.to_workers.put(worker, frames)
 
     def _unroute(self, key: tuple[bytes, P.StreamId]) -> bytes | None:
+        self.resend_from.pop(key, None)
         worker = self.routes.pop(key, None)
         if worker in self.workers:
             self.workers[worker].streams.discard(key)
@@ -189,8 +226,10 @@ class Broker:
         if w is None:
             return
         log.warning("worker %s lost with %d streams", worker.hex(), len(w.streams))
+        self.to_workers.dropped(worker, [])
         for key in list(w.streams):
             self.routes.pop(key, None)
+            self.resend_from.pop(key, None)
             self._to_client(key[0], P.encode(P.ProtocolError(P.WORKER_LOST, "the stream's worker stopped "
                                                              "answering", key[1], closed=True).header()))
 

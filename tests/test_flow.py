@@ -1,10 +1,19 @@
 """Flow control (rtsr.flow) without sockets, then through `rtsr serve` with a client that bursts."""
 
+import signal
+import subprocess
+import sys
+import threading
+import time
+
 import numpy as np
-from test_serve import TIMEOUT, client, noise, router, service
+from test_serve import ANY_PORT, TIMEOUT, client, noise, router, running, service
 
 from rtsr import protocol as P
+from rtsr.broker import Broker
+from rtsr.client import Client
 from rtsr.flow import FlowControl, FlowLimits
+from rtsr.serve import serve_worker
 
 
 class FakeSocket:
@@ -129,3 +138,57 @@ def test_rate_refusals_go_back_n_so_a_resent_stream_is_whole(up):
         y = c.upscale(x, 16000, stream="whole", block_ms=100, window=64)  # the client resends as told
     ref = up.upscale(x, 16000)
     assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _bursty(ep: str, sid: str, x: np.ndarray, burst: int = 10) -> np.ndarray:
+    """A client that sends `burst` blocks, then reads what has come, and so on; resends as told."""
+    c = Client(ep, timeout=TIMEOUT)
+    try:
+        return c.upscale(x, 16000, stream=sid, window=burst)
+    finally:
+        c.shutdown()
+
+
+def test_eight_bursty_streams_through_a_broker_with_two_workers_come_back_whole(up):
+    sigs = [noise(16000, 2.0, seed=i) for i in range(8)]
+    outs: dict[int, np.ndarray] = {}
+    with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run()) as eps, \
+            running(lambda t: serve_worker(service(up), eps["backend"], t)), \
+            running(lambda t: serve_worker(service(up), eps["backend"], t)), client(eps["frontend"]) as c:
+        deadline = time.monotonic() + TIMEOUT
+        while len(c.stats()["workers"]) < 2:
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.05)
+        threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, _bursty(eps["frontend"], f"s{i}", sigs[i])))
+                   for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+    assert sorted(outs) == list(range(8))
+    for i, x in enumerate(sigs):
+        ref = up.upscale(x, 16000)
+        assert outs[i].shape == ref.shape and np.abs(outs[i] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_killed_worker_process_is_reported_unasked_within_seconds(tiny_model_dir, up):
+    """A worker process SIGKILLed mid-stream: its client gets worker_lost without sending anything."""
+    with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run()) as eps, client(eps["frontend"]) as c:
+        proc = subprocess.Popen([sys.executable, "-m", "rtsr.cli", "serve", "--connect-broker", eps["backend"],
+                                 "--model", str(tiny_model_dir)], stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not c.stats()["workers"]:
+                assert time.monotonic() < deadline, "worker did not register"
+                time.sleep(0.1)
+            c.open("s", 16000)
+            c.send("s", noise(16000, 0.02))
+            assert c.recv().type == "audio"
+            proc.send_signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            r = c.recv(TIMEOUT)
+            assert (r.type, r.header["code"], r.header["closed"]) == ("error", P.WORKER_LOST, True)
+            assert time.monotonic() - t0 < 7.0
+        finally:
+            proc.kill()
+            proc.wait()
