@@ -52,14 +52,20 @@ WARMUP_S = 0.5
 
 
 class Server:
-    """`rtsr serve` in a subprocess on an OS-chosen loopback port, stopped with SIGINT (then harder)."""
+    """An rtsr service in a subprocess on OS-chosen loopback ports, stopped with SIGINT (then harder).
+
+    Default: `rtsr serve` on a ROUTER; `args` and `ready` (the log line that carries the endpoints,
+    its groups become `endpoints`) make it `rtsr broker` or a worker instead."""
 
     READY = re.compile(r"router (tcp://\S+)")
 
-    def __init__(self, model: str, device: str, start_timeout: float):
+    def __init__(self, model: str, device: str, start_timeout: float, args: list[str] | None = None,
+                 ready: re.Pattern | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "rtsr.cli", "serve", "--bind", "tcp://127.0.0.1:*", "--model", model,
-               "--device", device]
+        cmd = [sys.executable, "-m", "rtsr.cli", *(args or ["serve", "--bind", "tcp://127.0.0.1:*", "--model", model,
+                                                           "--device", device])]
+        self.ready_line = ready or self.READY
+        self.endpoints: tuple[str, ...] = ()
         self.log: deque[str] = deque(maxlen=40)
         self.endpoint: str | None = None
         self._ready = threading.Event()
@@ -70,7 +76,7 @@ class Server:
         try:
             while not self._ready.wait(0.1):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"rtsr serve did not start (exit status {self.proc.poll()}):\n"
+                    raise RuntimeError(f"{' '.join(cmd[3:5])} did not start (exit status {self.proc.poll()}):\n"
                                        + "\n".join(self.log))
         except BaseException:  # also SIGTERM/Ctrl-C while it loads: never leave it running
             self.stop()
@@ -81,9 +87,9 @@ class Server:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.log.append(line.rstrip())
-            m = self.READY.search(line)
+            m = self.ready_line.search(line)
             if m and not self._ready.is_set():
-                self.endpoint = m.group(1)
+                self.endpoint, self.endpoints = m.group(1), m.groups()
                 self._ready.set()
 
     def stop(self) -> int:

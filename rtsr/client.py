@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +83,7 @@ class Client:
         self._streams: dict[P.StreamId, tuple[int, str]] = {}  # stream -> (channels, wire dtype)
         self._seq: dict[P.StreamId, int] = {}
         self._pending: deque[Reply] = deque()
+        self.counts: Counter[str] = Counter()  # upscale(): blocks sent, resent, answered; errors by code
 
     def __enter__(self) -> Client:
         return self
@@ -204,14 +205,16 @@ class Client:
             return r.stream == stream
 
         out: list[np.ndarray] = []
-        t0, sent, answered, not_before = time.monotonic(), 0, 0, 0.0
+        t0, sent, answered, not_before, high = time.monotonic(), 0, 0, 0.0, 0
         while answered < len(starts):
             if sent < len(starts) and sent - answered < window:
                 due = t0 + min(starts[sent] + block, len(x2)) / sr - time.monotonic() if realtime else 0.0
                 due = max(due, not_before - time.monotonic())
                 if due <= 0:
                     self.send(stream, x2[starts[sent]:starts[sent] + block], seq=sent)
+                    self.counts["resent" if sent < high else "sent"] += 1
                     sent += 1
+                    high = max(high, sent)
                     continue
                 try:
                     r = self._take(mine, due)
@@ -219,12 +222,16 @@ class Client:
                     continue
             else:
                 r = self._take(mine)
+            if r.type == "error":
+                self.counts[f"error {r.header.get('code')}"] += 1
             if r.type == "error" and r.header.get("code") in RESEND_CODES and r.header.get("seq") is not None:
                 if r.header["seq"] == answered:  # go back: resend from the refused block, after the wait
                     sent = answered
                     not_before = time.monotonic() + r.header.get("retry_after_ms", 10) / 1000
                 continue  # a later block of the same refused flight: resent anyway
-            answered += self._collect(r, out)
+            done = self._collect(r, out)
+            answered += done
+            self.counts["answered"] += done
         self.close(stream)
         while (r := self._take(mine)).type != "closed":
             self._collect(r, out)

@@ -1,10 +1,12 @@
 """Flow control (rtsr.flow) without sockets, then through `rtsr serve` with a client that bursts."""
 
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from test_serve import ANY_PORT, TIMEOUT, client, noise, router, running, service
@@ -192,3 +194,16 @@ def test_a_killed_worker_process_is_reported_unasked_within_seconds(tiny_model_d
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_the_soak_benchmark_loses_nothing(tiny_model_dir):
+    """benchmarks/soak_bench.py, small: serve and a broker with a worker killed halfway."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_bench.py"
+    r = subprocess.run([sys.executable, str(bench), "--streams", "4", "--seconds", "1.5", "--model",
+                        str(tiny_model_dir), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    serve_row, broker_row = json.loads(r.stdout)["rows"]
+    assert serve_row["whole"] == 4 and serve_row["answered"] == serve_row["sent"] == 4 * 75
+    assert broker_row["broken"] == 0 and broker_row["whole"] + broker_row["ended_by_allowed_error"] == 4
+    assert broker_row["whole"] >= 1 and broker_row["errors"].get("worker_lost", 0) == broker_row[
+        "ended_by_allowed_error"]
