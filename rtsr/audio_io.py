@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -90,24 +91,88 @@ def write_audio(path: str | Path, y: np.ndarray, sr: int, fmt: str = "wav", over
     24-bit PCM, which holds [-1, 1) only; samples outside are clipped and counted so the caller
     can say so.
     """
-    dest = Path(path)
-    if fmt not in FORMATS:
-        raise AudioError(dest, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    check_writable(dest, overwrite)
     y = np.asarray(y, dtype=np.float32)
-    container, subtype = FORMATS[fmt]
-    clipped = 0
-    if fmt == "flac":
-        clipped = int(np.count_nonzero((y < -1.0) | (y > FLAC_MAX)))
-        y = np.clip(y, -1.0, FLAC_MAX)
-    elif y.nbytes > WAV_LIMIT:
-        container = "RF64"
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        sf.write(tmp, y, sr, subtype=subtype, format=container)
-        os.replace(tmp, dest)
-    except (sf.SoundFileError, RuntimeError, ValueError, OSError) as e:
-        raise AudioError(dest, f"cannot write {fmt} ({_reason(e)})") from e
-    finally:  # also on KeyboardInterrupt; after a successful replace there is nothing left to remove
-        tmp.unlink(missing_ok=True)
-    return clipped
+    y2 = y[:, None] if y.ndim == 1 else y
+    with AudioWriter(path, sr, y2.shape[1], fmt, overwrite, len(y2)) as w:
+        w.write(y2)
+        w.commit()
+    return w.clipped
+
+
+class AudioWriter:
+    """A file written block by block into a hidden temporary beside the destination and renamed
+    into place by commit(): a crash, a full disk or an error midway never leaves a partial file
+    under the real name (leaving the block without commit() removes the temporary)."""
+
+    def __init__(self, path: str | Path, sr: int, channels: int, fmt: str = "wav", overwrite: bool = False,
+                 expected_frames: int = 0):
+        self.dest, self.fmt, self.overwrite, self.clipped = Path(path), fmt, overwrite, 0
+        if fmt not in FORMATS:
+            raise AudioError(self.dest, f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        check_writable(self.dest, overwrite)
+        container, subtype = FORMATS[fmt]
+        if fmt == "wav" and expected_frames * channels * 4 > WAV_LIMIT:
+            container = "RF64"  # RIFF sizes are 32-bit
+        self.tmp = self.dest.with_name(f".{self.dest.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            self.f = sf.SoundFile(self.tmp, "w", sr, channels, subtype=subtype, format=container)
+        except (sf.SoundFileError, RuntimeError, ValueError, OSError) as e:
+            self.tmp.unlink(missing_ok=True)
+            raise AudioError(self.dest, f"cannot write {fmt} ({_reason(e)})") from e
+
+    def write(self, y: np.ndarray) -> None:
+        """Append (frames, channels) float32; flac clips to [-1, 1) and counts what it clipped."""
+        if self.fmt == "flac":
+            self.clipped += int(np.count_nonzero((y < -1.0) | (y > FLAC_MAX)))
+            y = np.clip(y, -1.0, FLAC_MAX)
+        try:
+            self.f.write(y)
+        except (sf.SoundFileError, RuntimeError, ValueError, OSError) as e:
+            raise AudioError(self.dest, f"cannot write {self.fmt} ({_reason(e)})") from e
+
+    def commit(self) -> None:
+        try:
+            self.f.close()
+            check_writable(self.dest, self.overwrite)  # again: something may have appeared meanwhile
+            os.replace(self.tmp, self.dest)
+        except (sf.SoundFileError, RuntimeError, OSError) as e:
+            raise AudioError(self.dest, f"cannot write {self.fmt} ({_reason(e)})") from e
+
+    def __enter__(self) -> AudioWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # also on KeyboardInterrupt
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class AudioReader:
+    """An input file checked like read_audio and read in (frames, channels) float32 blocks, as
+    often as wanted (a file is scanned for its band, then upscaled), in bounded memory."""
+
+    def __init__(self, path: str | Path):
+        self.path = p = Path(path)
+        if not p.exists():
+            raise AudioError(p, "no such file")
+        if p.is_dir():
+            raise AudioError(p, "is a folder, not an audio file")
+        if not os.access(p, os.R_OK):
+            raise AudioError(p, "no permission to read it")
+        try:
+            info = sf.info(str(p))
+        except (sf.SoundFileError, RuntimeError, TypeError) as e:
+            raise AudioError(p, f"not a readable audio file ({_reason(e)})") from e
+        self.sr, self.channels, self.frames = info.samplerate, info.channels, info.frames
+        if self.frames <= 0:
+            raise AudioError(p, "empty (0 audio frames)")
+        if not MIN_SR <= self.sr <= MAX_SR:
+            raise AudioError(p, f"sample rate {self.sr} Hz is outside {MIN_SR}..{MAX_SR}")
+
+    def blocks(self, frames: int = 1 << 18) -> Iterator[np.ndarray]:
+        try:
+            with sf.SoundFile(self.path) as f:
+                while len(x := f.read(frames, dtype="float32", always_2d=True)):
+                    yield _checked(self.path, x, self.sr)
+        except (sf.SoundFileError, RuntimeError) as e:
+            raise AudioError(self.path, f"corrupt or truncated audio ({_reason(e)})") from e

@@ -54,9 +54,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot is None:
         return 0
     try:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(panels, cutoff, lsds, title, args.plot)
     except ImportError:
         print(f"rtsr compare: {PLOT_HINT}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:  # an unwritable folder, an image format matplotlib does not know
+        print(f"rtsr compare: cannot write {args.plot}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.plot}")
     return 0

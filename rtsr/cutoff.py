@@ -221,11 +221,16 @@ def find_edge(power: np.ndarray, top_hz: float) -> float | None:
 
 
 def scan_band(x: np.ndarray, input_sr: int, block: int = 1 << 16) -> Band:
-    """The band of a whole signal ((frames, channels) at input_sr), read in blocks: what a file
-    holds, known before its first sample is upscaled."""
-    rs = StreamingResampler(input_sr, SR, x.shape[1])
-    blocks = (rs.process(np.ascontiguousarray(x[i:i + block], dtype=np.float32)) for i in range(0, len(x), block))
-    return band_of_48k(chain(blocks, [rs.flush()]), x.shape[1], input_sr)
+    """The band of a whole signal ((frames, channels) at input_sr): what a file holds, known
+    before its first sample is upscaled."""
+    return scan_band_blocks((x[i:i + block] for i in range(0, len(x), block)), input_sr, x.shape[1])
+
+
+def scan_band_blocks(blocks: Iterable[np.ndarray], input_sr: int, channels: int) -> Band:
+    """scan_band over (frames, channels) blocks as they are read: memory stays one block's worth."""
+    rs = StreamingResampler(input_sr, SR, channels)
+    at_48k = (rs.process(np.ascontiguousarray(b, dtype=np.float32)) for b in blocks)
+    return band_of_48k(chain(at_48k, [rs.flush()]), channels, input_sr)
 
 
 def band_of_48k(blocks: Iterable[np.ndarray], channels: int, input_sr: float) -> Band:

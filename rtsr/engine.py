@@ -33,6 +33,7 @@ from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
 MIN_SR, MAX_SR = 8000, 384000  # input rates accepted (telephone to studio)
+MAX_CHANNELS = 64  # more is a transposed array, not audio (the engine keeps per-channel state)
 
 
 @lru_cache(maxsize=256)
@@ -50,6 +51,9 @@ def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     if x.ndim == 1 and channels == 1:
         x = x[:, None]
+    if x.ndim == 2 and x.shape[1] > MAX_CHANNELS:
+        raise ValueError(f"audio of shape {x.shape} would be {x.shape[1]} channels (at most {MAX_CHANNELS}): audio is "
+                         f"(frames, channels); transposed? pass x.T")
     if x.ndim != 2 or x.shape[1] != channels:
         raise ValueError(f"expected (frames,{'' if channels == 1 else ' '}{channels}) audio, got shape {x.shape}")
     if not np.isfinite(x).all():
@@ -82,8 +86,8 @@ class Stream:
         number: given in Hz (1 kHz .. the input's Nyquist, else ValueError); a Band: fixed as is
         (what `scan_band` found in a whole file)."""
         check_rate(input_sr)
-        if channels < 1:
-            raise ValueError("channels must be >= 1")
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"channels must be 1..{MAX_CHANNELS}, got {channels}")
         hop = round(hop_ms * SR / 1000)
         if hop < HOP or hop % HOP:
             raise ValueError(f"hop_ms must be a positive multiple of {1000 * HOP / SR:g} ms")

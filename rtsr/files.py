@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -16,11 +18,11 @@ from time import perf_counter
 import numpy as np
 import torch
 
-from rtsr.audio_io import AudioError, check_writable, read_audio, write_audio
+from rtsr.audio_io import AudioError, AudioReader, AudioWriter, check_writable
 from rtsr.backends import apply_backend
-from rtsr.cutoff import as_band
+from rtsr.cutoff import as_band, scan_band_blocks
 from rtsr.features import SR
-from rtsr.upscaler import Upscaler
+from rtsr.upscaler import OFFLINE_BLOCK, Upscaler
 
 PASSTHROUGH_NOTE = "full band: resampled, nothing generated"
 LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged
@@ -95,7 +97,9 @@ class Result:
 
 
 def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool) -> Result:
-    """Read, upscale, write one file; any failure becomes the result's error, so a batch goes on."""
+    """Read, upscale, write one file in blocks (bounded memory whatever its length: the file is read
+    twice, once for its band, once to upscale); any failure becomes the result's error, so a batch
+    goes on."""
     res = Result(str(job.src), str(job.dest) if job.dest else None, error=job.error)
     if job.dest is None:
         return res
@@ -103,16 +107,40 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
         res.status, res.error = "skipped", None
         return res
     try:
-        check_writable(job.dest, overwrite)  # before the compute it would waste
-        y = upscale_audio(up, *read_audio(job.src), cutoff_hz, res)
-        if y is not None:
-            job.dest.parent.mkdir(parents=True, exist_ok=True)
-            res.clipped = write_audio(job.dest, y, SR, fmt, overwrite)
+        check_destination(job.dest, overwrite)  # before the compute it would waste
+        src = AudioReader(job.src)
+        res.sr_in, res.channels, res.seconds = src.sr, src.channels, src.frames / src.sr
+        t0 = perf_counter()
+        band = as_band(cutoff_hz, src.sr) or scan_band_blocks(src.blocks(OFFLINE_BLOCK), src.sr, src.channels)
+        res.cutoff_hz, res.band = round(band.hz, 1), band.source
+        level = Level()
+        with AudioWriter(job.dest, SR, src.channels, fmt, overwrite, round(src.frames * SR / src.sr)) as out:
+            for y in up.upscale_blocks(level.counting_input(src.blocks(OFFLINE_BLOCK)), src.sr, src.channels, band):
+                level.output(y)
+                out.write(y)
+            out.commit()
+        res.compute_s = perf_counter() - t0
+        res.clipped, res.warning = out.clipped, level.warning()
+        res.status, res.error = ("resampled" if band.full else "upscaled"), None
     except AudioError as e:
         res.status, res.error = "failed", e.reason if e.path == job.src else str(e)
-    except OSError as e:  # e.g. the output folder cannot be made
+    except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
         res.status, res.error = "failed", f"{type(e).__name__}: {e}"
     return res
+
+
+def check_destination(dest: Path, overwrite: bool) -> None:
+    """Before any compute: the output may be written (exists only with --overwrite; its folder
+    exists or can be made, and is writable)."""
+    check_writable(dest, overwrite)
+    folder = dest.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise AudioError(dest, f"cannot make its folder: {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise AudioError(dest, f"cannot write into {folder} (no permission)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
 
 
 def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, cutoff_hz: float | None, res: Result) -> np.ndarray | None:
@@ -128,19 +156,38 @@ def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, cutoff_hz: float | None,
     except (ValueError, RuntimeError, MemoryError) as e:
         res.status, res.error = "failed", f"{type(e).__name__}: {e}"
         return None
-    res.warning = level_warning(x, y)
+    level = Level()
+    level.input(x)
+    level.output(y)
+    res.warning = level.warning()
     res.status, res.error = ("resampled" if band.full else "upscaled"), None
     return y
 
 
-def level_warning(x: np.ndarray, y: np.ndarray) -> str | None:
-    """A note when the output's RMS is far above the input's (a cutoff set far too low, say)."""
-    rms_in, rms_out = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))), float(np.sqrt(np.mean(
-        np.square(y, dtype=np.float64))))
-    if rms_out <= 0 or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
-        return None
-    gain = 20 * math.log10(rms_out / max(rms_in, 1e-12))
-    return f"output is {gain:.1f} dB louder than the input (RMS); check --cutoff"
+class Level:
+    """Input and output RMS accumulated block by block, for the level warning."""
 
+    def __init__(self) -> None:
+        self.inp = self.out = 0.0
+        self.n_in = self.n_out = 0
 
+    def input(self, x: np.ndarray) -> None:
+        self.inp += float(np.square(x, dtype=np.float64).sum())
+        self.n_in += x.size
 
+    def counting_input(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for b in blocks:
+            self.input(b)
+            yield b
+
+    def output(self, y: np.ndarray) -> None:
+        self.out += float(np.square(y, dtype=np.float64).sum())
+        self.n_out += y.size
+
+    def warning(self) -> str | None:
+        """A note when the output's RMS is far above the input's (a cutoff set far too low, say)."""
+        rms_in, rms_out = math.sqrt(self.inp / max(self.n_in, 1)), math.sqrt(self.out / max(self.n_out, 1))
+        if rms_out <= 0 or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
+            return None
+        gain = 20 * math.log10(rms_out / max(rms_in, 1e-12))
+        return f"output is {gain:.1f} dB louder than the input (RMS); check --cutoff"

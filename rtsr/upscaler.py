@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 
@@ -15,6 +17,7 @@ from rtsr.engine import Stream, as_frames, check_rate
 from rtsr.model import SuperResModel, load_model
 
 OFFLINE_HOP_MS = 500.0  # big hops: fewer, larger model calls; identical output to any hop
+OFFLINE_BLOCK = 1 << 18  # input frames fed at a time: bounded memory whatever the length
 
 
 def resolve_device(device: str) -> str:
@@ -59,9 +62,17 @@ class Upscaler:
         check_rate(sr)
         frames = _as_frames(x)
         band = as_band(cutoff, sr) or scan_band(frames, sr)
-        s = self.stream(sr, frames.shape[1], OFFLINE_HOP_MS, band)
-        y = np.concatenate([s.feed(frames), s.flush()])
+        chunks = (frames[i:i + OFFLINE_BLOCK] for i in range(0, len(frames), OFFLINE_BLOCK))
+        y = np.concatenate(list(self.upscale_blocks(chunks, sr, frames.shape[1], band)))
         return y[:, 0] if mono else y
+
+    def upscale_blocks(self, blocks: Iterable[np.ndarray], sr: int, channels: int, band: Band) -> Iterator[np.ndarray]:
+        """(frames, channels) blocks of one signal -> its 48 kHz output in blocks, with the band fixed:
+        a file of any length in bounded memory (concatenated, it is `upscale` with that band)."""
+        s = self.stream(sr, channels, OFFLINE_HOP_MS, band)
+        for b in blocks:
+            yield s.feed(b)
+        yield s.flush()
 
 
 def _as_frames(x: np.ndarray) -> np.ndarray:

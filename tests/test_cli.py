@@ -371,3 +371,21 @@ def test_console_script() -> None:
     assert exe, "the rtsr console script is not installed"
     r = subprocess.run([exe, "upscale", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--output FILE" in r.stdout
+
+
+def test_an_unwritable_destination_fails_before_any_compute(rtsr, tmp_path: Path, monkeypatch) -> None:
+    """Checked first, named plainly (not a hidden temp file), and the model never runs."""
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    calls = []
+    monkeypatch.setattr(Upscaler, "upscale_blocks", lambda *a, **k: calls.append(a) or iter(()))
+    r = rtsr("-i", put(tmp_path / "a.wav", tone(16000, 0.2), 16000), "-o", tmp_path / "blocker" / "out")
+    assert r.rc == 1 and "blocker is a file" in r.err and ".tmp" not in r.err and not calls
+    monkeypatch.setattr("rtsr.files.os.access", lambda *a: False)  # what a read-only folder looks like
+    r = rtsr("-i", tmp_path / "a.wav", "-o", tmp_path / "ro")
+    assert r.rc == 1 and "no permission" in r.err and not calls
+
+
+def test_a_transposed_array_is_refused_with_a_hint(tiny_model_dir: Path) -> None:
+    up = Upscaler.load(str(tiny_model_dir))
+    with pytest.raises(ValueError, match="transposed"):
+        up.upscale(np.zeros((2, 44100), np.float32), 44100)
