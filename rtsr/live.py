@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rtsr.audio_io import AudioError, check_writable, write_audio
+from rtsr.audio_io import AudioError, AudioWriter, check_writable
 from rtsr.cutoff import Band, cutoff_arg
 from rtsr.features import SR
 from rtsr.resample import StreamingResampler
@@ -152,8 +152,9 @@ class LiveEngine:
 
     def __init__(self, proc: Processor, input_sr: int, channels: int, hop_in: int, target_frames: int,
                  slack_frames: int | None = None, ring_seconds: float = 2.0,
-                 record: Callable[[np.ndarray], None] | None = None):
+                 record: Callable[[np.ndarray], None] | None = None, play: bool = True):
         self.proc, self.input_sr, self.channels, self.hop_in = proc, input_sr, channels, hop_in
+        self.play = play  # False: no output device, so nothing goes into (or waits in) the output ring
         self.target, self.slack = target_frames, target_frames if slack_frames is None else slack_frames
         self.inp = Ring(int(ring_seconds * input_sr) + hop_in, channels)
         self.out = Ring(int(ring_seconds * SR) + target_frames, channels)
@@ -207,7 +208,8 @@ class LiveEngine:
         self.c.audio_s += n / self.input_sr
         if self.record is not None:
             self.record(y)
-        self.c.skipped += len(y) - self.out.write(y)  # only if nobody is playing the output
+        if self.play:
+            self.c.skipped += len(y) - self.out.write(y)  # only if the output device stopped taking it
         return n
 
     def start(self) -> None:
@@ -233,7 +235,7 @@ class LiveEngine:
     def latency_ms(self, device_s: float = 0.0) -> float:
         """Input-to-output delay now: engine + both rings (+ what the devices report)."""
         return 1000 * (self.proc.latency_samples / SR + self.inp.readable / self.input_sr
-                       + self.out.readable / SR + device_s)
+                       + (self.out.readable / SR if self.play else 0.0) + device_s)
 
     def status(self, device_s: float = 0.0) -> str:
         c = self.c
@@ -363,9 +365,8 @@ def _run_live(args: argparse.Namespace) -> int:
             np.zeros((input_sr // 2, args.channels), np.float32))
     proc: Processor = Passthrough(input_sr, args.channels, stream.latency_samples) if args.passthrough else stream
     hop_in = max(round(input_sr * args.hop_ms / 1000), 1)
-    chunks: list[np.ndarray] = []
     live = LiveEngine(proc, input_sr, args.channels, hop_in, max(round(SR * args.buffer_ms / 1000), 1),
-                      record=chunks.append if args.record else None)
+                      play=not args.no_play)
     try:
         ins = sd.InputStream(device=in_dev, samplerate=input_sr, channels=args.channels, dtype="float32",
                              blocksize=hop_in, callback=live.input_callback)
@@ -379,6 +380,8 @@ def _run_live(args: argparse.Namespace) -> int:
     band = stream.band
     print(f"{what}: {input_sr} Hz x {args.channels} -> 48000 Hz, engine latency {stream.latency_ms:.1f} ms, "
           f"{band_line(band)}; Ctrl-C stops", file=sys.stderr)
+    recording = Recording(args.record, args.channels, args.overwrite) if args.record else None
+    live.record = recording.write if recording else None
     live.start()
     t0 = time.monotonic()
     try:
@@ -396,9 +399,26 @@ def _run_live(args: argparse.Namespace) -> int:
     finally:
         live.stop()
         print("\n" + live.summary(device_s), file=sys.stderr)
-    if args.record:
-        y = np.concatenate(chunks) if chunks else np.zeros((0, args.channels), np.float32)
-        write_audio(args.record, y, SR, "flac" if args.record.suffix.lower() == ".flac" else "wav", args.overwrite)
-        print(f"recorded {len(y) / SR:.1f} s to {args.record}", file=sys.stderr)
+        if recording is not None:  # what was recorded is kept, whatever stopped the run
+            recording.close()
     return 0
+
+
+class Recording:
+    """--record: written as it comes (the engine thread appends each output block), renamed into
+    place when the run ends, however it ends: nothing held in memory, nothing lost on an error."""
+
+    def __init__(self, path: Path, channels: int, overwrite: bool):
+        fmt = "flac" if path.suffix.lower() == ".flac" else "wav"
+        self.path, self.frames = path, 0
+        self.writer = AudioWriter(path, SR, channels, fmt, overwrite)
+
+    def write(self, y: np.ndarray) -> None:
+        self.writer.write(y)
+        self.frames += len(y)
+
+    def close(self) -> None:
+        with self.writer:
+            self.writer.commit()
+        print(f"recorded {self.frames / SR:.1f} s to {self.path}", file=sys.stderr)
 

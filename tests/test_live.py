@@ -119,6 +119,22 @@ def test_input_overflow_is_counted_not_grown(model):
     assert eng.c.dropped_in == 30 * TICK_IN - eng.inp.capacity
 
 
+def test_recording_without_playback_drops_nothing_and_adds_no_latency(model):
+    """--no-play --record: 3 s of input (longer than the output ring) all recorded, nothing counted
+    as dropped, and the reported latency is the engine's (it once said 2020 ms, 143040 dropped)."""
+    got = []
+    eng = LiveEngine(Stream(model, SR_IN, 1, 20.0), SR_IN, 1, HOP_IN, TARGET, ring_seconds=1.0,
+                     record=got.append, play=False)
+    x = signal(3.0)
+    for i in range(0, len(x), TICK_IN):
+        eng.input_callback(x[i:i + TICK_IN], TICK_IN, None, None)
+        eng.step()
+    assert eng.c.skipped == 0 and eng.out.readable == 0
+    recorded, whole = sum(len(y) for y in got), len(x) * 48000 // SR_IN
+    assert whole - eng.proc.latency_samples - 960 <= recorded <= whole  # all but the engine's delay (+ a hop)
+    assert eng.latency_ms() == pytest.approx(1000 * eng.proc.latency_samples / 48000, abs=1000 * HOP_IN / SR_IN)
+
+
 def test_device_status_flags_are_counted(model):
     eng = LiveEngine(Passthrough(SR_IN, 1, 0), SR_IN, 1, HOP_IN, TARGET)
     eng.input_callback(signal(0.01), TICK_IN, None, "input overflow")
