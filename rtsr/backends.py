@@ -3,7 +3,10 @@
     eager      plain PyTorch (any device)
     compile    torch.compile (Inductor), dynamic shapes so any hop length reuses the kernels
     cudagraph  torch.compile's reduce-overhead mode: the per-hop step replayed as CUDA graphs
-    tensorrt   torch-tensorrt (dynamo IR, fp16), an optional extra: pip install 'rtsr[tensorrt]'
+    onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
+               CPU the fastest, since a live hop's cost is per-operator dispatch
+    tensorrt   torch-tensorrt (dynamo IR, fp16), an optional extra: pip install 'rtsr[tensorrt]';
+               untested here (no GPU with it installed has run it)
     auto       the fastest that is installed and works here, falling back with a logged reason
 
 The inverse FFT and complex ops stay in PyTorch/numpy around the networks, so every backend
@@ -16,10 +19,11 @@ import logging
 
 import torch
 
+from rtsr.features import N_MELS
 from rtsr.model import SuperResModel
 
 log = logging.getLogger("rtsr.backends")
-BACKENDS = ("auto", "eager", "compile", "cudagraph", "tensorrt")
+BACKENDS = ("auto", "eager", "onnx", "compile", "cudagraph", "tensorrt")
 
 
 class BackendUnavailable(RuntimeError):
@@ -47,6 +51,18 @@ def _tensorrt(model: SuperResModel) -> None:
     model.vocoder = torch.compile(model.vocoder, backend="tensorrt", dynamic=True, options=opts)
 
 
+def _onnx(model: SuperResModel) -> None:
+    if str(model.device) != "cpu":
+        raise BackendUnavailable(f"backend 'onnx' runs on the CPU (model is on {model.device})")
+    try:
+        from rtsr.onnx_backend import OnnxNet
+    except ImportError as e:
+        raise BackendUnavailable(f"onnxruntime is not installed ({e})") from e
+    x = torch.zeros(1, N_MELS, 4)
+    model.denoiser = OnnxNet(model.denoiser, ["x", "cond", "mask", "t"], [x, x, x, torch.zeros(1)])
+    model.vocoder = OnnxNet(model.vocoder, ["mel"], [x])
+
+
 def _apply(model: SuperResModel, name: str) -> None:
     if name == "eager":
         return
@@ -57,13 +73,16 @@ def _apply(model: SuperResModel, name: str) -> None:
         _compile(model, "reduce-overhead")
     elif name == "tensorrt":
         _tensorrt(model)
+    elif name == "onnx":
+        _onnx(model)
     else:
         raise BackendUnavailable(f"unknown backend {name!r}; one of {', '.join(BACKENDS)}")
 
 
 def auto_order(device: str) -> tuple[str, ...]:
-    """Fastest first. On a CPU the networks are too small for compilation to pay for itself."""
-    return ("tensorrt", "cudagraph", "compile", "eager") if str(device).startswith("cuda") else ("eager",)
+    """Fastest first. On a CPU the networks are too small for compilation to pay for itself, and
+    ONNX Runtime's lower per-operator overhead is what counts."""
+    return ("tensorrt", "cudagraph", "compile", "eager") if str(device).startswith("cuda") else ("onnx", "eager")
 
 
 def apply_backend(model: SuperResModel, name: str = "auto") -> str:
@@ -85,8 +104,6 @@ def apply_backend(model: SuperResModel, name: str = "auto") -> str:
 
 def _smoke_test(model: SuperResModel) -> None:
     """One tiny hop through the prepared networks, so 'auto' only picks what really runs."""
-    from rtsr.features import N_MELS
-
     state = model.new_state(1)
     x = torch.zeros(1, N_MELS, 4)
     model.run(state, x, x, torch.full((4,), 4000.0), x)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rtsr.audio_io import AudioError, read_audio
+from rtsr.backends import BACKENDS
 from rtsr.bench_band import add_band_parser, band_report, render_band
 from rtsr.bench_quality import add_quality_parser, quality_report, render_quality
 from rtsr.engine import Stream
@@ -276,7 +277,7 @@ def render_throughput(r: Report) -> str:
 
 
 def load_upscaler(args: argparse.Namespace) -> Upscaler:
-    return Upscaler.load(args.model, args.device, args.steps, args.seed)
+    return Upscaler.load(args.model, args.device, args.steps, args.seed, args.backend, args.threads)
 
 
 def model_info(up: Upscaler) -> dict:
@@ -301,6 +302,8 @@ def _common(p: argparse.ArgumentParser, steps: bool = True) -> None:
         p.add_argument("--steps", type=_positive_int, metavar="N", help="sampler steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                    help="torch CPU threads (default 1; oversubscribed threads are many times slower)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

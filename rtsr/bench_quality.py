@@ -321,7 +321,7 @@ def add_quality_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def quality_report(args: argparse.Namespace) -> dict:
     """Every system on every clip: summary rows, per-clip scores and offline compute per system."""
     items = clips(args.eval)
-    ups = [Upscaler.load(args.model, args.device, k, args.seed) for k in args.steps or [None]]
+    ups = [Upscaler.load(args.model, args.device, k, args.seed, args.backend) for k in args.steps or [None]]
     refs = {c.hr: load_for_scoring(c.hr) for c in items}
     per_clip, compute = [], {}
     audio_s = sum(sf.info(c.lr).duration for c in items)

@@ -16,10 +16,8 @@ from pathlib import Path
 from time import perf_counter
 
 import numpy as np
-import torch
 
 from rtsr.audio_io import AudioError, AudioReader, AudioWriter, check_writable
-from rtsr.backends import apply_backend
 from rtsr.cutoff import as_band, scan_band_blocks
 from rtsr.features import SR
 from rtsr.upscaler import OFFLINE_BLOCK, Upscaler
@@ -45,11 +43,8 @@ class LoadOptions:
 
 
 def load_upscaler(opts: LoadOptions) -> Upscaler:
-    """The model on its device and backend with the thread count set; ModelError/RuntimeError on failure."""
-    torch.set_num_threads(max(opts.threads, 1))
-    up = Upscaler.load(opts.model, opts.device, opts.steps, opts.seed)
-    apply_backend(up.model, opts.backend)
-    return up
+    """The model as these options say; ModelError/RuntimeError on failure."""
+    return Upscaler.load(opts.model, opts.device, opts.steps, opts.seed, opts.backend, max(opts.threads, 1))
 
 
 @dataclass

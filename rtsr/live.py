@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from rtsr.audio_io import AudioError, AudioWriter, check_writable
+from rtsr.backends import BACKENDS
 from rtsr.cutoff import Band, cutoff_arg
 from rtsr.features import SR
 from rtsr.resample import StreamingResampler
@@ -308,6 +309,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--model", default="basic", help="model name or folder (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--passthrough", action="store_true",
                    help="play the plain resampled input with the same latency (for A/B listening)")
     p.add_argument("--record", type=Path, metavar="OUT.wav", help="also write the output here (48 kHz float)")
@@ -350,19 +353,17 @@ def _run_live(args: argparse.Namespace) -> int:
     if note:
         print(f"rtsr live: {note}", file=sys.stderr)
 
-    import torch
 
     from rtsr.model import ModelError
     from rtsr.upscaler import Upscaler
 
-    torch.set_num_threads(1)
     try:
-        stream = Upscaler.load(args.model, args.device).stream(input_sr, args.channels, args.hop_ms, cutoff)
+        up = Upscaler.load(args.model, args.device, backend=args.backend, threads=1)
+        stream = up.stream(input_sr, args.channels, args.hop_ms, cutoff)
     except (ModelError, ValueError, RuntimeError) as e:
         raise LiveError(str(e)) from e
     if not args.passthrough:  # first calls are slow (allocation, caches): not on the live stream's time
-        Upscaler(stream.model).stream(input_sr, args.channels, args.hop_ms).feed(
-            np.zeros((input_sr // 2, args.channels), np.float32))
+        up.warm_up(input_sr, args.channels, args.hop_ms)
     proc: Processor = Passthrough(input_sr, args.channels, stream.latency_samples) if args.passthrough else stream
     hop_in = max(round(input_sr * args.hop_ms / 1000), 1)
     live = LiveEngine(proc, input_sr, args.channels, hop_in, max(round(SR * args.buffer_ms / 1000), 1),

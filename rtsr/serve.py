@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zmq
 
 from rtsr import protocol as P
+from rtsr.backends import BACKENDS
 from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, warn_if_open
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
@@ -505,11 +505,12 @@ def _dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
 # --- command line -------------------------------------------------------------------------------
 
 
-def load_upscalers(names: list[str], device: str = "cpu") -> dict[str, Upscaler]:
-    """Each --model under its argument and its folder name, so clients can say "basic" or "tiny"."""
+def load_upscalers(names: list[str], device: str = "cpu", backend: str = "eager") -> dict[str, Upscaler]:
+    """Each --model under its argument and its folder name, so clients can say "basic" or "tiny";
+    each warmed up, so the first stream does not wait for one-off allocation."""
     ups: dict[str, Upscaler] = {}
     for name in names:
-        up = Upscaler.load(name, device)
+        up = Upscaler.load(name, device, backend=backend, threads=1, warm_up=True)
         ups[name] = up
         ups.setdefault(Path(name).name, up)
     return ups
@@ -530,6 +531,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", default=None,
                    help="model name or folder to load (repeatable; the first is the default; default: basic)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--max-streams", type=int, default=Limits.max_streams, help="(default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout, metavar="S",
                    help="drop a stream after this many seconds without a message (default: %(default)s)")
@@ -571,10 +574,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if not (args.pull or args.connect_broker):
         warn_if_open(args.bind, keys, "rtsr serve")
-    torch.set_num_threads(1)  # one stream's matrices are small; more threads only contend
     names = args.model or ["basic"]
-    try:
-        ups = load_upscalers(names, args.device)
+    try:  # one thread: one stream's matrices are small; more threads only contend
+        ups = load_upscalers(names, args.device, args.backend)
     except (ModelError, RuntimeError) as e:
         print(f"rtsr serve: {e}", file=sys.stderr)
         return 2

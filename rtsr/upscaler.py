@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from rtsr.backends import apply_backend
 from rtsr.cutoff import Band, as_band, scan_band
 from rtsr.engine import Stream, as_frames, check_rate
 from rtsr.model import SuperResModel, load_model
@@ -33,10 +34,22 @@ class Upscaler:
         self.model, self.seed = model, seed
 
     @classmethod
-    def load(cls, name_or_path: str = "basic", device: str = "cpu", steps: int | None = None,
-             seed: int = 0) -> Upscaler:
-        """A bundled model by name ("basic", "speech") or a model directory."""
-        return cls(load_model(name_or_path, resolve_device(device), steps), seed)
+    def load(cls, name_or_path: str = "basic", device: str = "cpu", steps: int | None = None, seed: int = 0,
+             backend: str = "eager", threads: int | None = None, warm_up: bool = False) -> Upscaler:
+        """A bundled model by name ("basic", "speech") or a model directory, ready to run: the one
+        way every command loads one. backend: rtsr.backends (auto: the fastest that works here);
+        threads: torch's (and ONNX Runtime's) CPU threads, None leaves them; warm_up runs a
+        throwaway stream first, so one-off allocation is not on a live stream's time."""
+        if threads:
+            torch.set_num_threads(threads)
+        up = cls(load_model(name_or_path, resolve_device(device), steps), seed)
+        apply_backend(up.model, backend)
+        if warm_up:
+            up.warm_up()
+        return up
+
+    def warm_up(self, sr: int = 16000, channels: int = 1, hop_ms: float = 20.0) -> None:
+        self.stream(sr, channels, hop_ms).feed(np.zeros((sr // 2, channels), np.float32))
 
     def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
                cutoff: float | Band | None = None) -> Stream:

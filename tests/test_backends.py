@@ -10,8 +10,43 @@ from rtsr import SuperResModel, Upscaler, backends
 from rtsr.backends import BackendUnavailable, apply_backend
 
 
-def test_auto_on_cpu_is_eager():
-    assert apply_backend(SuperResModel.random(), "auto") == "eager"
+@pytest.fixture(autouse=True)
+def onnx_cache(tmp_path, monkeypatch):
+    """ONNX exports go to a fresh cache folder per test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "rtsr" / "onnx"
+
+
+def test_auto_on_cpu_is_onnx_and_falls_back_to_eager_without_it(monkeypatch, caplog):
+    assert apply_backend(SuperResModel.random(), "auto") == "onnx"
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # as if not installed
+    with caplog.at_level(logging.WARNING, logger="rtsr.backends"):
+        assert apply_backend(SuperResModel.random(seed=1), "auto") == "eager"
+    assert "onnx unavailable" in caplog.text
+
+
+def test_onnx_streams_equal_to_eager_and_reuses_its_export(onnx_cache):
+    """A long stream in 20 ms hops and an offline upscale, two streams batched: equal to eager
+    within 1e-4 of the peak; the export is made once per weights and found again."""
+    x = (0.1 * np.random.default_rng(0).standard_normal(16000 * 4)).astype(np.float32)
+    eager = Upscaler(SuperResModel.random(seed=3))
+    onnx = Upscaler(SuperResModel.random(seed=3))
+    assert apply_backend(onnx.model, "onnx") == "onnx"
+    exports = sorted(onnx_cache.glob("*.onnx"))
+    assert [p.name.split("-")[0] for p in exports] == ["denoiser", "vocoder"]
+    ref = eager.upscale(x, 16000)
+    np.testing.assert_allclose(onnx.upscale(x, 16000), ref, atol=1e-4 * np.abs(ref).max())
+    a, b = eager.stream(16000), onnx.stream(16000)
+    ya = np.concatenate([a.feed(x[i:i + 320]) for i in range(0, len(x), 320)] + [a.flush()])
+    yb = np.concatenate([b.feed(x[i:i + 320]) for i in range(0, len(x), 320)] + [b.flush()])
+    np.testing.assert_allclose(yb, ya, atol=1e-4 * np.abs(ya).max())
+    mtimes = [p.stat().st_mtime_ns for p in exports]
+    again = SuperResModel.random(seed=3)
+    apply_backend(again, "onnx")
+    assert [p.stat().st_mtime_ns for p in exports] == mtimes and len(list(onnx_cache.glob("*.onnx"))) == 2
+    other = SuperResModel.random(seed=4)  # other weights: other files
+    apply_backend(other, "onnx")
+    assert len(list(onnx_cache.glob("*.onnx"))) == 4
 
 
 @pytest.mark.parametrize("name", ["cudagraph", "tensorrt"])

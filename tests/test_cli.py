@@ -81,7 +81,7 @@ def test_exact_length_and_channels(upscaled: SimpleNamespace) -> None:
 
 def test_output_is_the_api_output(upscaled: SimpleNamespace, tiny_model_dir: Path) -> None:
     """Float WAV stores the engine's samples bit for bit: the CLI adds nothing of its own."""
-    expected = Upscaler.load(str(tiny_model_dir), "cpu").upscale(upscaled.x, upscaled.sr)
+    expected = Upscaler.load(str(tiny_model_dir), "cpu", backend="auto").upscale(upscaled.x, upscaled.sr)
     np.testing.assert_array_equal(upscaled.y, expected)
 
 
@@ -169,7 +169,7 @@ def test_cutoff_is_passed_to_the_engine(rtsr, tmp_path: Path, tiny_model_dir: Pa
     x = tone(16000, 0.2)
     assert rtsr("-i", put(tmp_path / "a.wav", x, 16000), "--cutoff", "3000").rc == 0
     y, _ = sf.read(tmp_path / "a_48k.wav", dtype="float32")
-    up = Upscaler.load(str(tiny_model_dir), "cpu")
+    up = Upscaler.load(str(tiny_model_dir), "cpu", backend="auto")
     np.testing.assert_array_equal(y, up.upscale(x[:, 0], 16000, cutoff=3000.0))
     assert not np.array_equal(y, up.upscale(x[:, 0], 16000))  # so the cutoff did reach the engine
     for bad in ("abc", "0", "-5", "nan", "100", "30000"):
