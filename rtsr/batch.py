@@ -13,9 +13,14 @@ import torch
 from rtsr.engine import Stream
 
 
+def batchable(stream: Stream) -> bool:
+    """run_batch needs guidance baked in (a distilled model, or the regression)."""
+    return not (stream.model.steps and stream.model.guidance != 1.0)
+
+
 def step(streams: list[Stream]) -> list[np.ndarray]:
     """Run every ready hop of every stream (batched by hop length); finished samples per stream."""
-    out: list[list[np.ndarray]] = [[] for _ in streams]
+    out: list[list[np.ndarray]] = [s.take_through() for s in streams]  # full-band streams: resampled only
     while True:
         ready = [(i, r) for i, s in enumerate(streams) if (r := s.next_request()) is not None]
         if not ready:

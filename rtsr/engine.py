@@ -209,9 +209,14 @@ class Stream:
         self._x48 = self._x48[:, keep_from:]
         self._x48_base += keep_from
 
+    def take_through(self) -> list[np.ndarray]:
+        """A passthrough stream's resampled output so far (it never makes a model request)."""
+        out, self._through = self._through, []
+        return out
+
     def _drain(self) -> np.ndarray:
         """Run the model hop by hop on every ready hop; return the finished samples."""
-        out, self._through = self._through, []
+        out = self.take_through()
         while (req := self.next_request()) is not None:
             out.append(self.complete(req, self.model.run(self.model_state, req.cond, req.low, req.cutoff,
                                                          req.noise)))

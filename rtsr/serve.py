@@ -10,9 +10,9 @@ between sockets and it. One thread does everything, so the engine runs with one 
 no locks, and a bad message can only ever produce an error reply to its own sender.
 
 Batching: each poll round hands all the messages that are waiting to `Service.handle_batch`,
-which turns consecutive audio messages into a list of `Job`s and runs them in `_run_jobs`. Today
-that runs each job's `Stream.feed` in turn; a batched GPU version would replace `_run_jobs` alone
-(it needs an engine API that exposes per-hop model inputs, which `Stream` does not yet have).
+which turns consecutive audio messages into a list of `Job`s and runs them in `_run_jobs`: in
+waves of one block per stream, every stream's ready hop goes into one model call per sampler step
+(`rtsr.batch`, caches stacked along the batch axis), full-band passthrough streams included.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import zmq
 
 from rtsr import protocol as P
 from rtsr.backends import BACKENDS
+from rtsr.batch import batchable
+from rtsr.batch import step as batch_step
 from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, warn_if_open
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
@@ -277,24 +279,67 @@ class Service:
         return Job(peer, key, s, x, header)
 
     def _run_jobs(self, jobs: list[Job], out: list[Reply]) -> None:
-        """The engine stage of a batch (see the module docstring); empties `jobs` into `out`."""
-        for job in jobs:
-            if self.sessions.get(job.key) is not job.session:
-                continue  # dropped by an earlier job's failure
-            try:
-                y = job.session.engine.feed(job.block)
-            except Exception as e:  # an engine bug must not take the service down
-                log.exception("feed failed for %r", job.key)
-                del self.sessions[job.key]
-                out.append(self._error(job.peer, P.ProtocolError(
-                    P.INTERNAL, f"engine failed: {e}", job.key[1], job.header["seq"], closed=True)))
-                continue
-            band = job.session.engine.band
-            if band != job.session.band:  # the cutoff in use moved: say so on this reply
-                job.header.update(band_fields(band))
-                job.session.band = band
-            out.append((job.peer, P.encode(job.header, y)))
+        """The engine stage of a batch; empties `jobs` into `out`, replies in job order.
+
+        In waves of at most one block per stream: each wave's blocks are pushed, then every
+        stream's ready hops run as one model call per sampler step (rtsr.batch), so N streams
+        cost about one stream's dispatch. A stream whose engine fails is dropped with an error;
+        if the batched call itself fails (an engine bug), the wave's streams go on one by one to
+        find the culprit, and the others keep being served."""
+        replies: dict[int, Reply] = {}
+        pending = list(enumerate(jobs))
+        while pending:
+            wave, rest, seen = [], [], set()
+            for i, job in pending:
+                (rest if job.key in seen else wave).append((i, job))
+                seen.add(job.key)
+            pushed = [(i, job) for i, job in wave if self._push(job, i, replies)]
+            for (i, job), y in zip(pushed, self._step([job for _, job in pushed], replies, [i for i, _ in pushed]),
+                                   strict=True):
+                if y is not None:
+                    replies[i] = self._audio_reply(job, y)
+            pending = rest
+        out += [replies[i] for i in sorted(replies)]
         jobs.clear()
+
+    def _push(self, job: Job, i: int, replies: dict[int, Reply]) -> bool:
+        if self.sessions.get(job.key) is not job.session:
+            return False  # dropped by an earlier job's failure
+        try:
+            job.session.engine.push(job.block)
+            return True
+        except Exception as e:  # an engine bug must not take the service down
+            replies[i] = self._engine_failed(job, e)
+            return False
+
+    def _step(self, jobs: list[Job], replies: dict[int, Reply], ids: list[int]) -> list[np.ndarray | None]:
+        engines = [job.session.engine for job in jobs]
+        if all(batchable(e) for e in engines):
+            try:
+                return batch_step(engines)
+            except Exception:  # find the culprit: each alone, below
+                log.exception("batched step failed; running the wave's streams one by one")
+        outs: list[np.ndarray | None] = []
+        for job, i in zip(jobs, ids, strict=True):
+            try:
+                outs.append(job.session.engine.feed(np.zeros((0, job.session.spec.channels), np.float32)))
+            except Exception as e:
+                replies[i] = self._engine_failed(job, e)
+                outs.append(None)
+        return outs
+
+    def _engine_failed(self, job: Job, e: Exception) -> Reply:
+        log.error("engine failed for %r: %s", job.key, e)
+        self.sessions.pop(job.key, None)
+        return self._error(job.peer, P.ProtocolError(P.INTERNAL, f"engine failed: {e}", job.key[1],
+                                                     job.header["seq"], closed=True))
+
+    def _audio_reply(self, job: Job, y: np.ndarray) -> Reply:
+        band = job.session.engine.band
+        if band != job.session.band:  # the cutoff in use moved: say so on this reply
+            job.header.update(band_fields(band))
+            job.session.band = band
+        return job.peer, P.encode(job.header, y)
 
 
 def band_fields(band: Band) -> dict[str, Any]:

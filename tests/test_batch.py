@@ -5,6 +5,7 @@ import pytest
 
 from rtsr import SuperResModel, Upscaler
 from rtsr.batch import step
+from rtsr.cutoff import Band
 from rtsr.engine import Stream
 
 
@@ -38,3 +39,19 @@ def test_guided_teacher_refuses_batching():
     s.push(np.zeros(16000, np.float32))
     with pytest.raises(ValueError, match="distilled"):
         step([s, s])
+
+
+def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
+    """A full-band 48 kHz stream beside a model stream: batch.step hands back its resampled audio
+    each time (it used to drop it and let `_through` grow)."""
+    model = SuperResModel.random(steps=1)
+    full = Stream(model, 48000, 1, 20.0, cutoff=Band(24000.0, "given"))
+    other = Stream(model, 16000, 1, 20.0)
+    x = (0.1 * np.random.default_rng(0).standard_normal(48000)).astype(np.float32)
+    got = []
+    for i in range(0, 48000, 960):
+        full.push(x[i:i + 960])
+        other.push(x[i // 3:i // 3 + 320])
+        got.append(step([full, other])[0])
+        assert not full._through
+    assert sum(len(g) for g in got) > 40000
