@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 
-from rtsr.engine import MAX_SR, MIN_SR, as_frames
+from rtsr.audio_spec import MAX_SR, MIN_SR, as_frames
 
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}  # fmt -> (container, subtype)
 FLAC_MAX = 1.0 - 2.0**-23  # largest 24-bit PCM value: [-1, 1) is all it can hold

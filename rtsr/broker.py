@@ -29,7 +29,7 @@ import zmq
 from rtsr import protocol as P
 from rtsr.curve import CurveKeyError, add_curve_argument, curve_keys, warn_if_open
 from rtsr.flow import FlowControl
-from rtsr.serve import FLUSH_S, MAX_DROPPED_REMEMBERED, POLL_S, Transport, _attach, _drain, _nbytes, _router_sender
+from rtsr.transport import FLUSH_S, MAX_DROPPED_REMEMBERED, POLL_S, Transport, attach, drain, nbytes, router_sender
 
 log = logging.getLogger("rtsr.broker")
 DEFAULT_BACKEND = "tcp://127.0.0.1:5560"
@@ -68,12 +68,12 @@ class Broker:
         for s in (self.front, self.back):
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # replies wait per client and requests to a worker per worker, never dropped (rtsr.flow)
-        self.to_clients = FlowControl(_router_sender(self.front), self.t.flow, on_gone=self._client_gone)
-        self.to_workers = FlowControl(_router_sender(self.back), self.t.flow, on_gone=self._drop_worker)
+        self.to_clients = FlowControl(router_sender(self.front), self.t.flow, on_gone=self._client_gone)
+        self.to_workers = FlowControl(router_sender(self.back), self.t.flow, on_gone=self._drop_worker)
         try:
             with self.t.authenticator(ctx):
-                self.t.ready({"frontend": _attach(self.front, self.frontend_addr, True),
-                              "backend": _attach(self.back, self.backend_addr, True)})
+                self.t.ready({"frontend": attach(self.front, self.frontend_addr, True),
+                              "backend": attach(self.back, self.backend_addr, True)})
                 poller = zmq.Poller()
                 poller.register(self.front, zmq.POLLIN)
                 poller.register(self.back, zmq.POLLIN)
@@ -83,10 +83,10 @@ class Broker:
                     waiting = self.to_workers.waiting() or self.to_clients.waiting()
                     ready = dict(poller.poll(int((FLUSH_S if waiting else POLL_S) * 1000)))
                     if self.back in ready:  # replies first: they free capacity
-                        for m in _drain(self.back):
+                        for m in drain(self.back):
                             self._from_worker(m[0].bytes, [f.bytes for f in m[1:]])
-                    msgs = _drain(self.front) if self.front in ready else []
-                    for m in self.to_clients.admit([(m[0].bytes, m, _nbytes(m)) for m in msgs]):
+                    msgs = drain(self.front) if self.front in ready else []
+                    for m in self.to_clients.admit([(m[0].bytes, m, nbytes(m)) for m in msgs]):
                         self._from_client(m[0].bytes, m[1:])
                     self._expire_workers()
                     self._drop_slow_clients()

@@ -30,10 +30,10 @@ import zmq
 
 from rtsr import protocol as P
 from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
+from rtsr.audio_spec import SR
 from rtsr.curve import CurveKeyError, add_curve_argument
 from rtsr.curve import curve_keys as load_curve_keys
 from rtsr.cutoff import cutoff_arg
-from rtsr.features import SR
 
 
 class ServerError(Exception):

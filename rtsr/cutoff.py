@@ -30,7 +30,7 @@ from itertools import chain
 
 import numpy as np
 
-from rtsr.features import HOP, N_FFT, SR
+from rtsr.audio_spec import HOP, N_FFT, SR
 from rtsr.resample import StreamingResampler
 
 DETECT_FFT = 4096  # detector frame (85 ms at 48 kHz): 11.7 Hz bins

@@ -24,6 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
 from rtsr.cutoff import Band, CutoffTracker, as_band
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, window
 from rtsr.kernels.noise import frame_noise
@@ -32,38 +33,11 @@ from rtsr.model import SuperResModel
 from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
-MIN_SR, MAX_SR = 8000, 384000  # input rates accepted (telephone to studio)
-MAX_CHANNELS = 64  # more is a transposed array, not audio (the engine keeps per-channel state)
 
 
 @lru_cache(maxsize=256)
 def _merge_row(lo_hz: float, hi_hz: float) -> np.ndarray:
     return merge_weights(lo_hz, hi_hz)
-
-
-def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
-    """Validate one block of audio and return it as (frames, channels) float32."""
-    x = np.asarray(block)
-    if x.dtype.kind not in "fiu":
-        raise TypeError(f"audio must be numeric, got dtype {x.dtype}")
-    if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1)
-        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
-    x = x.astype(np.float32, copy=False)
-    if x.ndim == 1 and channels == 1:
-        x = x[:, None]
-    if x.ndim == 2 and x.shape[1] > MAX_CHANNELS:
-        raise ValueError(f"audio of shape {x.shape} would be {x.shape[1]} channels (at most {MAX_CHANNELS}): audio is "
-                         f"(frames, channels); transposed? pass x.T")
-    if x.ndim != 2 or x.shape[1] != channels:
-        raise ValueError(f"expected (frames,{'' if channels == 1 else ' '}{channels}) audio, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"audio holds {int((~np.isfinite(x)).sum())} NaN/Inf samples")
-    return x
-
-
-def check_rate(sr: int) -> None:
-    if not MIN_SR <= sr <= MAX_SR:
-        raise ValueError(f"input rate {sr} Hz is outside {MIN_SR}..{MAX_SR}")
 
 
 @dataclass

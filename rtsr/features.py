@@ -14,9 +14,8 @@ from functools import cache
 import numpy as np
 import torch
 
-SR = 48000
-N_FFT = 480  # 10 ms window: short, because the window length is part of the latency
-HOP = 240  # 5 ms: 4 frames per 20 ms engine hop
+from rtsr.audio_spec import HOP, N_FFT, SR
+
 N_BINS = N_FFT // 2 + 1
 N_MELS = 80
 LOG_FLOOR = 1e-5  # magnitudes below this (about -125 dBFS for noise) are all "silence"

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rtsr.audio_spec import as_frames, check_rate
 from rtsr.cutoff import band_of_48k, scan_band
-from rtsr.engine import as_frames, check_rate
 from rtsr.features import HOP, N_FFT, bin_freqs, frame_count, istft, merge_weights, stft
 from rtsr.resample import resample
 

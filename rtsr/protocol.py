@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from rtsr.audio_spec import as_frames, check_rate
 from rtsr.cutoff import given_band
-from rtsr.engine import as_frames, check_rate
 
 VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"

@@ -18,14 +18,12 @@ waves of one block per stream, every stream's ready hop goes into one model call
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +38,28 @@ from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys,
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
 from rtsr.features import SR
-from rtsr.flow import FlowControl, FlowLimits, SendResult
+from rtsr.flow import FlowControl
 from rtsr.model import ModelError
+from rtsr.transport import (
+    MAX_DROPPED_REMEMBERED,
+    POLL_S,
+    Peer,
+    Transport,
+    attach,
+    buffers,
+    dealer_sender,
+    drain,
+    nbytes,
+    pipeline_endpoint,
+    poll_s,
+    router_sender,
+)
 from rtsr.upscaler import Upscaler
 
 log = logging.getLogger("rtsr.serve")
 
-Peer = bytes  # ZeroMQ routing identity of a client ("" in pipeline mode)
 Reply = tuple[Peer, list[bytes]]
-POLL_S = 0.05  # how often the loops look at their stop flag and at idle streams
-MAX_BATCH = 64  # messages taken per poll round
 HEARTBEAT_S = 1.0  # worker -> broker "ready" interval
-MAX_DROPPED_REMEMBERED = 4096  # streams whose drop is told on their next message
-FLUSH_S = 0.005  # poll interval while replies wait for a slow reader
 BROKER = b"broker"  # a worker's one peer, for its flow control
 
 
@@ -347,79 +354,7 @@ def band_fields(band: Band) -> dict[str, Any]:
     return {"cutoff": round(band.hz, 1), "band": band.source}
 
 
-# --- transports ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Transport:
-    """What the serving loops share: socket limits (bounded queues, bounded messages) and control
-    (a stop flag checked every POLL_S, a callback told the endpoints once bound, for tests and logs)."""
-
-    hwm: int = 64  # messages queued per peer, each way, before ZeroMQ pushes back
-    max_message_bytes: int = 128 * 1024 * 1024  # above this ZeroMQ drops the connection (no reply possible)
-    stop: threading.Event = field(default_factory=threading.Event)
-    on_ready: Callable[[dict[str, str]], None] | None = None  # called with the bound endpoints
-    name: str = "rtsr serve"  # for the log line
-    curve: CurveKeys | None = None  # CURVE: encrypted, authorised peers only (rtsr.curve)
-    flow: FlowLimits = field(default_factory=FlowLimits)  # when a client that does not read is dropped
-
-    def socket(self, ctx: zmq.Context, kind: int, server: bool = True) -> zmq.Socket:
-        """A socket with the limits below; with CURVE keys, the server side (authenticating peers
-        through `authenticator`) or the client side of the handshake."""
-        s = ctx.socket(kind)
-        if self.curve is not None:
-            (self.curve.make_server if server else self.curve.make_client)(s)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVHWM, self.hwm)
-        s.setsockopt(zmq.SNDHWM, self.hwm)
-        s.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        # transport-level heartbeats run in ZeroMQ's I/O thread, so a peer busy computing is not
-        # mistaken for a dead one, while a dead one is disconnected (then sends to it fail)
-        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        return s
-
-    def authenticator(self, ctx: zmq.Context) -> contextlib.ExitStack:
-        """The ZAP handler that checks CURVE clients on ctx's server sockets, for the loop's life."""
-        stack = contextlib.ExitStack()
-        if self.curve is not None:
-            stack.callback(self.curve.authenticator(ctx).stop)
-        return stack
-
-    def ready(self, endpoints: dict[str, str]) -> None:
-        log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in endpoints.items()))
-        if self.on_ready:
-            self.on_ready(endpoints)
-
-
-def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
-    """Bind or connect; returns the endpoint actually in use (a bound port 0/* becomes the real one)."""
-    if bind:
-        sock.bind(endpoint)
-        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    sock.connect(endpoint)
-    return endpoint
-
-
-def pipeline_endpoint(text: str) -> tuple[str, bool]:
-    """'@tcp://...' binds, '>tcp://...' or plain connects (the CZMQ convention)."""
-    if text.startswith("@"):
-        return text[1:], True
-    return text.removeprefix(">"), False
-
-
-def _drain(sock: zmq.Socket) -> list[list[zmq.Frame]]:
-    msgs = []
-    while len(msgs) < MAX_BATCH:
-        try:
-            msgs.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
-        except zmq.Again:
-            break
-    return msgs
-
-
-def _buffers(frames: list[zmq.Frame]) -> list[memoryview]:
-    return [f.buffer for f in frames]
+# --- serving loops --------------------------------------------------------------------------------
 
 
 def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transport | None = None) -> None:
@@ -430,15 +365,15 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
     ctx = zmq.Context()
     sock = t.socket(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises instead of silently dropping
-    flow = FlowControl(_router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, peer))
+    flow = FlowControl(router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, peer))
     try:
         with t.authenticator(ctx):
-            t.ready({"router": _attach(sock, endpoint, True)})
+            t.ready({"router": attach(sock, endpoint, True)})
             while not t.stop.is_set():
                 flow.flush()
-                msgs = _drain(sock) if sock.poll(int(_poll_s(flow) * 1000)) else []
-                ready = flow.admit([(m[0].bytes, m, _nbytes(m)) for m in msgs])
-                for peer, frames in service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in ready) + \
+                msgs = drain(sock) if sock.poll(int(poll_s(flow) * 1000)) else []
+                ready = flow.admit([(m[0].bytes, m, nbytes(m)) for m in msgs])
+                for peer, frames in service.handle_batch((m[0].bytes, buffers(m[1:])) for m in ready) + \
                         service.expire():
                     flow.put(peer, frames)
                 for peer, reason in flow.overdue():
@@ -450,31 +385,6 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
     finally:
         sock.close(0)
         ctx.term()
-
-
-def _poll_s(flow: FlowControl) -> float:
-    """Come back soon while replies wait for a slow reader; else at the stop-flag rate."""
-    return FLUSH_S if flow.waiting() else POLL_S
-
-
-def _nbytes(frames: list[zmq.Frame]) -> int:
-    return sum(len(f.buffer) for f in frames)
-
-
-def _router_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
-    """ROUTER sends for FlowControl: "full" when ZeroMQ's queue to the peer is at its high-water
-    mark, "gone" when the peer is disconnected (ROUTER_MANDATORY tells both apart)."""
-    def send(peer: Peer, frames: list) -> SendResult:
-        try:
-            sock.send_multipart([peer, *frames], zmq.NOBLOCK)
-            return "sent"
-        except zmq.Again:
-            return "full"
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-            return "gone"
-    return send
 
 
 def _gone(service: Service, peer: Peer) -> None:
@@ -490,10 +400,10 @@ def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None =
     src, dst = t.socket(ctx, zmq.PULL, server=pull_bind), t.socket(ctx, zmq.PUSH, server=push_bind)
     try:
         with t.authenticator(ctx):
-            t.ready({"pull": _attach(src, pull_at, pull_bind), "push": _attach(dst, push_at, push_bind)})
+            t.ready({"pull": attach(src, pull_at, pull_bind), "push": attach(dst, push_at, push_bind)})
             while not t.stop.is_set():
-                msgs = _drain(src) if src.poll(int(POLL_S * 1000)) else []
-                for _, frames in service.handle_batch((b"", _buffers(m)) for m in msgs) + service.expire():
+                msgs = drain(src) if src.poll(int(POLL_S * 1000)) else []
+                for _, frames in service.handle_batch((b"", buffers(m)) for m in msgs) + service.expire():
                     if json.loads(frames[0]).get("type") == "error":
                         log.warning("pipeline error: %s", frames[0].decode())
                     while not t.stop.is_set():  # downstream full or absent: wait (backpressure), but stay stoppable
@@ -517,9 +427,9 @@ def serve_worker(service: Service, broker: str, t: Transport | None = None) -> N
     t = t or Transport()
     ctx = zmq.Context()
     sock = t.socket(ctx, zmq.DEALER, server=False)
-    flow = FlowControl(_dealer_sender(sock), t.flow)
+    flow = FlowControl(dealer_sender(sock), t.flow)
     try:
-        t.ready({"broker": _attach(sock, broker, False)})
+        t.ready({"broker": attach(sock, broker, False)})
         beat = 0.0
         while not t.stop.is_set():
             flow.flush()
@@ -527,24 +437,14 @@ def serve_worker(service: Service, broker: str, t: Transport | None = None) -> N
                 beat = time.monotonic()
                 flow.put(BROKER, [b"", *P.encode({"type": "ready", "capacity": service.limits.max_streams,
                                                   "streams": len(service.sessions)})])
-            msgs = _drain(sock) if sock.poll(int(_poll_s(flow) * 1000)) else []
+            msgs = drain(sock) if sock.poll(int(poll_s(flow) * 1000)) else []
             msgs = [m for m in msgs if len(m) >= 2 and len(m[0])]  # frames with no client: nothing to answer
-            ready = flow.admit([(BROKER, m, _nbytes(m)) for m in msgs])
-            for peer, frames in service.handle_batch((m[0].bytes, _buffers(m[1:])) for m in ready) + service.expire():
+            ready = flow.admit([(BROKER, m, nbytes(m)) for m in msgs])
+            for peer, frames in service.handle_batch((m[0].bytes, buffers(m[1:])) for m in ready) + service.expire():
                 flow.put(BROKER, [peer, *frames])
     finally:
         sock.close(0)
         ctx.term()
-
-
-def _dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
-    def send(_: Peer, frames: list) -> SendResult:
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
-            return "sent"
-        except zmq.Again:
-            return "full"
-    return send
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from rtsr.audio_spec import as_frames, check_rate
 from rtsr.backends import apply_backend
 from rtsr.cutoff import Band, as_band, scan_band
-from rtsr.engine import Stream, as_frames, check_rate
+from rtsr.engine import Stream
 from rtsr.model import SuperResModel, load_model
 
 OFFLINE_HOP_MS = 500.0  # big hops: fewer, larger model calls; identical output to any hop

@@ -155,3 +155,13 @@ def test_a_distilled_student_runs_only_at_its_own_step_count(tmp_path):
     for steps in (2, 4, 99):
         with pytest.raises(ModelError, match="distilled for 1 sampler step"):
             load_model("basic", steps=steps)
+
+
+def test_protocol_client_and_broker_need_no_torch():
+    """What runs on a client machine or in front of the workers does not load the engine."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rtsr.protocol, rtsr.client, rtsr.broker, rtsr.curve\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('rtsr'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

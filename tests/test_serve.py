@@ -24,7 +24,8 @@ from rtsr.broker import Broker
 from rtsr.cli import main
 from rtsr.client import Client, ServerError
 from rtsr.curve import CurveKeys
-from rtsr.serve import Limits, Service, Transport, serve_pipeline, serve_router, serve_worker
+from rtsr.serve import Limits, Service, serve_pipeline, serve_router, serve_worker
+from rtsr.transport import Transport
 from rtsr.upscaler import Upscaler
 
 ANY_PORT = "tcp://127.0.0.1:*"
