@@ -36,6 +36,12 @@ class AudioError(Exception):
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """(frames, channels) float32 samples and the rate, or AudioError saying what is wrong."""
+    p = readable(path)
+    return decode_audio(p, p)
+
+
+def readable(path: str | Path) -> Path:
+    """The path, if it is a file this process may read; else AudioError saying why not."""
     p = Path(path)
     if not p.exists():
         raise AudioError(p, "no such file")
@@ -43,7 +49,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise AudioError(p, "is a folder, not an audio file")
     if not os.access(p, os.R_OK):
         raise AudioError(p, "no permission to read it")
-    return decode_audio(p, p)
+    return p
 
 
 def decode_audio(source: Path | BinaryIO, name: str | Path) -> tuple[np.ndarray, int]:
@@ -152,13 +158,7 @@ class AudioReader:
     often as wanted (a file is scanned for its band, then upscaled), in bounded memory."""
 
     def __init__(self, path: str | Path):
-        self.path = p = Path(path)
-        if not p.exists():
-            raise AudioError(p, "no such file")
-        if p.is_dir():
-            raise AudioError(p, "is a folder, not an audio file")
-        if not os.access(p, os.R_OK):
-            raise AudioError(p, "no permission to read it")
+        self.path = p = readable(path)
         try:
             info = sf.info(str(p))
         except (sf.SoundFileError, RuntimeError, TypeError) as e:
