@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import soundfile as sf
 from tqdm import tqdm
 
 from rtsr import __version__, bench, broker, client, compare, curve, live, serve
@@ -239,10 +240,18 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise CliError(f"-o {args.outdir} is a file, not a folder")
     jobs = plan(args, fmt)
     chatty = not (args.quiet or args.json)
-    bar = tqdm(total=len(jobs), unit="file", disable=not chatty or not sys.stderr.isatty(), file=sys.stderr)
+    seconds = {str(j.src): _duration(j) for j in jobs}  # the bar moves by audio, inside long files too
+    bar = tqdm(total=round(sum(seconds.values()), 1), unit="s", unit_scale=True, file=sys.stderr,
+               disable=not chatty or not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio "
+                                                                        "[{elapsed}<{remaining}]")
+    shown: dict[str, float] = {}
+
+    def progress(src: str, s: float) -> None:
+        shown[src] = shown.get(src, 0.0) + s
+        bar.update(s)
 
     def report(res: Result) -> None:
-        bar.update()
+        bar.update(max(seconds.get(res.input, 0.0) - shown.get(res.input, 0.0), 0.0))
         if res.status == "failed":
             tqdm.write(res.line(), file=sys.stderr)
         elif chatty:
@@ -256,7 +265,8 @@ def run_upscale(args: argparse.Namespace) -> int:
             up = _load(args)
             results = []
             for job in jobs:
-                results.append(upscale_file(up, job, fmt, args.cutoff, args.overwrite))
+                results.append(upscale_file(up, job, fmt, args.cutoff, args.overwrite,
+                                            lambda s, src=str(job.src): progress(src, s)))
                 report(results[-1])
             model, device = up.model.name, up.model.device
     totals = _totals(results)
@@ -267,6 +277,17 @@ def run_upscale(args: argparse.Namespace) -> int:
     elif chatty or totals["failed"]:
         print(_summary(totals), file=sys.stdout if chatty else sys.stderr)
     return 1 if totals["failed"] else 0
+
+
+def _duration(job: Job) -> float:
+    """Seconds of audio a planned job will upscale, from the file's header (0 if it will not run)."""
+    if job.dest is None or job.skip:
+        return 0.0
+    try:
+        info = sf.info(str(job.src))
+        return info.frames / info.samplerate
+    except (sf.SoundFileError, RuntimeError, OSError, ZeroDivisionError):
+        return 0.0
 
 
 def _on_cluster(args: argparse.Namespace, jobs: list[Job], fmt: str, report: Callable[[Result], None]) -> list[Result]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -91,7 +91,8 @@ class Result:
         return f"{self.input} -> {self.output} ({'; '.join(notes)})"
 
 
-def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool) -> Result:
+def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool,
+                 progress: Callable[[float], None] | None = None) -> Result:
     """Read, upscale, write one file in blocks (bounded memory whatever its length: the file is read
     twice, once for its band, once to upscale); any failure becomes the result's error, so a batch
     goes on."""
@@ -113,6 +114,8 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
             for y in up.upscale_blocks(level.counting_input(src.blocks(OFFLINE_BLOCK)), src.sr, src.channels, band):
                 level.output(y)
                 out.write(y)
+                if progress is not None:
+                    progress(len(y) / SR)
             out.commit()
         res.compute_s = perf_counter() - t0
         res.clipped, res.warning = out.clipped, level.warning()
