@@ -83,8 +83,11 @@ class SuperResModel:
             net.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
         counts = step_counts(cfg)
         if steps is not None and steps not in counts:
-            raise ModelError(f"{cfg.get('name', path.name)} was distilled for {_listed(counts)} sampler step(s), "
-                             f"not {steps}: a distilled student is undefined at other counts (it drifts louder)")
+            name = cfg.get("name", path.name)
+            if counts == [0]:
+                raise ModelError(f"{name} is a one-pass regression network: it has no sampler steps to set")
+            raise ModelError(f"{name} was distilled for {_listed(counts)} sampler step(s), not {steps}: a "
+                             "distilled student is undefined at other counts (it drifts louder)")
         return cls(den, voc, cfg["steps"] if steps is None else steps, cfg.get("guidance", 1.0), cfg["lookahead"],
                    cfg.get("name", path.name), device, cfg, cfg.get("temperature", 1.0))
 

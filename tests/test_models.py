@@ -17,7 +17,7 @@ from rtsr.models.nets import Denoiser, Vocoder, to_complex
 @pytest.mark.parametrize("name", KNOWN_MODELS)
 def test_shipped_model_loads_and_upscales(name):
     up = Upscaler.load(name)
-    assert up.model.steps >= 1 and up.model.guidance == 1.0  # distilled: guidance baked in
+    assert up.model.steps >= 0 and up.model.guidance == 1.0  # distilled or regression: no guidance to apply
     x = (0.1 * np.sin(np.arange(8000) * 0.3)).astype(np.float32)
     y = up.upscale(x, 8000)
     assert y.shape == (48000,) and np.isfinite(y).all()
@@ -149,12 +149,16 @@ def test_the_runtime_never_imports_training_code():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_distilled_student_runs_only_at_its_own_step_count(tmp_path):
-    """basic's 1-step student run as a 99-step sampler drifted 4 dB louder and clipped: refused."""
-    assert load_model("basic", steps=1).steps == 1
+def test_a_model_runs_only_at_the_step_counts_it_was_made_for(tmp_path):
+    """A 1-step student run as a 99-step sampler drifted 4 dB louder and clipped: refused; the
+    regression network has no steps to set."""
+    assert load_model("speech", steps=1).steps == 1
     for steps in (2, 4, 99):
         with pytest.raises(ModelError, match="distilled for 1 sampler step"):
-            load_model("basic", steps=steps)
+            load_model("speech", steps=steps)
+    assert load_model("basic").steps == 0
+    with pytest.raises(ModelError, match="no sampler steps"):
+        load_model("basic", steps=1)
 
 
 def test_protocol_client_and_broker_need_no_torch():
