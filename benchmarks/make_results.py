@@ -72,8 +72,12 @@ def main() -> None:
                 ["rtsr", "bench", "latency", "--input-sr", "16000", "--hop-ms", "5", *LIVE, *m]),
         section("Throughput (offline upscale), 16 kHz input",
                 ["rtsr", "bench", "throughput", "--input-sr", "16000", "--seconds", "30", *m]),
+        section("Eager vs ONNX Runtime, hop by hop in one process, 16 kHz input, 20 ms hops",
+                ["python", "benchmarks/backend_bench.py", "--seconds", "30", "--hop-ms", "20", *m]),
         section("ZeroMQ service round trip, 16 kHz input, 20 ms blocks paced in real time",
-                ["python", "benchmarks/serve_bench.py", "--seconds", "10", "--streams", "1,2,4", *m]),
+                ["python", "benchmarks/serve_bench.py", "--seconds", "10", "--streams", "1,2,4,8,16", *m]),
+        section("Soak: nothing lost through serve and a broker with a worker killed",
+                ["python", "benchmarks/soak_bench.py", "--streams", "16", "--seconds", "20", *m]),
         *[section(f"Quality on the dev-eval set: `{q}`", ["rtsr", "bench", "quality", "--eval", ev, "--model", q])
           for q in a.quality_models.split(",")],
         section("Band-edge detector on generated material", ["rtsr", "bench", "band"]),
