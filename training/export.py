@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
     info = json.loads(a.info)
-    if a.regression:
+    if a.regression and a.speech:
+        speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
+        den, steps, guidance = speech["regression_speech.net"], 0, 1.0
+    elif a.regression:
         den, steps, guidance = nets["joint.regression"], 0, 1.0
     elif a.student:
         group = "students_speech" if a.speech else "students_basic"

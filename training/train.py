@@ -396,12 +396,42 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     tr.save("teacher_speech", {"ema": ema.state_dict(), "iters": n})
 
 
+def train_speech_regression(tr: Trainer, pool: AudioPool) -> None:
+    """Fine-tune the joint stage's regression network on speech alone (a one-pass `speech` model),
+    with the same band-aware loss; resumes from its own checkpoint."""
+    a = tr.args
+    net = new_denoiser(tr)
+    ck = tr.load("regression_speech")
+    net.load_state_dict(ck["net"] if ck else tr.load("joint")["regression"])
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
+    t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
+    zero = torch.zeros(a.batch, device=tr.device)
+    while time.time() - t0 < a.budget_s:
+        _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
+        x0, cond = aligned(hr_mel, lr_mel)
+        with tr.autocast():
+            pred = net(torch.zeros_like(x0), cond, mask, zero).float()
+            loss = ((pred - x0).abs() * band_weights(mask, band.mels)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        n += 1
+        if n % a.log_every == 0:
+            log.info("speech regression it %d loss %.4f", n, loss.item())
+        if time.time() - last_ck > a.ckpt_s:
+            last_ck = time.time()
+            tr.save("regression_speech", {"net": net.state_dict(), "iters": n, "spent": time.time() - t0})
+    tr.save("regression_speech", {"net": net.state_dict(), "iters": n, "spent": time.time() - t0})
+
+
 def write_slim(run: Path, dest: Path) -> None:
     """fp16 weights only, grouped in a few files (a lease returns at most 8 files of 16 MiB)."""
     dest.mkdir(parents=True, exist_ok=True)
     groups = {"nets_basic": {"joint": ("ema", "vocoder", "regression")},
               "students_basic": {f"student{k}": ("net",) for k in (4, 2, 1)},
-              "students_speech": {f"student_speech{k}": ("net",) for k in (4, 2, 1)}}
+              "students_speech": {f"student_speech{k}": ("net",) for k in (4, 2, 1)},
+              "regression_speech": {"regression_speech": ("net",)}}
     for name, files in groups.items():
         slim = {}
         for f, keys in files.items():
@@ -418,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="folder with manifest.jsonl and FLACs")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--stages", default="joint", help="comma list of joint, distill, speech")
+    p.add_argument("--stages", default="joint", help="comma list of joint, distill, speech, speech-regression")
     p.add_argument("--budgets", default="3600", help="wall seconds per stage, comma list")
     p.add_argument("--slim-dir", type=Path, help="also write small fp16 weight files here per stage")
     p.add_argument("--init-slim", type=Path, help="start the joint stage from these slim weights")
@@ -460,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
             train_joint(tr, pool, val)
         elif stage == "distill":
             train_distill(tr, pool, val)
+        elif stage == "speech-regression":
+            train_speech_regression(tr, speech)
         elif stage == "speech":
             train_speech_teacher(tr, speech)
             train_distill(tr, speech, speech_val, tag="_speech")
