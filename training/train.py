@@ -201,6 +201,21 @@ def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torc
     return ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask, band.mels)).mean()
 
 
+def regression_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
+                    band: TargetBand) -> torch.Tensor:
+    """The one-pass regression network's L1 mel error (input zeroed, t = 0), band-weighted like the teacher's."""
+    r = net(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
+    return ((r.float() - x0).abs() * band_weights(mask, band.mels)).mean()
+
+
+def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> None:
+    """One optimiser step with the gradient norm clipped at 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), net.parameters(), strict=True):
@@ -259,13 +274,9 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             l_teacher = teacher_loss(nets["teacher"], x0, cond, mask, band)
-            r = nets["regression"](torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
-            l_reg = ((r.float() - x0).abs() * band_weights(mask, band.mels)).mean()
+            l_reg = regression_loss(nets["regression"], x0, cond, mask, band)
             l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr, band.hz)
-        opt.zero_grad(set_to_none=True)
-        (l_teacher + l_reg + l_voc).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, l_teacher + l_reg + l_voc, params)
         ema_update(ema, nets["teacher"], 0.999 if step > 1000 else 0.99)
         step += 1
         if step % a.log_every == 0:
@@ -327,10 +338,7 @@ def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Deno
         with tr.autocast():
             v = student(z, cond, mask, t)
         loss = ((v.float() - target) ** 2 * band_weights(mask, band.mels)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, loss, student.parameters())
         n += 1
         if n % a.log_every == 0:
             log.info("distill %d steps: it %d loss %.4f", steps, n, loss.item())
@@ -405,17 +413,12 @@ def train_speech_regression(tr: Trainer, pool: AudioPool) -> None:
     net.load_state_dict(ck["net"] if ck else tr.load("joint")["regression"])
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
-    zero = torch.zeros(a.batch, device=tr.device)
     while time.time() - t0 < a.budget_s:
         _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            pred = net(torch.zeros_like(x0), cond, mask, zero).float()
-            loss = ((pred - x0).abs() * band_weights(mask, band.mels)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+            loss = regression_loss(net, x0, cond, mask, band)
+        clipped_step(opt, loss, net.parameters())
         n += 1
         if n % a.log_every == 0:
             log.info("speech regression it %d loss %.4f", n, loss.item())
