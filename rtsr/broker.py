@@ -131,8 +131,8 @@ class Broker:
         """Refuse (busy, with the seq) audio for a worker whose backlog is past the bound, and every
         later block of that stream until the refused one is sent again (go-back-N: nothing shifts)."""
         first = self.resend_from.get(key)
-        backlog = self.to_workers.peers[worker].bytes if worker in self.to_workers.peers else 0
-        if (first is not None and isinstance(seq, int) and seq > first) or backlog > MAX_WORKER_BACKLOG:
+        if (first is not None and isinstance(seq, int) and seq > first) or \
+                self.to_workers.waiting_bytes(worker) > MAX_WORKER_BACKLOG:
             first = seq if first is None else first
             self.resend_from[key] = first
             raise P.ProtocolError(P.BUSY, f"the stream's worker is behind; block not forwarded, resend from seq "

@@ -90,6 +90,11 @@ class FlowControl:
             if peer in self.peers and not p.replies and not p.held:
                 del self.peers[peer]
 
+    def waiting_bytes(self, peer: bytes) -> int:
+        """Bytes of replies and held requests waiting for one peer."""
+        p = self.peers.get(peer)
+        return p.bytes if p is not None else 0
+
     def waiting(self) -> bool:
         """True while any reply is queued (the loop should come back soon to flush it)."""
         return any(p.replies for p in self.peers.values())

@@ -2,7 +2,6 @@
 
 import logging
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.auth
-from test_serve import running
+from test_serve import running, wait_for_workers
 
 from rtsr import protocol as P
 from rtsr.broker import Broker
@@ -90,10 +89,7 @@ def test_broker_with_keys_serves_authorised_clients_through_an_authorised_worker
             running(lambda t: serve_worker(svc, eps["backend"], t), CurveKeys(keys)):
         c = Client(eps["frontend"], timeout=TIMEOUT, curve_keys=keys)
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while len(c.stats()["workers"]) < 1:
-                assert time.monotonic() < deadline, "the worker did not get through CURVE"
-                time.sleep(0.05)
+            wait_for_workers(c, 1)
             x = (0.1 * np.random.default_rng(1).standard_normal((3200, 1))).astype(np.float32)
             y = c.upscale(x, 16000, stream="s")
         finally:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from test_serve import ANY_PORT, TIMEOUT, client, noise, router, running, service
+from test_serve import ANY_PORT, TIMEOUT, client, noise, router, running, service, wait_for_workers
 
 from rtsr import protocol as P
 from rtsr.broker import Broker
@@ -157,10 +157,7 @@ def test_eight_bursty_streams_through_a_broker_with_two_workers_come_back_whole(
     with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run()) as eps, \
             running(lambda t: serve_worker(service(up), eps["backend"], t)), \
             running(lambda t: serve_worker(service(up), eps["backend"], t)), client(eps["frontend"]) as c:
-        deadline = time.monotonic() + TIMEOUT
-        while len(c.stats()["workers"]) < 2:
-            assert time.monotonic() < deadline, "workers did not register"
-            time.sleep(0.05)
+        wait_for_workers(c, 2)
         threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, _bursty(eps["frontend"], f"s{i}", sigs[i])))
                    for i in range(8)]
         for th in threads:
@@ -179,10 +176,7 @@ def test_a_killed_worker_process_is_reported_unasked_within_seconds(tiny_model_d
         proc = subprocess.Popen([sys.executable, "-m", "rtsr.cli", "serve", "--connect-broker", eps["backend"],
                                  "--model", str(tiny_model_dir)], stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 60
-            while not c.stats()["workers"]:
-                assert time.monotonic() < deadline, "worker did not register"
-                time.sleep(0.1)
+            wait_for_workers(c, 1, timeout=60)
             c.open("s", 16000)
             c.send("s", noise(16000, 0.02))
             assert c.recv().type == "audio"

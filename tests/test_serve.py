@@ -72,6 +72,14 @@ def client(endpoint: str) -> Iterator[Client]:
         c.shutdown()
 
 
+def wait_for_workers(c: Client, n: int, timeout: float = TIMEOUT) -> None:
+    """Until the broker behind `c` has n workers registered."""
+    deadline = time.monotonic() + timeout
+    while len(c.stats()["workers"]) < n:
+        assert time.monotonic() < deadline, f"{n} worker(s) did not register"
+        time.sleep(0.05)
+
+
 def close_max(y: np.ndarray, ref: np.ndarray) -> None:
     assert y.shape == ref.shape
     assert np.abs(y - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1e-12)
@@ -357,10 +365,7 @@ def test_broker_spreads_streams_over_two_workers(up):
     with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run()) as eps, \
             running(lambda t: serve_worker(workers[0], eps["backend"], t)), \
             running(lambda t: serve_worker(workers[1], eps["backend"], t)), client(eps["frontend"]) as c:
-        deadline = time.monotonic() + TIMEOUT
-        while len(c.stats()["workers"]) < 2:
-            assert time.monotonic() < deadline, "workers did not register"
-            time.sleep(0.05)
+        wait_for_workers(c, 2)
         sigs = [noise(16000, 0.2, seed=i) for i in range(4)]
         for i in range(4):
             c.open(i, 16000)
@@ -407,10 +412,7 @@ def test_broker_reports_a_lost_worker_and_moves_on(up):
             c.open("early", 16000)
         assert e.value.code == P.NO_WORKER
         with running(lambda t: serve_worker(service(up), eps["backend"], t)):
-            deadline = time.monotonic() + TIMEOUT
-            while not c.stats()["workers"]:
-                assert time.monotonic() < deadline, "worker did not register"
-                time.sleep(0.05)
+            wait_for_workers(c, 1)
             c.open("s", 16000)
             c.send("s", noise(16000, 0.02))
             assert c.recv().type == "audio"
