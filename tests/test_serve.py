@@ -208,6 +208,14 @@ def undisturbed(up) -> np.ndarray:
         return _run_victim(ep)
 
 
+def same_as_undisturbed(y: np.ndarray, undisturbed: np.ndarray) -> None:
+    """The victim's output, to batching's float rounding: when another client's stream lands in the
+    same poll round, both run in one batched model call (measured 2e-7 of the peak; issue 13 allows
+    1e-6), so bit equality with the undisturbed run holds only when they happen not to share one."""
+    assert y.shape == undisturbed.shape
+    assert np.abs(y - undisturbed).max() <= 1e-6 * np.abs(undisturbed).max()
+
+
 @pytest.mark.parametrize("name", list(DISRUPTIONS))
 def test_bad_message_gets_an_error_and_others_are_unchanged(up, undisturbed, name):
     act, code = DISRUPTIONS[name]
@@ -223,7 +231,7 @@ def test_bad_message_gets_an_error_and_others_are_unchanged(up, undisturbed, nam
     with router(service(up)) as ep:
         y = _run_victim(ep, disrupt)
     assert seen and seen[0]["code"] == code and seen[0]["message"] and seen[0]["v"] == 1
-    np.testing.assert_array_equal(y, undisturbed)
+    same_as_undisturbed(y, undisturbed)
 
 
 def test_vanished_client_is_dropped_and_others_are_unchanged(up, undisturbed):
@@ -245,7 +253,7 @@ def test_vanished_client_is_dropped_and_others_are_unchanged(up, undisturbed):
             while probe.stats()["streams"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert probe.stats()["streams"] == 0
-    np.testing.assert_array_equal(y, undisturbed)
+    same_as_undisturbed(y, undisturbed)
 
 
 # --- sequencing, limits -----------------------------------------------------------------------------
