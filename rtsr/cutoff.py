@@ -8,7 +8,12 @@ sidelobes 92 dB down), because the engine's 480-point sqrt-Hann STFT leaks a bri
 upwards. A low-pass *edge* is where that spectrum falls, within a few hundred Hz, to a level at
 least 30 dB under the band just below it and stays there (90 % of the bins) up to the rate's
 Nyquist; natural roll-off never does that, and a few resampling images or codec birdies above the
-edge do not hide it. AudioSR's 98.5 %-of-magnitude rule would instead cut inside the real band.
+edge do not hide it. A softer edge — a resampler's or an IIR filter's skirt falling over a couple
+of kHz, as in 16 kHz audio stored in a 44.1 kHz file — is looked for second, below 12 kHz only (real
+full-band recordings roll off that steeply in their top octave): within 30 % above the knee the
+spectrum must reach 35 dB under the band below it and stay there, and the edge is where it first
+falls 6 dB (a resampler's half-amplitude point is its Nyquist). AudioSR's 98.5 %-of-magnitude rule
+would instead cut inside the real band.
 
 Streaming stability: the cutoff moves at most twice. It is lowered (or not) once, at the first
 200 ms frame boundary after a second of active audio; a lowered cutoff is restored to the rate's
@@ -49,6 +54,10 @@ MIN_EDGE_HZ, MAX_EDGE_HZ = 1000.0, 19800.0  # edges outside are not looked for (
 MAX_EDGE_RATIO = 0.92  # x the rate's Nyquist: higher "edges" are the resampler's own roll-off
 MIN_CUTOFF_HZ = 1000.0  # a given cutoff below this is refused
 EDGE_MARGIN = 0.035  # x the edge: the input is kept whole this far above an edge
+SLOPE_SPAN = 0.3  # a soft edge: x the knee within which the spectrum must reach the floor...
+SLOPE_EMPTY_DB = 35.0  # ...this far under the band below the knee
+SLOPE_DROP_DB = 6.0  # its edge: the first point SLOPE_DROP_DB under the band below the knee
+SLOPE_MAX_HZ = 12000.0  # soft edges are not looked for above this (natural top-octave roll-off)
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,13 @@ def _pooled_db(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find_edge(power: np.ndarray, top_hz: float) -> float | None:
+    """The band edge (Hz) in a long-term power spectrum whose band cannot exceed top_hz, or None:
+    a steep cliff if there is one, else a soft low-pass skirt below SLOPE_MAX_HZ."""
+    edge = _cliff_edge(power, top_hz)
+    return edge if edge is not None else _slope_edge(power, top_hz)
+
+
+def _cliff_edge(power: np.ndarray, top_hz: float) -> float | None:
     """The band edge (Hz) in a long-term power spectrum whose band cannot exceed top_hz, or None.
 
     Scanning up from 1 kHz, the first position b where 80 % of the bands from 250 Hz above b up to
@@ -218,6 +234,30 @@ def find_edge(power: np.ndarray, top_hz: float) -> float | None:
     kept = np.nonzero(level[steepest - 2 * below_n:steepest] >= plateau - TOP_DB)[0]  # the cliff's top
     edge = float(f[steepest - 2 * below_n + kept[-1]] if len(kept) else f[steepest] - GRID_HZ / 2)
     return edge if MIN_EDGE_HZ <= edge <= limit else None
+
+
+def _slope_edge(power: np.ndarray, top_hz: float) -> float | None:
+    """A soft edge: scanning up from 1 kHz, the first knee b where 80 % of the bands from
+    (1 + SLOPE_SPAN) x b to 0.99 x top_hz, and of their first kHz, sit SLOPE_EMPTY_DB under the
+    band just below b (median of 600 Hz) and PEAK_GAP_DB under the peak. The edge is the first point
+    above b where the level (250 Hz average) is SLOPE_DROP_DB under that band."""
+    f, level = _pooled_db(power)
+    top = np.searchsorted(f, 0.99 * top_hz)
+    smooth = np.convolve(level, np.ones(5) / 5, mode="same")
+    below_n, near_n = round(600 / GRID_HZ), round(1000 / GRID_HZ)
+    limit = min(MAX_EDGE_RATIO * top_hz, SLOPE_MAX_HZ)
+    peak = level[f >= 50].max()
+    for b in range(max(np.searchsorted(f, MIN_EDGE_HZ), 5 * below_n), np.searchsorted(f, limit)):
+        floor_from = b + max(below_n, round(SLOPE_SPAN * f[b] / GRID_HZ))
+        if top - floor_from < near_n:
+            return None
+        plateau = np.median(level[b - below_n:b])
+        loud = level[floor_from:top] > min(plateau - SLOPE_EMPTY_DB, peak - PEAK_GAP_DB)
+        if loud.mean() <= LOUD_SHARE and loud[:near_n].mean() <= LOUD_SHARE:
+            fall = np.nonzero(smooth[b:floor_from] < plateau - SLOPE_DROP_DB)[0]
+            edge = float(f[b + fall[0]]) if len(fall) else None
+            return edge if edge is not None and MIN_EDGE_HZ <= edge <= limit else None
+    return None
 
 
 def scan_band(x: np.ndarray, input_sr: int, block: int = 1 << 16) -> Band:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import signal
 
 from rtsr import SuperResModel, Upscaler
 from rtsr.bench_band import bank, codec_edge, encode, generated, judge, music_like, speech_like
@@ -39,6 +40,21 @@ def test_natural_roll_off_and_quiet_levels_are_full_band():
     x = speech_like(48000, 2.0, rng)[:, None]
     for gain in (1.0, 1e-3):  # -60 dB: still full band, still found as such
         assert scan_band((gain * x).astype(np.float32), 48000) == rate_band(48000)
+
+
+def test_a_soft_resampler_edge_under_weak_highs_is_found():
+    """16 kHz speech whose highs are already weak (a 2nd-order roll-off from 2.5 kHz) stored as a
+    16-bit 44.1 kHz WAV: the resamplers' skirts fall over ~1.5 kHz, no cliff; the soft pass finds it,
+    and the same speech at full band gets no edge."""
+    x = speech_like(48000, 3.0, np.random.default_rng(5))
+    x = signal.sosfilt(signal.butter(2, 2500, fs=48000, output="sos"), x)
+    x = 0.5 * x / np.abs(x).max()
+    y = signal.sosfiltfilt(signal.cheby1(8, 0.05, 7840, fs=48000, output="sos"), x)
+    y = signal.resample_poly(signal.resample_poly(y, 1, 3), 441, 160)
+    pcm16 = lambda v: (np.round(v * 32767) / 32767).astype(np.float32)[:, None]  # noqa: E731
+    band = scan_band(pcm16(y), 44100)
+    assert band.source == "detected" and abs(band.hz - 7840) < 500, band
+    assert scan_band(pcm16(x), 48000) == rate_band(48000)
 
 
 def test_a_quiet_mp3_still_shows_its_edge():
