@@ -4,6 +4,7 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -95,11 +96,13 @@ def test_target_band_is_what_batch_returns(tmp_path):
     assert x0.shape == cond.shape == (4, 80, 15)
 
 
-def test_speech_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path):
-    from rtsr.training.train import new_denoiser, train_speech_regression
+@pytest.mark.parametrize("power", [1, 2])
+def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, power):
+    from rtsr.training.train import new_denoiser, train_regression
 
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, out=tmp_path / "run", batch=2,
-                              lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, dilations=(1, 2, 4, 8))
+                              lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, dilations=(1, 2, 4, 8),
+                              reg_power=power)
     tr = Trainer(args)
     start = new_denoiser(tr).state_dict()
     tr.save("joint", {"regression": start})
@@ -107,9 +110,9 @@ def test_speech_regression_stage_trains_from_the_joint_regression_and_resumes(tm
     for line in (rows / "manifest.jsonl").read_text().splitlines():  # the same audio, as speech
         (rows / "manifest.jsonl").open("a").write(line.replace('"music"', '"speech"') + "\n")
     pool = AudioPool(rows, "train", {"speech": 1.0}, "cpu", 0)
-    train_speech_regression(tr, pool)
+    train_regression(tr, pool, "regression_speech")
     first = tr.load("regression_speech")
-    assert first["iters"] > 0
+    assert first["iters"] > 0 and first["loss_power"] == power
     assert any(not torch.equal(first["net"][k], start[k]) for k in start)  # it learned something
-    train_speech_regression(tr, pool)  # resumes: the budget is spent, so nothing more is done
+    train_regression(tr, pool, "regression_speech")  # resumes: the budget is spent, so nothing more is done
     assert tr.load("regression_speech")["iters"] == first["iters"]

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student", type=int, default=2, help="sampler steps of the student to ship; 0 = teacher")
     p.add_argument("--regression", action="store_true", help="export the one-step regression baseline")
     p.add_argument("--teacher-steps", type=int, default=32)
-    p.add_argument("--speech", action="store_true", help="take the speech-finetuned students")
+    p.add_argument("--speech", action="store_true", help="take the speech-finetuned students (or regression)")
+    p.add_argument("--continued", action="store_true",
+                   help="with --regression: take the `regression` stage's network, not the joint stage's")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="scale of the sampler's starting noise (0: deterministic, the lowest LSD)")
     p.add_argument("--out", type=Path, help="destination (default models/<name>)")
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.regression and a.speech:
         speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
         den, steps, guidance = speech["regression_speech.net"], 0, 1.0
+    elif a.regression and a.continued:
+        cont = torch.load(a.slim / "regression.pt", map_location="cpu")
+        den, steps, guidance = cont["regression.net"], 0, 1.0
+        info.update(regression_iters=cont.get("regression.iters"), loss_power=cont.get("regression.loss_power"))
     elif a.regression:
         den, steps, guidance = nets["joint.regression"], 0, 1.0
     elif a.student:

@@ -202,10 +202,12 @@ def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torc
 
 
 def regression_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
-                    band: TargetBand) -> torch.Tensor:
-    """The one-pass regression network's L1 mel error (input zeroed, t = 0), band-weighted like the teacher's."""
+                    band: TargetBand, power: int = 1) -> torch.Tensor:
+    """The one-pass regression network's mel error (input zeroed, t = 0), band-weighted like the
+    teacher's: L1 (power 1: the median log-mel) or L2 (power 2: the mean log-mel, which is what
+    minimises LSD's squared log error where the high band may be either content or near-silence)."""
     r = net(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
-    return ((r.float() - x0).abs() * band_weights(mask, band.mels)).mean()
+    return ((r.float() - x0).abs() ** power * band_weights(mask, band.mels)).mean()
 
 
 def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> None:
@@ -274,7 +276,7 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             l_teacher = teacher_loss(nets["teacher"], x0, cond, mask, band)
-            l_reg = regression_loss(nets["regression"], x0, cond, mask, band)
+            l_reg = regression_loss(nets["regression"], x0, cond, mask, band, a.reg_power)
             l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr, band.hz)
         clipped_step(opt, l_teacher + l_reg + l_voc, params)
         ema_update(ema, nets["teacher"], 0.999 if step > 1000 else 0.99)
@@ -404,28 +406,37 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     tr.save("teacher_speech", {"ema": ema.state_dict(), "iters": n})
 
 
-def train_speech_regression(tr: Trainer, pool: AudioPool) -> None:
-    """Fine-tune the joint stage's regression network on speech alone (a one-pass `speech` model),
-    with the same band-aware loss; resumes from its own checkpoint."""
+def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
+    """Go on training the joint stage's regression network alone (no teacher: about half a joint
+    step's cost) on the pool's kinds — all of them ("regression") or speech alone
+    ("regression_speech", a one-pass `speech` model) — with the same band-aware loss; resumes from
+    its own checkpoint."""
     a = tr.args
     net = new_denoiser(tr)
-    ck = tr.load("regression_speech")
+    ck = tr.load(name)
     net.load_state_dict(ck["net"] if ck else tr.load("joint")["regression"])
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
+    if ck and "opt" in ck:
+        opt.load_state_dict(ck["opt"])
     t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
+
+    def checkpoint() -> dict:
+        return {"net": net.state_dict(), "opt": opt.state_dict(), "iters": n, "spent": time.time() - t0,
+                "loss_power": a.reg_power}
+
     while time.time() - t0 < a.budget_s:
         _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            loss = regression_loss(net, x0, cond, mask, band)
+            loss = regression_loss(net, x0, cond, mask, band, a.reg_power)
         clipped_step(opt, loss, net.parameters())
         n += 1
         if n % a.log_every == 0:
-            log.info("speech regression it %d loss %.4f", n, loss.item())
+            log.info("%s it %d loss %.4f", name, n, loss.item())
         if time.time() - last_ck > a.ckpt_s:
             last_ck = time.time()
-            tr.save("regression_speech", {"net": net.state_dict(), "iters": n, "spent": time.time() - t0})
-    tr.save("regression_speech", {"net": net.state_dict(), "iters": n, "spent": time.time() - t0})
+            tr.save(name, checkpoint())
+    tr.save(name, checkpoint())
 
 
 def write_slim(run: Path, dest: Path) -> None:
@@ -434,7 +445,8 @@ def write_slim(run: Path, dest: Path) -> None:
     groups = {"nets_basic": {"joint": ("ema", "vocoder", "regression")},
               "students_basic": {f"student{k}": ("net",) for k in (4, 2, 1)},
               "students_speech": {f"student_speech{k}": ("net",) for k in (4, 2, 1)},
-              "regression_speech": {"regression_speech": ("net",)}}
+              "regression_speech": {"regression_speech": ("net",)},
+              "regression": {"regression": ("net",)}}
     for name, files in groups.items():
         slim = {}
         for f, keys in files.items():
@@ -442,7 +454,8 @@ def write_slim(run: Path, dest: Path) -> None:
             if p.exists():
                 ck = torch.load(p, map_location="cpu")
                 slim.update({f"{f}.{k}": {n: v.half() for n, v in ck[k].items()} for k in keys})
-                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step", "config") if k in ck})
+                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step", "config", "loss_power")
+                             if k in ck})
         if slim:
             torch.save(slim, dest / f"{name}.pt")
 
@@ -451,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, type=Path, help="folder with manifest.jsonl and FLACs")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--stages", default="joint", help="comma list of joint, distill, speech, speech-regression")
+    p.add_argument("--stages", default="joint",
+                   help="comma list of joint, distill, speech, speech-regression, regression")
     p.add_argument("--budgets", default="3600", help="wall seconds per stage, comma list")
     p.add_argument("--slim-dir", type=Path, help="also write small fp16 weight files here per stage")
     p.add_argument("--init-slim", type=Path, help="start the joint stage from these slim weights")
@@ -470,10 +484,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="the denoiser's dilation cycle over its blocks (sets its receptive field)")
     p.add_argument("--tilt", type=float, default=0.0,
                    help="random spectral tilt of the training audio, up to +-this many dB/octave above 1 kHz")
+    p.add_argument("--reg-loss", choices=("l1", "l2"), default="l1",
+                   help="the regression network's mel error: l1 (median) or l2 (mean log-mel)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-split", default="val", help="manifest split used for validation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    a.reg_power = {"l1": 1, "l2": 2}[a.reg_loss]
     a.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.StreamHandler(), logging.FileHandler(a.out / "train.log")])
@@ -494,7 +511,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "distill":
             train_distill(tr, pool, val)
         elif stage == "speech-regression":
-            train_speech_regression(tr, speech)
+            train_regression(tr, speech, "regression_speech")
+        elif stage == "regression":
+            train_regression(tr, pool, "regression")
         elif stage == "speech":
             train_speech_teacher(tr, speech)
             train_distill(tr, speech, speech_val, tag="_speech")
