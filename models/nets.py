@@ -211,5 +211,11 @@ class Vocoder(nn.Module):
 
 def to_complex(head_out: torch.Tensor) -> torch.Tensor:
     """(B, T, 2, N_BINS) -> complex (B, T, N_BINS); magnitude capped to keep exp() finite."""
-    logmag, phase = head_out[:, :, 0], head_out[:, :, 1]
-    return torch.polar(torch.exp(logmag.clamp(max=12.0)), phase)
+    return torch.complex(*polar_parts(head_out))
+
+
+def polar_parts(head_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, 2, N_BINS) log-magnitude and phase -> real and imaginary parts (B, T, N_BINS), in
+    real arithmetic only, so the whole hop exports to ONNX (which has no complex tensors)."""
+    mag, phase = torch.exp(head_out[:, :, 0].clamp(max=12.0)), head_out[:, :, 1]
+    return mag * torch.cos(phase), mag * torch.sin(phase)

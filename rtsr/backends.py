@@ -55,12 +55,10 @@ def _onnx(model: SuperResModel) -> None:
     if str(model.device) != "cpu":
         raise BackendUnavailable(f"backend 'onnx' runs on the CPU (model is on {model.device})")
     try:
-        from rtsr.onnx_backend import OnnxNet
+        from rtsr.onnx_backend import OnnxRun
     except ImportError as e:
         raise BackendUnavailable(f"onnxruntime is not installed ({e})") from e
-    x = torch.zeros(1, N_MELS, 4)
-    model.denoiser = OnnxNet(model.denoiser, ["x", "cond", "mask", "t"], [x, x, x, torch.zeros(1)])
-    model.vocoder = OnnxNet(model.vocoder, ["mel"], [x])
+    model.run = OnnxRun(model)
 
 
 def _apply(model: SuperResModel, name: str) -> None:
@@ -98,6 +96,7 @@ def apply_backend(model: SuperResModel, name: str = "auto") -> str:
             return candidate
         except Exception as e:  # any failure of a candidate means: try the next one
             model.denoiser, model.vocoder = den, voc
+            model.__dict__.pop("run", None)  # the class's own run again
             log.warning("backend %s unavailable, falling back: %s", candidate, e)
     raise BackendUnavailable("no backend works")  # eager always works; kept for completeness
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import rtsr.models
 from rtsr.features import HOP, N_FFT, N_MELS, SR, mel_centers
 from rtsr.models.diffusion import sample
-from rtsr.models.nets import Cache, Denoiser, Vocoder, init_cache, to_complex
+from rtsr.models.nets import Cache, Denoiser, Vocoder, init_cache, polar_parts
 
 BUNDLED = Path(rtsr.models.__file__).resolve().parent  # the shipped weights live beside the code
 KNOWN_MODELS = ("basic", "speech")
@@ -127,18 +127,25 @@ class SuperResModel:
         (B, mels, T). Returns (B, T, bins) complex.
         """
         dev = self.device
-        cond, low, cutoff, noise = cond.to(dev), low.to(dev), cutoff.to(dev), noise.to(dev)
-        centers = torch.from_numpy(mel_centers()).to(dev)
+        re, im = self.hop(state, cond.to(dev), low.to(dev), cutoff.to(dev), noise.to(dev))
+        return torch.complex(re, im).cpu()
+
+    def hop(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
+            noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run`'s computation proper, on the model's device, in real arithmetic: the sampler (or
+        the regression), the mel low-band replacement and the vocoder, returning the spectra's
+        real and imaginary parts. The ONNX backend exports exactly this, whole."""
+        centers = torch.from_numpy(mel_centers()).to(cond.device)
         cutoff = cutoff.expand(cond.shape[0], -1)[:, None, :]  # (B, 1, T)
         mask = (centers[None, :, None] < cutoff).float()
         if self.steps:
             mel = sample(self.denoiser, noise * self.temperature, cond, mask, self.steps, self.guidance, state.steps)
         else:  # steps == 0: the one-step regression baseline predicts the mel directly
-            mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=dev),
+            mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=cond.device),
                                 state.steps[0])
         keep = (centers[None, :, None] < 0.88 * cutoff).float()
         mel = keep * low + (1 - keep) * mel  # below the cutoff the mel *is* the input's
-        return to_complex(self.vocoder(mel, state.vocoder)).cpu()
+        return polar_parts(self.vocoder(mel, state.vocoder))
 
 
 def _stack(caches: list[Cache]) -> Cache:

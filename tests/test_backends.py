@@ -5,9 +5,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from rtsr import SuperResModel, Upscaler, backends
 from rtsr.backends import BackendUnavailable, apply_backend
+from rtsr.features import N_MELS
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,7 @@ def test_onnx_streams_equal_to_eager_and_reuses_its_export(onnx_cache):
     onnx = Upscaler(SuperResModel.random(seed=3))
     assert apply_backend(onnx.model, "onnx") == "onnx"
     exports = sorted(onnx_cache.glob("*.onnx"))
-    assert [p.name.split("-")[0] for p in exports] == ["denoiser", "vocoder"]
+    assert [p.name.split("-")[0] for p in exports] == ["hop"]  # the whole hop, one graph
     ref = eager.upscale(x, 16000)
     np.testing.assert_allclose(onnx.upscale(x, 16000), ref, atol=1e-4 * np.abs(ref).max())
     a, b = eager.stream(16000), onnx.stream(16000)
@@ -43,10 +45,10 @@ def test_onnx_streams_equal_to_eager_and_reuses_its_export(onnx_cache):
     mtimes = [p.stat().st_mtime_ns for p in exports]
     again = SuperResModel.random(seed=3)
     apply_backend(again, "onnx")
-    assert [p.stat().st_mtime_ns for p in exports] == mtimes and len(list(onnx_cache.glob("*.onnx"))) == 2
+    assert [p.stat().st_mtime_ns for p in exports] == mtimes and len(list(onnx_cache.glob("*.onnx"))) == 1
     other = SuperResModel.random(seed=4)  # other weights: other files
     apply_backend(other, "onnx")
-    assert len(list(onnx_cache.glob("*.onnx"))) == 4
+    assert len(list(onnx_cache.glob("*.onnx"))) == 2
 
 
 @pytest.mark.parametrize("name", ["cudagraph", "tensorrt"])
@@ -78,3 +80,21 @@ def test_compile_matches_eager():
     apply_backend(model, "compile")
     y = Upscaler(model).upscale(x, 16000)
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_onnx_regression_model_and_shapes_past_the_static_sessions(onnx_cache):
+    """A one-pass regression (no noise input in its graph) equals eager, at every (batch, frames)
+    shape, including those past the sessions made with fixed dimensions (the dynamic one runs them)."""
+    from rtsr.onnx_backend import STATIC_SESSIONS
+
+    eager, onnx = SuperResModel.random(seed=5, steps=0), SuperResModel.random(seed=5, steps=0)
+    apply_backend(onnx, "onnx")
+    shapes = [(b, t) for b in (1, 2, 3) for t in (1, 2, 4, 7)]
+    assert len(shapes) > STATIC_SESSIONS
+    for batch, frames in shapes:
+        cond, low = torch.randn(batch, N_MELS, frames), torch.randn(batch, N_MELS, frames)
+        cutoff, noise = torch.full((frames,), 6000.0), torch.zeros(batch, N_MELS, frames)
+        ref = eager.run(eager.new_state(batch), cond, low, cutoff, noise)
+        got = onnx.run(onnx.new_state(batch), cond, low, cutoff, noise)
+        assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max())
+    assert len(onnx.run.static) == STATIC_SESSIONS
