@@ -8,7 +8,7 @@ streaming state stays the engine's and the session is a pure function; one call 
 one per network, and none of the glue between them in Python. Batch and frame counts are dynamic
 in the file; for the shapes a stream actually uses (its channels and hop frames, a server's batch
 sizes) a session with those dimensions fixed is made once, which lets ONNX Runtime fold the
-shape arithmetic away (measured 14 % faster per hop on the shipped `basic`). Exports are cached
+shape arithmetic away (measured 14-20 % faster per hop on the shipped `basic`). Exports are cached
 per weights in the user cache folder (`$XDG_CACHE_HOME/rtsr/onnx/`, keyed by a hash of the
 weights, the sampler settings and the exporter's versions) and rebuilt when missing or stale. The
 same .onnx file is the road to TensorRT (`trtexec`, or ONNX Runtime's TensorRT provider), which is
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from rtsr.features import N_MELS
 from rtsr.model import ModelState, SuperResModel
 
 EXPORT_VERSION = 3  # bump when the wrapper below changes
-STATIC_SESSIONS = 8  # (batch, frames) shapes given a session of their own; others use the dynamic one
+STATIC_AFTER = 16  # calls in a row of one (batch, frames) shape before it gets a session with them fixed
+STATIC_SESSIONS = 2  # at most this many such sessions (each holds its own packed weights: more thrash the cache)
 
 
 def cache_dir() -> Path:
@@ -95,6 +97,8 @@ class OnnxRun:
         self.threads = max(torch.get_num_threads(), 1)
         self.dynamic = self._session({})
         self.static: dict[tuple[int, int], object] = {}
+        self.last, self.run_length = (0, 0), 0  # the latest shape and how many calls in a row had it
+        self.making: dict[tuple[int, int], threading.Thread] = {}  # sessions being made
         self.uses_noise = "noise" in {i.name for i in self.dynamic.get_inputs()}  # a regression has none
 
     def _session(self, dims: dict[str, int]):
@@ -108,12 +112,26 @@ class OnnxRun:
                                           disabled_optimizers=["MatMulAddFusion"])
 
     def session_for(self, batch: int, frames: int):
-        """A session with these dimensions fixed (made on first use, up to STATIC_SESSIONS shapes)."""
+        """The session for this shape: its own, with the dimensions fixed, once the shape has come
+        STATIC_AFTER calls in a row (a live stream's hop, during its warm-up; an offline file's
+        hops; a server's steady batch), for at most STATIC_SESSIONS shapes; else the dynamic one.
+        Making one takes 0.1-0.25 s, so it is made on a thread of its own (ONNX Runtime releases
+        the GIL meanwhile) and used once ready: no hop waits for it."""
         key = (batch, frames)
-        if key not in self.static and len(self.static) < STATIC_SESSIONS:
-            self.static[key] = self._session({"batch": batch, "frames": frames,
-                                              "state_batch": batch * self.branches, "voc_batch": batch})
-        return self.static.get(key, self.dynamic)
+        if key in self.static:
+            return self.static[key]
+        self.run_length = self.run_length + 1 if key == self.last else 1
+        self.last = key
+        if self.run_length >= STATIC_AFTER and key not in self.making \
+                and len(self.static) + len(self.making) < STATIC_SESSIONS:
+            dims = {"batch": batch, "frames": frames, "state_batch": batch * self.branches, "voc_batch": batch}
+            self.making[key] = threading.Thread(target=self._make_static, args=(key, dims), daemon=True)
+            self.making[key].start()
+        return self.dynamic
+
+    def _make_static(self, key: tuple[int, int], dims: dict[str, int]) -> None:
+        self.static[key] = self._session(dims)
+        del self.making[key]
 
     def __call__(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:

@@ -82,19 +82,23 @@ def test_compile_matches_eager():
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_onnx_regression_model_and_shapes_past_the_static_sessions(onnx_cache):
-    """A one-pass regression (no noise input in its graph) equals eager, at every (batch, frames)
-    shape, including those past the sessions made with fixed dimensions (the dynamic one runs them)."""
-    from rtsr.onnx_backend import STATIC_SESSIONS
+def test_onnx_regression_model_at_every_shape_and_its_fixed_shape_sessions(onnx_cache):
+    """A one-pass regression (no noise input in its graph) equals eager at every (batch, frames)
+    shape, whether the dynamic session runs it or, once a shape comes many calls in a row, one of
+    its own (shapes that alternate never get one)."""
+    from rtsr.onnx_backend import STATIC_AFTER, STATIC_SESSIONS
 
     eager, onnx = SuperResModel.random(seed=5, steps=0), SuperResModel.random(seed=5, steps=0)
     apply_backend(onnx, "onnx")
-    shapes = [(b, t) for b in (1, 2, 3) for t in (1, 2, 4, 7)]
-    assert len(shapes) > STATIC_SESSIONS
-    for batch, frames in shapes:
+    shapes = [(b, t) for b in (1, 2, 3) for t in (1, 4)]
+    for batch, frames in shapes * STATIC_AFTER + [s for s in shapes for _ in range(STATIC_AFTER)]:
         cond, low = torch.randn(batch, N_MELS, frames), torch.randn(batch, N_MELS, frames)
         cutoff, noise = torch.full((frames,), 6000.0), torch.zeros(batch, N_MELS, frames)
         ref = eager.run(eager.new_state(batch), cond, low, cutoff, noise)
         got = onnx.run(onnx.new_state(batch), cond, low, cutoff, noise)
         assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max())
-    assert len(onnx.run.static) == STATIC_SESSIONS
+        if not onnx.run.static and not onnx.run.making:
+            assert onnx.run.run_length < STATIC_AFTER  # alternating shapes: no session of their own
+        for thread in list(onnx.run.making.values()):
+            thread.join()  # made on a thread of its own; wait here so the next calls use it
+    assert list(onnx.run.static) == shapes[:STATIC_SESSIONS]
