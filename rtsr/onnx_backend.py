@@ -6,9 +6,10 @@ itself (`SuperResModel.hop`: sampler or regression, mel low-band replacement, vo
 real and imaginary parts) with every conv cache as an explicit input and output, so the engine's
 streaming state stays the engine's and the session is a pure function; one call per hop instead of
 one per network, and none of the glue between them in Python. Batch and frame counts are dynamic
-in the file; for the shapes a stream actually uses (its channels and hop frames, a server's batch
-sizes) a session with those dimensions fixed is made once, which lets ONNX Runtime fold the
-shape arithmetic away (measured 14-20 % faster per hop on the shipped `basic`). Exports are cached
+in the file; a shape that comes many calls in a row (a live stream's hop, an offline file's hops,
+a server's steady batch) gets a session with those dimensions fixed, made once in the background,
+which lets ONNX Runtime fold the shape arithmetic away (measured 14-20 % faster per hop on the
+shipped `basic`). Exports are cached
 per weights in the user cache folder (`$XDG_CACHE_HOME/rtsr/onnx/`, keyed by a hash of the
 weights, the sampler settings and the exporter's versions) and rebuilt when missing or stale. The
 same .onnx file is the road to TensorRT (`trtexec`, or ONNX Runtime's TensorRT provider), which is
@@ -84,14 +85,14 @@ class OnnxRun:
     """Called like `SuperResModel.run` (state, cond, low, cutoff, noise) -> complex spectra,
     updating the state's caches in place."""
 
-    def __init__(self, model: SuperResModel, folder: Path | None = None):
+    def __init__(self, model: SuperResModel):
         import onnxruntime as ort
 
         self._ort = ort
         state = model.new_state(1)
         self.layout = _layout(state)
         self.branches = next(iter(state.steps[0].values())).shape[0] if state.steps[0] else 1
-        self.path = (folder or cache_dir()) / f"hop-{weights_key(model)}.onnx"
+        self.path = cache_dir() / f"hop-{weights_key(model)}.onnx"
         if not self.path.exists():
             _export(model, state, self.layout, self.path)
         self.threads = max(torch.get_num_threads(), 1)
