@@ -117,7 +117,9 @@ class OnnxRun:
         STATIC_AFTER calls in a row (a live stream's hop, during its warm-up; an offline file's
         hops; a server's steady batch), for at most STATIC_SESSIONS shapes; else the dynamic one.
         Making one takes 0.1-0.25 s, so it is made on a thread of its own (ONNX Runtime releases
-        the GIL meanwhile) and used once ready: no hop waits for it."""
+        the GIL meanwhile) and used once ready: no hop waits for it. The thread is not a daemon: a
+        process that ends while one is being made waits for it (ONNX Runtime aborts the process,
+        exit status 134, if the interpreter tears down under a session being built)."""
         key = (batch, frames)
         if key in self.static:
             return self.static[key]
@@ -126,13 +128,19 @@ class OnnxRun:
         if self.run_length >= STATIC_AFTER and key not in self.making \
                 and len(self.static) + len(self.making) < STATIC_SESSIONS:
             dims = {"batch": batch, "frames": frames, "state_batch": batch * self.branches, "voc_batch": batch}
-            self.making[key] = threading.Thread(target=self._make_static, args=(key, dims), daemon=True)
+            self.making[key] = threading.Thread(target=self._make_static, args=(key, dims))
             self.making[key].start()
         return self.dynamic
 
     def _make_static(self, key: tuple[int, int], dims: dict[str, int]) -> None:
-        self.static[key] = self._session(dims)
-        del self.making[key]
+        """Make the fixed-shape session; if that fails, the shape keeps the dynamic one for good."""
+        try:
+            self.static[key] = self._session(dims)
+        except Exception as e:  # any failure only costs the speed-up
+            warnings.warn(f"onnx: no fixed-shape session for {key} ({e}); using the dynamic one", stacklevel=1)
+            self.static[key] = self.dynamic
+        finally:
+            del self.making[key]
 
     def __call__(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,37 @@ def test_onnx_regression_model_at_every_shape_and_its_fixed_shape_sessions(onnx_
         for thread in list(onnx.run.making.values()):
             thread.join()  # made on a thread of its own; wait here so the next calls use it
     assert list(onnx.run.static) == shapes[:STATIC_SESSIONS]
+
+
+def test_a_process_ending_while_a_fixed_shape_session_is_made_exits_cleanly(onnx_cache):
+    """`rtsr upscale` on a short file used to end with status 134 ("terminate called without an
+    active exception"): the interpreter tore down under a session still being made on its thread."""
+    import subprocess
+    import sys
+
+    script = ("from rtsr import SuperResModel\nfrom rtsr.backends import apply_backend\n"
+              "from rtsr.onnx_backend import STATIC_AFTER\n"
+              "m = SuperResModel.random(seed=5, steps=0)\napply_backend(m, 'onnx')\n"
+              "for _ in range(STATIC_AFTER):\n    m.run.session_for(1, 4)\n"
+              "assert m.run.making\nprint('exiting')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "exiting"), done.stderr[-2000:]
+
+
+def test_a_fixed_shape_session_that_cannot_be_made_leaves_the_dynamic_one(onnx_cache, monkeypatch):
+    from rtsr.onnx_backend import STATIC_AFTER
+
+    model = SuperResModel.random(seed=5, steps=0)
+    apply_backend(model, "onnx")
+    run = model.run
+
+    def refuse(dims):
+        raise RuntimeError("no memory")
+
+    monkeypatch.setattr(run, "_session", refuse)
+    with pytest.warns(UserWarning, match="no fixed-shape session"):
+        for _ in range(STATIC_AFTER):
+            run.session_for(1, 4)
+        for thread in list(run.making.values()):
+            thread.join()
+    assert not run.making and run.session_for(1, 4) is run.dynamic

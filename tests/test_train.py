@@ -96,13 +96,20 @@ def test_target_band_is_what_batch_returns(tmp_path):
     assert x0.shape == cond.shape == (4, 80, 15)
 
 
-@pytest.mark.parametrize("power", [1, 2])
-def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, power):
+def test_cosine_decay_falls_from_one_to_its_floor_over_the_budget():
+    from rtsr.training.train import cosine_decay
+
+    assert [cosine_decay(d, 0.05) for d in (-1.0, 0.0, 0.5, 1.0, 2.0)] == pytest.approx([1, 1, 0.525, 0.05, 0.05])
+    assert cosine_decay(0.5, 0.0) == pytest.approx(0.5) and cosine_decay(1.0, 0.0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("power, schedule", [(1, "constant"), (2, "cosine")])
+def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, power, schedule):
     from rtsr.training.train import new_denoiser, train_regression
 
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, out=tmp_path / "run", batch=2,
                               lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, dilations=(1, 2, 4, 8),
-                              reg_power=power)
+                              reg_power=power, reg_schedule=schedule)
     tr = Trainer(args)
     start = new_denoiser(tr).state_dict()
     tr.save("joint", {"regression": start})

@@ -210,6 +210,11 @@ def regression_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: t
     return ((r.float() - x0).abs() ** power * band_weights(mask, band.mels)).mean()
 
 
+def cosine_decay(done: float, floor: float) -> float:
+    """Learning-rate factor at this fraction of a stage's budget: 1 falling to `floor` on a half cosine."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+
+
 def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> None:
     """One optimiser step with the gradient norm clipped at 1."""
     opt.zero_grad(set_to_none=True)
@@ -270,8 +275,7 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
 
     while time.time() - t0 < a.budget_s:
         for g in opt.param_groups:  # cosine decay over the stage's time budget
-            done = min((time.time() - t0) / a.budget_s, 1.0)
-            g["lr"] = a.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.475 * (1 + math.cos(math.pi * done)))
+            g["lr"] = a.lr * min(1.0, (step + 1) / 200) * cosine_decay((time.time() - t0) / a.budget_s, 0.05)
         hr, hr_spec, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
@@ -410,7 +414,8 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
     """Go on training the joint stage's regression network alone (no teacher: about half a joint
     step's cost) on the pool's kinds — all of them ("regression") or speech alone
     ("regression_speech", a one-pass `speech` model) — with the same band-aware loss; resumes from
-    its own checkpoint."""
+    its own checkpoint. `--reg-schedule cosine` decays the learning rate to zero over the stage's
+    budget (wall time, counted across resumes), to settle a run trained at a constant rate."""
     a = tr.args
     net = new_denoiser(tr)
     ck = tr.load(name)
@@ -425,6 +430,9 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
                 "loss_power": a.reg_power}
 
     while time.time() - t0 < a.budget_s:
+        if a.reg_schedule == "cosine":
+            for g in opt.param_groups:
+                g["lr"] = a.lr * 0.3 * cosine_decay((time.time() - t0) / a.budget_s, 0.0)
         _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
@@ -432,7 +440,7 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
         clipped_step(opt, loss, net.parameters())
         n += 1
         if n % a.log_every == 0:
-            log.info("%s it %d loss %.4f", name, n, loss.item())
+            log.info("%s it %d loss %.4f lr %.2e", name, n, loss.item(), opt.param_groups[0]["lr"])
         if time.time() - last_ck > a.ckpt_s:
             last_ck = time.time()
             tr.save(name, checkpoint())
@@ -486,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="random spectral tilt of the training audio, up to +-this many dB/octave above 1 kHz")
     p.add_argument("--reg-loss", choices=("l1", "l2"), default="l1",
                    help="the regression network's mel error: l1 (median) or l2 (mean log-mel)")
+    p.add_argument("--reg-schedule", choices=("constant", "cosine"), default="constant",
+                   help="the regression stage's learning rate: constant, or cosine-decayed over its budget")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-split", default="val", help="manifest split used for validation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
