@@ -23,7 +23,8 @@ from rtsr.features import SR
 from rtsr.upscaler import OFFLINE_BLOCK, Upscaler
 
 PASSTHROUGH_NOTE = "full band: resampled, nothing generated"
-LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged
+LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged...
+AUDIBLE_DBFS = -90.0  # ...if it is above 16-bit's last bit: a silent file's generated hiss is not a jump
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class Level:
     def warning(self) -> str | None:
         """A note when the output's RMS is far above the input's (a cutoff set far too low, say)."""
         rms_in, rms_out = math.sqrt(self.inp / max(self.n_in, 1)), math.sqrt(self.out / max(self.n_out, 1))
-        if rms_out <= 0 or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
+        if rms_out <= 10 ** (AUDIBLE_DBFS / 20) or rms_out <= rms_in * 10 ** (LEVEL_JUMP_DB / 20):
             return None
         gain = 20 * math.log10(rms_out / max(rms_in, 1e-12))
         return f"output is {gain:.1f} dB louder than the input (RMS); check --cutoff"

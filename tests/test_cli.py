@@ -277,6 +277,23 @@ def test_silence(rtsr, tmp_path: Path) -> None:
     assert np.sqrt(np.mean(low_band(y, SR, 4800) ** 2)) < 3e-3
 
 
+def test_the_level_warning_flags_a_jump_but_not_a_silent_files_hiss() -> None:
+    """A digitally silent file came out with "output is 102.9 dB louder than the input": the shipped
+    model's band over silence is about -137 dBFS, nothing to warn of; an audible jump still is."""
+    from rtsr.files import Level
+
+    def warning(rms_in: float, rms_out: float) -> str | None:
+        level = Level()
+        level.input(np.full((1000, 2), rms_in, np.float32))
+        level.output(np.full((3000, 2), rms_out, np.float32))
+        return level.warning()
+
+    assert warning(0.1, 0.1) is None and warning(0.1, 0.19) is None
+    assert "20.0 dB louder" in warning(0.01, 0.1)
+    assert warning(0.0, 1.4e-7) is None
+    assert "60.0 dB louder" in warning(1e-6, 1e-3)
+
+
 def test_full_scale_square_wave(rtsr, tmp_path: Path) -> None:
     """Float WAV keeps the resampler's overshoot past full scale; FLAC clips it and says how much."""
     t = np.arange(3200) / 16000
