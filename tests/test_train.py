@@ -123,3 +123,20 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
     assert any(not torch.equal(first["net"][k], start[k]) for k in start)  # it learned something
     train_regression(tr, pool, "regression_speech")  # resumes: the budget is spent, so nothing more is done
     assert tr.load("regression_speech")["iters"] == first["iters"]
+
+
+def test_an_averaged_model_holds_the_mean_of_its_sources_denoisers(tmp_path):
+    from rtsr.model import SuperResModel
+    from rtsr.training.export import average, export
+
+    a, b = SuperResModel.random(seed=1), SuperResModel.random(seed=2)
+    b.vocoder = a.vocoder  # checkpoints of one run share their vocoder
+    dirs = [export(m.denoiser, m.vocoder, tmp_path / n, n, 2, 1.0, {"run": n}) for m, n in ((a, "a"), (b, "b"))]
+    got = SuperResModel.from_dir(average(dirs, tmp_path / "avg", "avg", {}))
+    sources = [SuperResModel.from_dir(d).denoiser.state_dict() for d in dirs]  # as exported (float16)
+    for k, v in got.denoiser.state_dict().items():
+        assert torch.allclose(v, (sources[0][k] + sources[1][k]) / 2, atol=1e-3 * (v.abs().max() + 1e-3)), k
+    assert got.steps == 2 and got.info["training"]["averaged"] == [{"run": "a"}, {"run": "b"}]
+    c = SuperResModel.random(seed=3)  # another vocoder: refused
+    with pytest.raises(SystemExit, match="another vocoder"):
+        average([dirs[0], export(c.denoiser, c.vocoder, tmp_path / "c", "c", 2, 1.0, {})], tmp_path / "x", "x", {})

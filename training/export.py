@@ -2,6 +2,7 @@
 
     python -m rtsr.training.export --slim runs/gpu/slim --name basic --student 2
     python -m rtsr.training.export --slim runs/gpu/slim --name speech --student 2 --speech
+    python -m rtsr.training.export --average runs/a/m runs/b/m --name basic   # a weight average
 
 Weights are stored as float16 safetensors (no pickle on load) and the config records their
 sha256, which the loader checks before using them.
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rtsr.model import BUNDLED, FEATURES, FORMAT
+from rtsr.model import BUNDLED, FEATURES, FORMAT, SuperResModel
 from rtsr.models.nets import Denoiser, Vocoder
 from rtsr.training.train import LOOKAHEAD
 
@@ -42,9 +43,31 @@ def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: i
     return dest
 
 
+def average(models: list[Path], dest: Path, name: str, info: dict) -> Path:
+    """One model whose denoiser is the mean of several exported models' denoisers (checkpoints of one
+    network along its training: a weight average sits nearer the middle of the basin that they wander
+    around than any one of them). Same architecture and vocoder required."""
+    loaded = [SuperResModel.from_dir(m) for m in models]
+    first = loaded[0]
+    for m in loaded[1:]:
+        if m.info["denoiser"] != first.info["denoiser"] or m.steps != first.steps:
+            raise SystemExit(f"{m.name}: another architecture or step count than {first.name}")
+        if any(not torch.equal(a, b) for a, b in zip(m.vocoder.state_dict().values(),
+                                                      first.vocoder.state_dict().values(), strict=True)):
+            raise SystemExit(f"{m.name}: another vocoder than {first.name}")
+    states = [m.denoiser.state_dict() for m in loaded]
+    first.denoiser.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
+    info = {**info, "averaged": [m.info.get("training", {}) for m in loaded]}
+    return export(first.denoiser, first.vocoder, dest, name, first.steps, first.guidance, info, first.temperature,
+                  teacher_steps=0 if first.info["step_counts"] == [first.steps] else max(first.info["step_counts"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slim", type=Path, required=True, help="folder written by train --slim-dir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--slim", type=Path, help="folder written by train --slim-dir")
+    source.add_argument("--average", type=Path, nargs="+", metavar="MODEL",
+                        help="exported model folders of one network: ship the mean of their denoisers")
     p.add_argument("--name", required=True)
     p.add_argument("--student", type=int, default=2, help="sampler steps of the student to ship; 0 = teacher")
     p.add_argument("--regression", action="store_true", help="export the one-step regression baseline")
@@ -57,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="destination (default models/<name>)")
     p.add_argument("--info", default="{}", help="JSON merged into the config's training record")
     a = p.parse_args(argv)
-    nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
     info = json.loads(a.info)
+    if a.average:
+        print(average(a.average, a.out or BUNDLED / a.name, a.name, info))
+        return
+    nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
     if a.regression and a.speech:
         speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
         den, steps, guidance = speech["regression_speech.net"], 0, 1.0
