@@ -18,10 +18,12 @@ not wired here.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import secrets
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +36,15 @@ from rtsr.model import ModelState, SuperResModel
 EXPORT_VERSION = 3  # bump when the wrapper below changes
 STATIC_AFTER = 16  # calls in a row of one (batch, frames) shape before it gets a session with them fixed
 STATIC_SESSIONS = 2  # at most this many such sessions (each holds its own packed weights: more thrash the cache)
+BUILD_WAIT_S = 10.0  # at exit, how long a fixed-shape session still being made is waited for
+_BUILDS: set[threading.Thread] = set()  # fixed-shape sessions being made, in every OnnxRun
+
+
+@atexit.register
+def _wait_for_builds() -> None:
+    deadline = time.monotonic() + BUILD_WAIT_S
+    for thread in list(_BUILDS):
+        thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def cache_dir() -> Path:
@@ -117,9 +128,10 @@ class OnnxRun:
         STATIC_AFTER calls in a row (a live stream's hop, during its warm-up; an offline file's
         hops; a server's steady batch), for at most STATIC_SESSIONS shapes; else the dynamic one.
         Making one takes 0.1-0.25 s, so it is made on a thread of its own (ONNX Runtime releases
-        the GIL meanwhile) and used once ready: no hop waits for it. The thread is not a daemon: a
-        process that ends while one is being made waits for it (ONNX Runtime aborts the process,
-        exit status 134, if the interpreter tears down under a session being built)."""
+        the GIL meanwhile) and used once ready: no hop waits for it. A process that ends while one
+        is being made waits for it, up to BUILD_WAIT_S, at exit (ONNX Runtime aborts the process,
+        exit status 134, if the interpreter tears down under a session being built); the thread is
+        a daemon, so a build that never ends cannot keep the process alive."""
         key = (batch, frames)
         if key in self.static:
             return self.static[key]
@@ -128,7 +140,8 @@ class OnnxRun:
         if self.run_length >= STATIC_AFTER and key not in self.making \
                 and len(self.static) + len(self.making) < STATIC_SESSIONS:
             dims = {"batch": batch, "frames": frames, "state_batch": batch * self.branches, "voc_batch": batch}
-            self.making[key] = threading.Thread(target=self._make_static, args=(key, dims))
+            self.making[key] = threading.Thread(target=self._make_static, args=(key, dims), daemon=True)
+            _BUILDS.add(self.making[key])
             self.making[key].start()
         return self.dynamic
 
@@ -140,7 +153,7 @@ class OnnxRun:
             warnings.warn(f"onnx: no fixed-shape session for {key} ({e}); using the dynamic one", stacklevel=1)
             self.static[key] = self.dynamic
         finally:
-            del self.making[key]
+            _BUILDS.discard(self.making.pop(key))
 
     def __call__(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
