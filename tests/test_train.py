@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ from rtsr.features import N_FFT, SR, mel_centers, stft
 from rtsr.models.nets import Vocoder
 from rtsr.training.train import (
     CUTOFF_UNDER_BAND,
+    LSD_EPS,
     AudioPool,
     TargetBand,
     Trainer,
     aligned,
     band_weights,
     in_band,
+    load_grown,
+    regression_loss,
     vocoder_loss,
 )
 
@@ -103,13 +107,59 @@ def test_cosine_decay_falls_from_one_to_its_floor_over_the_budget():
     assert cosine_decay(0.5, 0.0) == pytest.approx(0.5) and cosine_decay(1.0, 0.0) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("power, schedule", [(1, "constant"), (2, "cosine")])
-def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, power, schedule):
+class _Fixed(torch.nn.Module):
+    """A stand-in network that predicts a fixed mel whatever it is given."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, cond, mask, t):
+        return self.out
+
+
+def test_the_lsd_loss_weighs_bands_by_width_and_frames_by_their_root():
+    frames, full = 6, TargetBand(in_band(torch.tensor([24000.0])), torch.tensor([24000.0]))
+    x0, mask = torch.zeros(1, 80, frames), torch.zeros(1, 80)
+
+    def loss(err: torch.Tensor, kind: str = "lsd") -> float:
+        return float(regression_loss(_Fixed(err), x0, x0, mask, full, kind))
+
+    # one error everywhere: the frames' root gives back its size, whatever the weights
+    assert loss(torch.full((1, 80, frames), 0.5)) == pytest.approx(0.5, rel=1e-3)
+    # the same error in the widest (top) band counts for more than in the narrowest (bottom) one
+    top, bottom = torch.zeros(1, 80, frames), torch.zeros(1, 80, frames)
+    top[:, -1], bottom[:, 0] = 1.0, 1.0
+    assert loss(top) > 3 * loss(bottom)  # widths 10.8 and 1 bins: a root of their ratio
+    assert loss(top, "l2") == pytest.approx(loss(bottom, "l2"))  # l2 counts every band alike
+    # an error in one frame of six costs a sixth of its root; l2 would count the square
+    one = torch.zeros(1, 80, frames)
+    one[..., 0] = 2.0
+    assert loss(one) == pytest.approx((math.sqrt(4 + LSD_EPS) + (frames - 1) * math.sqrt(LSD_EPS)) / frames)
+    assert loss(one, "l2") == pytest.approx(4.0 / frames)
+
+
+def test_a_grown_denoiser_starts_where_the_shallower_one_ended():
+    from rtsr.models.nets import Denoiser
+
+    torch.manual_seed(0)
+    small, deep = Denoiser(16, 2, kernel=3, emb_dim=16), Denoiser(16, 4, kernel=3, emb_dim=16)
+    load_grown(deep, small.state_dict())
+    x, mask, t = torch.randn(1, 80, 12), torch.zeros(1, 80), torch.zeros(1)
+    with torch.no_grad():
+        assert torch.equal(deep(torch.zeros_like(x), x, mask, t), small(torch.zeros_like(x), x, mask, t))
+    assert deep.blocks[3].pw1.weight.abs().sum() > 0  # its new blocks are not dead: only their scale is 0
+    with pytest.raises(SystemExit, match="shallower"):
+        load_grown(small, deep.state_dict())
+
+
+@pytest.mark.parametrize("kind, schedule", [("l1", "constant"), ("lsd", "cosine")])
+def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, kind, schedule):
     from rtsr.training.train import new_denoiser, train_regression
 
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, out=tmp_path / "run", batch=2,
-                              lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, dilations=(1, 2, 4, 8),
-                              reg_power=power, reg_schedule=schedule)
+                              lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, blocks=8, dilations=(1, 2, 4, 8),
+                              reg_loss=kind, reg_schedule=schedule)
     tr = Trainer(args)
     start = new_denoiser(tr).state_dict()
     tr.save("joint", {"regression": start})
@@ -119,7 +169,7 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
     pool = AudioPool(rows, "train", {"speech": 1.0}, "cpu", 0)
     train_regression(tr, pool, "regression_speech")
     first = tr.load("regression_speech")
-    assert first["iters"] > 0 and first["loss_power"] == power
+    assert first["iters"] > 0 and first["loss"] == kind
     assert any(not torch.equal(first["net"][k], start[k]) for k in start)  # it learned something
     train_regression(tr, pool, "regression_speech")  # resumes: the budget is spent, so nothing more is done
     assert tr.load("regression_speech")["iters"] == first["iters"]

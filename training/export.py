@@ -85,13 +85,15 @@ def main(argv: list[str] | None = None) -> None:
         print(average(a.average, a.out or BUNDLED / a.name, a.name, info))
         return
     nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
+    config = nets.get("joint.config", {})
     if a.regression and a.speech:
         speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
         den, steps, guidance = speech["regression_speech.net"], 0, 1.0
     elif a.regression and a.continued:
         cont = torch.load(a.slim / "regression.pt", map_location="cpu")
         den, steps, guidance = cont["regression.net"], 0, 1.0
-        info.update(regression_iters=cont.get("regression.iters"), loss_power=cont.get("regression.loss_power"))
+        info.update(regression_iters=cont.get("regression.iters"), loss=cont.get("regression.loss"))
+        config = cont.get("regression.config", config)  # the stage may have grown the network
     elif a.regression:
         den, steps, guidance = nets["joint.regression"], 0, 1.0
     elif a.student:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         den, steps = nets["joint.ema"], a.teacher_steps
         guidance = torch.load(a.slim / "students_basic.pt", map_location="cpu").get("student4.guidance", 1.0)
     info["joint_steps"] = nets.get("joint.step")
-    den_net, voc_net = Denoiser(**nets.get("joint.config", {})), Vocoder()
+    den_net, voc_net = Denoiser(**config), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})
     voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
     print(export(den_net, voc_net, a.out or BUNDLED / a.name, a.name, steps, guidance, info, a.temperature,

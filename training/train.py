@@ -37,6 +37,7 @@ CUTOFF_UNDER_BAND = 0.9  # simulated cutoffs stay this far under the target's ow
 MARGIN = 4800  # samples each side degraded with the crop, then cut: hides FFT wrap-around
 LOOKAHEAD = 1  # conditioning frames the denoiser sees ahead of the frame it denoises
 TEACHER_STEPS = 32
+LSD_EPS = 1e-4  # keeps the root's gradient finite on frames the network already gets right
 
 
 class AudioPool:
@@ -186,8 +187,21 @@ class Trainer:
 
 
 def new_denoiser(tr: Trainer) -> Denoiser:
-    """A denoiser of the run's architecture (`--dilations`), on the training device."""
-    return Denoiser(dilations=tr.args.dilations).to(tr.device)
+    """A denoiser of the run's architecture (`--blocks`, `--dilations`), on the training device."""
+    return Denoiser(blocks=tr.args.blocks, dilations=tr.args.dilations).to(tr.device)
+
+
+def load_grown(net: Denoiser, state: dict[str, torch.Tensor]) -> None:
+    """Load a denoiser's weights into `net`, which may have more blocks (`--blocks`): the blocks
+    the state lacks start as identities (layer scale 0), so a deeper network starts exactly where
+    the shallower one ended and trains on from there."""
+    own = net.state_dict()
+    extra, missing = set(state) - set(own), set(own) - set(state)
+    if extra or any(not k.startswith("blocks.") for k in missing):
+        raise SystemExit(f"not a shallower denoiser of this one: {sorted(extra or missing)[:3]}")
+    own.update(state)
+    own.update({k: torch.zeros_like(own[k]) for k in missing if k.endswith(".scale")})
+    net.load_state_dict(own)
 
 
 def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
@@ -201,13 +215,29 @@ def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torc
     return ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask, band.mels)).mean()
 
 
+@cache
+def mel_widths() -> torch.Tensor:
+    """Each mel band's effective width in STFT bins (its triangle's area over its peak): what a
+    band counts for in LSD, which weighs every bin alike, where the mel scale packs many narrow
+    bands under 4 kHz and few wide ones over 12 kHz."""
+    return torch.from_numpy(1.0 / mel_basis().max(axis=1))
+
+
 def regression_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
-                    band: TargetBand, power: int = 1) -> torch.Tensor:
+                    band: TargetBand, kind: str = "l1") -> torch.Tensor:
     """The one-pass regression network's mel error (input zeroed, t = 0), band-weighted like the
-    teacher's: L1 (power 1: the median log-mel) or L2 (power 2: the mean log-mel, which is what
-    minimises LSD's squared log error where the high band may be either content or near-silence)."""
+    teacher's: "l1" (the median log-mel), "l2" (the mean log-mel, what minimises LSD's squared log
+    error where the high band may be either content or near-silence) or "lsd": LSD's own shape on
+    the mel -- each band weighted by its width in bins, the root of each frame's mean, the mean
+    over frames -- so wide top bands and quiet frames count as they do in the score."""
     r = net(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
-    return ((r.float() - x0).abs() ** power * band_weights(mask, band.mels)).mean()
+    d = r.float() - x0
+    w = band_weights(mask, band.mels)
+    if kind == "lsd":
+        w = w * mel_widths().to(d.device)[None, :, None]
+        per_frame = (d.square() * w).sum(1) / w.sum(1).clamp_min(1e-6)
+        return (per_frame + LSD_EPS).sqrt().mean()
+    return (d.abs() ** {"l1": 1, "l2": 2}[kind] * w).mean()
 
 
 def cosine_decay(done: float, floor: float) -> float:
@@ -280,7 +310,7 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             l_teacher = teacher_loss(nets["teacher"], x0, cond, mask, band)
-            l_reg = regression_loss(nets["regression"], x0, cond, mask, band, a.reg_power)
+            l_reg = regression_loss(nets["regression"], x0, cond, mask, band, a.reg_loss)
             l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr, band.hz)
         clipped_step(opt, l_teacher + l_reg + l_voc, params)
         ema_update(ema, nets["teacher"], 0.999 if step > 1000 else 0.99)
@@ -419,7 +449,7 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
     a = tr.args
     net = new_denoiser(tr)
     ck = tr.load(name)
-    net.load_state_dict(ck["net"] if ck else tr.load("joint")["regression"])
+    load_grown(net, ck["net"] if ck else tr.load("joint")["regression"])
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     if ck and "opt" in ck:
         opt.load_state_dict(ck["opt"])
@@ -427,7 +457,7 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
 
     def checkpoint() -> dict:
         return {"net": net.state_dict(), "opt": opt.state_dict(), "iters": n, "spent": time.time() - t0,
-                "loss_power": a.reg_power}
+                "loss": a.reg_loss, "config": net.config}
 
     while time.time() - t0 < a.budget_s:
         if a.reg_schedule == "cosine":
@@ -436,7 +466,7 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
         _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            loss = regression_loss(net, x0, cond, mask, band, a.reg_power)
+            loss = regression_loss(net, x0, cond, mask, band, a.reg_loss)
         clipped_step(opt, loss, net.parameters())
         n += 1
         if n % a.log_every == 0:
@@ -462,7 +492,7 @@ def write_slim(run: Path, dest: Path) -> None:
             if p.exists():
                 ck = torch.load(p, map_location="cpu")
                 slim.update({f"{f}.{k}": {n: v.half() for n, v in ck[k].items()} for k in keys})
-                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step", "config", "loss_power")
+                slim.update({f"{f}.{k}": ck[k] for k in ("guidance", "iters", "step", "config", "loss")
                              if k in ck})
         if slim:
             torch.save(slim, dest / f"{name}.pt")
@@ -488,19 +518,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bank", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocks", type=int, default=8, help="the denoiser's ConvNeXt blocks (its depth)")
     p.add_argument("--dilations", default="1,2,4,8", type=lambda v: tuple(int(d) for d in v.split(",")),
                    help="the denoiser's dilation cycle over its blocks (sets its receptive field)")
     p.add_argument("--tilt", type=float, default=0.0,
                    help="random spectral tilt of the training audio, up to +-this many dB/octave above 1 kHz")
-    p.add_argument("--reg-loss", choices=("l1", "l2"), default="l1",
-                   help="the regression network's mel error: l1 (median) or l2 (mean log-mel)")
+    p.add_argument("--reg-loss", choices=("l1", "l2", "lsd"), default="l1",
+                   help="the regression network's mel error: l1 (median), l2 (mean log-mel) or lsd "
+                        "(LSD's shape: bands weighted by width, root of each frame's mean)")
     p.add_argument("--reg-schedule", choices=("constant", "cosine"), default="constant",
                    help="the regression stage's learning rate: constant, or cosine-decayed over its budget")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-split", default="val", help="manifest split used for validation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    a.reg_power = {"l1": 1, "l2": 2}[a.reg_loss]
     a.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.StreamHandler(), logging.FileHandler(a.out / "train.log")])
