@@ -190,3 +190,21 @@ def test_an_averaged_model_holds_the_mean_of_its_sources_denoisers(tmp_path):
     c = SuperResModel.random(seed=3)  # another vocoder: refused
     with pytest.raises(SystemExit, match="another vocoder"):
         average([dirs[0], export(c.denoiser, c.vocoder, tmp_path / "c", "c", 2, 1.0, {})], tmp_path / "x", "x", {})
+
+
+@pytest.mark.parametrize("stage, flags", [("regression", ["--continued"]), ("regression_speech", ["--speech"])])
+def test_a_grown_regression_network_is_exported_with_its_own_depth(tmp_path, stage, flags):
+    from rtsr.model import SuperResModel
+    from rtsr.models.nets import Denoiser
+    from rtsr.training.export import main as export_main
+    from rtsr.training.train import write_slim
+
+    small, deep = Denoiser(16, 2, kernel=3, emb_dim=16), Denoiser(16, 3, kernel=3, emb_dim=16)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"ema": small.state_dict(), "vocoder": Vocoder().state_dict(), "regression": small.state_dict(),
+                "config": small.config}, run / "joint.pt")
+    torch.save({"net": deep.state_dict(), "iters": 1, "loss": "l2", "config": deep.config}, run / f"{stage}.pt")
+    write_slim(run, tmp_path / "slim")
+    export_main(["--slim", str(tmp_path / "slim"), "--name", "t", "--regression", *flags, "--out", str(tmp_path / "m")])
+    assert len(SuperResModel.from_dir(tmp_path / "m").denoiser.blocks) == 3

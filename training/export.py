@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.regression and a.speech:
         speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
         den, steps, guidance = speech["regression_speech.net"], 0, 1.0
+        config = speech.get("regression_speech.config", config)  # the stage may have grown the network
     elif a.regression and a.continued:
         cont = torch.load(a.slim / "regression.pt", map_location="cpu")
         den, steps, guidance = cont["regression.net"], 0, 1.0
