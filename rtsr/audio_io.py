@@ -22,6 +22,8 @@ from rtsr.audio_spec import MAX_SR, MIN_SR, as_frames
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}  # fmt -> (container, subtype)
 FLAC_MAX = 1.0 - 2.0**-23  # largest 24-bit PCM value: [-1, 1) is all it can hold
 WAV_LIMIT = 0xFFFF0000  # RIFF sizes are 32-bit; bigger float data goes into RF64
+# transform codecs whose encoders zero whole bands where bits run short (holes the engine fills)
+LOSSY_SUBTYPES = frozenset({"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "VORBIS", "OPUS"})
 
 
 class AudioError(Exception):
@@ -38,7 +40,7 @@ class AudioError(Exception):
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """(frames, channels) float32 samples and the rate, or AudioError saying what is wrong."""
     p = readable(path)
-    return decode_audio(p, p)
+    return decode_audio(p, p)[:2]
 
 
 def readable(path: str | Path) -> Path:
@@ -53,20 +55,20 @@ def readable(path: str | Path) -> Path:
     return p
 
 
-def decode_audio(source: Path | BinaryIO, name: str | Path) -> tuple[np.ndarray, int]:
+def decode_audio(source: Path | BinaryIO, name: str | Path) -> tuple[np.ndarray, int, bool]:
     """read_audio's decoding, also of a file's bytes (a file-like object) sent from elsewhere;
-    `name` is what errors call it."""
+    `name` is what errors call it. The third value: it was coded lossily (LOSSY_SUBTYPES)."""
     try:
         f = sf.SoundFile(source)
     except (sf.SoundFileError, RuntimeError, TypeError) as e:
         raise AudioError(name, f"not a readable audio file ({_reason(e)})") from e
     with f:
-        sr = f.samplerate
+        sr, lossy = f.samplerate, f.subtype in LOSSY_SUBTYPES
         try:
             x = f.read(dtype="float32", always_2d=True)
         except (sf.SoundFileError, RuntimeError) as e:
             raise AudioError(name, f"corrupt or truncated audio ({_reason(e)})") from e
-    return _checked(Path(name), x, sr), sr
+    return _checked(Path(name), x, sr), sr, lossy
 
 
 def _reason(e: Exception) -> str:
@@ -156,7 +158,8 @@ class AudioWriter:
 
 class AudioReader:
     """An input file checked like read_audio and read in (frames, channels) float32 blocks, as
-    often as wanted (a file is scanned for its band, then upscaled), in bounded memory.
+    often as wanted (a file is scanned for its band, then upscaled), in bounded memory. `lossy`:
+    it is coded by a transform codec (LOSSY_SUBTYPES), whose holes the engine may fill.
 
     MP3 is decoded once, by a single read, into an anonymous temporary file: libsndfile 1.2's MPEG
     decoder corrupts about 1,550 samples after every read boundary (errors up to 0.6 in 4096-frame
@@ -175,6 +178,7 @@ class AudioReader:
             raise AudioError(p, "empty (0 audio frames)")
         if not MIN_SR <= self.sr <= MAX_SR:
             raise AudioError(p, f"sample rate {self.sr} Hz is outside {MIN_SR}..{MAX_SR}")
+        self.lossy = info.subtype in LOSSY_SUBTYPES
         self._whole_read = info.format == "MP3"
         self._decoded: np.ndarray | None = None
 

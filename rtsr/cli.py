@@ -28,7 +28,7 @@ from rtsr import __version__, bench, broker, client, compare, curve, live, serve
 from rtsr.audio_io import FORMATS
 from rtsr.backends import BACKENDS
 from rtsr.cutoff import cutoff_arg
-from rtsr.files import Job, LoadOptions, Result, load_upscaler, upscale_file
+from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_file
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
 
@@ -80,6 +80,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoff", type=cutoff_arg, default=None, metavar="auto|HZ",
                    help="where the input's real band ends, 1000..24000 Hz and at most the input's Nyquist "
                         "(default: auto, each file scanned for its band before it is upscaled)")
+    p.add_argument("--keep-holes", action="store_true",
+                   help="keep a lossy input's (MP3, Vorbis, Opus) codec holes: the bands its encoder zeroed "
+                        "below the band edge (default: filled from the model, every other cell kept as it is)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
@@ -265,7 +268,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             up = _load(args)
             results = []
             for job in jobs:
-                results.append(upscale_file(up, job, fmt, args.cutoff, args.overwrite,
+                results.append(upscale_file(up, job, fmt, BandChoice.of(args), args.overwrite,
                                             lambda s, src=str(job.src): progress(src, s)))
                 report(results[-1])
             model, device = up.model.name, up.model.device
@@ -296,7 +299,8 @@ def _on_cluster(args: argparse.Namespace, jobs: list[Job], fmt: str, report: Cal
     except ImportError as e:
         raise CliError(f"--scheduler needs Dask's distributed package: pip install 'rtsr[cluster]' ({e})") from e
     try:
-        return run_on_cluster(args.scheduler, jobs, LoadOptions.of(args), fmt, args.cutoff, args.overwrite, report)
+        return run_on_cluster(args.scheduler, jobs, LoadOptions.of(args), fmt, BandChoice.of(args), args.overwrite,
+                              report)
     except (OSError, TimeoutError, ValueError) as e:
         raise CliError(f"cannot use the Dask scheduler {args.scheduler}: {e}") from e
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from rtsr.audio_io import AudioError, decode_audio, write_audio
 from rtsr.features import SR
-from rtsr.files import Job, LoadOptions, Result, load_upscaler, upscale_audio
+from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_audio
 
 IN_FLIGHT_PER_WORKER = 2
 
@@ -37,15 +37,15 @@ def _worker_upscaler(opts: LoadOptions):
     return load_upscaler(opts)
 
 
-def upscale_bytes(data: bytes, name: str, opts: LoadOptions, cutoff_hz: float | None) -> tuple[dict, np.ndarray | None]:
+def upscale_bytes(data: bytes, name: str, opts: LoadOptions, choice: BandChoice) -> tuple[dict, np.ndarray | None]:
     """A worker's task: decode an input's bytes, upscale, return (result fields, 48 kHz samples)."""
     res = Result(name)
     try:
-        x, sr = decode_audio(io.BytesIO(data), name)
+        x, sr, lossy = decode_audio(io.BytesIO(data), name)
     except AudioError as e:
         res.error = e.reason
         return asdict(res), None
-    y = upscale_audio(_worker_upscaler(opts), x, sr, cutoff_hz, res)
+    y = upscale_audio(_worker_upscaler(opts), x, sr, lossy, choice, res)
     return asdict(res), y
 
 
@@ -64,7 +64,7 @@ def connect(address: str) -> Iterator:
             yield client
 
 
-def run_on_cluster(address: str, jobs: list[Job], opts: LoadOptions, fmt: str, cutoff_hz: float | None,
+def run_on_cluster(address: str, jobs: list[Job], opts: LoadOptions, fmt: str, choice: BandChoice,
                    overwrite: bool, report: Callable[[Result], None]) -> list[Result]:
     """Every job's Result in job order; report() sees each as it finishes (for progress lines)."""
     from distributed import as_completed
@@ -95,7 +95,7 @@ def run_on_cluster(address: str, jobs: list[Job], opts: LoadOptions, fmt: str, c
                 report(results[i])
                 submit_next()
                 return
-            fut = client.submit(upscale_bytes, data, str(jobs[i].src), opts, cutoff_hz, pure=False)
+            fut = client.submit(upscale_bytes, data, str(jobs[i].src), opts, choice, pure=False)
             index_of[fut.key] = i
             ac.add(fut)
 

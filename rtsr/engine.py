@@ -35,9 +35,40 @@ from rtsr.resample import StreamingResampler
 HALF = N_FFT // 2
 
 
+# A lossy input's cell is a codec hole where its power, and its two neighbours', is under 1/10 (-10 dB)
+# of the model's there: a band an encoder zeroed. Three bins (300 Hz) keep the valleys between a
+# tone's harmonics, one or two bins wide, from counting as holes.
+HOLE_POWER_RATIO = 0.1
+HOLE_BINS = 3
+
+
 @lru_cache(maxsize=256)
 def _merge_row(lo_hz: float, hi_hz: float) -> np.ndarray:
     return merge_weights(lo_hz, hi_hz)
+
+
+def _band_power(spec: np.ndarray) -> np.ndarray:
+    """Power summed over HOLE_BINS neighbouring bins (edges repeated)."""
+    p = np.abs(spec) ** 2
+    h = HOLE_BINS // 2
+    pad = np.pad(p, [(0, 0)] * (p.ndim - 1) + [(h, h)], mode="edge")
+    return sum(pad[..., i:i + p.shape[-1]] for i in range(HOLE_BINS))
+
+
+def merge_low_band(lr: np.ndarray, gen: np.ndarray, w: np.ndarray, fill_holes: bool = False) -> np.ndarray:
+    """The output spectra: the input (weight w per bin) over the model's spectra (1 - w).
+
+    fill_holes: the input was decoded from a lossy codec (MP3, Vorbis), whose encoder zeroes whole
+    bands for a granule where bits run short, also far below its band edge. Such a hole is not the
+    recording's (on real LAME encodes of held-out clips, 13-16 kHz of a 16 kHz MP3 sits 1.5-2
+    decades under its source), so in a hole (HOLE_POWER_RATIO) the model's cell is taken; every
+    other cell stays the input's.
+    """
+    merged = w * lr + (1 - w) * gen  # STFT-domain low-band replacement
+    if not fill_holes:
+        return merged
+    hole = (w > 0) & (_band_power(lr) < HOLE_POWER_RATIO * _band_power(gen))
+    return np.where(hole, gen, merged)
 
 
 @dataclass
@@ -55,10 +86,11 @@ class Stream:
     """Upscale one live signal (any rate, any channel count) to 48 kHz, block by block."""
 
     def __init__(self, model: SuperResModel, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
-                 seed: int = 0, cutoff: float | Band | None = None):
+                 seed: int = 0, cutoff: float | Band | None = None, fill_holes: bool = False):
         """cutoff: where the input's band ends. None: detected from the stream (rtsr.cutoff); a
         number: given in Hz (1 kHz .. the input's Nyquist, else ValueError); a Band: fixed as is
-        (what `scan_band` found in a whole file)."""
+        (what `scan_band` found in a whole file). fill_holes: the input was decoded from a lossy
+        codec, whose holes below the band edge are filled (`merge_low_band`)."""
         check_rate(input_sr)
         if not 1 <= channels <= MAX_CHANNELS:
             raise ValueError(f"channels must be 1..{MAX_CHANNELS}, got {channels}")
@@ -66,6 +98,7 @@ class Stream:
         if hop < HOP or hop % HOP:
             raise ValueError(f"hop_ms must be a positive multiple of {1000 * HOP / SR:g} ms")
         self.model, self.input_sr, self.channels, self.seed = model, input_sr, channels, seed
+        self.fill_holes = fill_holes
         self.hop_frames = hop // HOP
         self.resampler = StreamingResampler(input_sr, SR, channels)
         band = as_band(cutoff, input_sr)
@@ -206,7 +239,7 @@ class Stream:
             w = _merge_row(float(cut[0, 1]), float(cut[0, 2]))[None]
         else:  # (n, bins): weight of the input per frame
             w = np.stack([_merge_row(float(lo), float(hi)) for _, lo, hi in cut])
-        merged = w * self._lr_spec[:, :n] + (1 - w) * gen  # STFT-domain low-band replacement
+        merged = merge_low_band(self._lr_spec[:, :n], gen, w, self.fill_holes)
         frames = np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
         need = (self._pos + n - 1) * HOP + HALF - self._acc_base  # accumulator length needed
         if need > self._acc.shape[1]:

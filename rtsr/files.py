@@ -23,6 +23,7 @@ from rtsr.features import SR
 from rtsr.upscaler import OFFLINE_BLOCK, Upscaler
 
 PASSTHROUGH_NOTE = "full band: resampled, nothing generated"
+HOLES_NOTE = "lossy input: its codec's holes below the band filled"
 LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagged...
 AUDIBLE_DBFS = -90.0  # ...if it is above 16-bit's last bit: a silent file's generated hiss is not a jump
 
@@ -41,6 +42,22 @@ class LoadOptions:
     @classmethod
     def of(cls, args: argparse.Namespace) -> LoadOptions:
         return cls(args.model, args.device, args.steps, args.seed, args.backend, args.threads)
+
+
+@dataclass(frozen=True)
+class BandChoice:
+    """What the user said of every file's band: its cutoff (None: each file is scanned for it), and
+    whether a lossy file's codec holes are kept as they are instead of filled."""
+
+    cutoff_hz: float | None = None
+    keep_holes: bool = False
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> BandChoice:
+        return cls(args.cutoff, args.keep_holes)
+
+    def fill_holes(self, lossy: bool) -> bool:
+        return lossy and not self.keep_holes
 
 
 def load_upscaler(opts: LoadOptions) -> Upscaler:
@@ -72,6 +89,7 @@ class Result:
     error: str | None = None
     cutoff_hz: float | None = None  # where the input's band ends: the output is the input below it
     band: str | None = None  # who says so: detected | rate (its Nyquist) | given
+    holes_filled: bool = False  # a lossy input's codec holes below its band edge were filled
     warning: str | None = None  # e.g. an output much louder than its input
     compute_s: float | None = None
     clipped: int = 0  # samples clipped to fit 24-bit flac
@@ -85,6 +103,8 @@ class Result:
                  f"band {self.cutoff_hz / 1000:.2f} kHz ({self.band})"]
         if self.status == "resampled":
             notes.append(PASSTHROUGH_NOTE)
+        if self.holes_filled:
+            notes.append(HOLES_NOTE)
         if self.warning:
             notes.append(f"WARNING: {self.warning}")
         if self.clipped:
@@ -92,7 +112,7 @@ class Result:
         return f"{self.input} -> {self.output} ({'; '.join(notes)})"
 
 
-def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, overwrite: bool,
+def upscale_file(up: Upscaler, job: Job, fmt: str, choice: BandChoice, overwrite: bool,
                  progress: Callable[[float], None] | None = None) -> Result:
     """Read, upscale, write one file in blocks (bounded memory whatever its length: the file is read
     twice, once for its band, once to upscale); any failure becomes the result's error, so a batch
@@ -108,11 +128,13 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
         src = AudioReader(job.src)
         res.sr_in, res.channels, res.seconds = src.sr, src.channels, src.frames / src.sr
         t0 = perf_counter()
-        band = as_band(cutoff_hz, src.sr) or scan_band_blocks(src.blocks(OFFLINE_BLOCK), src.sr, src.channels)
+        band = as_band(choice.cutoff_hz, src.sr) or scan_band_blocks(src.blocks(OFFLINE_BLOCK), src.sr, src.channels)
         res.cutoff_hz, res.band = round(band.hz, 1), band.source
+        fill = choice.fill_holes(src.lossy)
         level = Level()
         with AudioWriter(job.dest, SR, src.channels, fmt, overwrite, round(src.frames * SR / src.sr)) as out:
-            for y in up.upscale_blocks(level.counting_input(src.blocks(OFFLINE_BLOCK)), src.sr, src.channels, band):
+            for y in up.upscale_blocks(level.counting_input(src.blocks(OFFLINE_BLOCK)), src.sr, src.channels, band,
+                                       fill):
                 level.output(y)
                 out.write(y)
                 if progress is not None:
@@ -121,6 +143,7 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, cutoff_hz: float | None, over
         res.compute_s = perf_counter() - t0
         res.clipped, res.warning = out.clipped, level.warning()
         res.status, res.error = ("resampled" if band.full else "upscaled"), None
+        res.holes_filled = fill and not band.full
     except AudioError as e:
         res.status, res.error = "failed", e.reason if e.path == job.src else str(e)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
@@ -142,15 +165,18 @@ def check_destination(dest: Path, overwrite: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
 
 
-def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, cutoff_hz: float | None, res: Result) -> np.ndarray | None:
-    """Upscale decoded audio, filling in res (band, timing, level warning, status); engine refusals
-    (ValueError, RuntimeError such as CUDA out of memory) become res.error and return None."""
+def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, lossy: bool, choice: BandChoice,
+                  res: Result) -> np.ndarray | None:
+    """Upscale decoded audio (lossy: decoded from a lossy codec), filling in res (band, timing,
+    level warning, status); engine refusals (ValueError, RuntimeError such as CUDA out of memory)
+    become res.error and return None."""
     res.sr_in, res.channels, res.seconds = sr, x.shape[1], len(x) / sr
     try:
         t0 = perf_counter()
-        band = as_band(cutoff_hz, sr) or up.find_band(x, sr)
+        band = as_band(choice.cutoff_hz, sr) or up.find_band(x, sr)
         res.cutoff_hz, res.band = round(band.hz, 1), band.source
-        y = up.upscale(x, sr, cutoff=band)
+        fill = choice.fill_holes(lossy)
+        y = up.upscale(x, sr, cutoff=band, fill_holes=fill)
         res.compute_s = perf_counter() - t0
     except (ValueError, RuntimeError, MemoryError) as e:
         res.status, res.error = "failed", f"{type(e).__name__}: {e}"
@@ -160,6 +186,7 @@ def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, cutoff_hz: float | None,
     level.output(y)
     res.warning = level.warning()
     res.status, res.error = ("resampled" if band.full else "upscaled"), None
+    res.holes_filled = fill and not band.full
     return y
 
 

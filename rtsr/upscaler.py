@@ -53,23 +53,26 @@ class Upscaler:
         self.stream(sr, channels, hop_ms).feed(np.zeros((sr // 2, channels), np.float32))
 
     def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
-               cutoff: float | Band | None = None) -> Stream:
-        """A live stream; cutoff None: its band is detected within ~1 s of active audio."""
-        return Stream(self.model, input_sr, channels, hop_ms, self.seed, cutoff)
+               cutoff: float | Band | None = None, fill_holes: bool = False) -> Stream:
+        """A live stream; cutoff None: its band is detected within ~1 s of active audio;
+        fill_holes: it is decoded from a lossy codec (rtsr.engine.merge_low_band)."""
+        return Stream(self.model, input_sr, channels, hop_ms, self.seed, cutoff, fill_holes)
 
     def find_band(self, x: np.ndarray, sr: int) -> Band:
         """Where the real band of a whole signal ends (the rate's Nyquist if no edge is found)."""
         check_rate(sr)
         return scan_band(_as_frames(x), sr)
 
-    def upscale(self, x: np.ndarray, sr: int, cutoff: float | Band | None = None) -> np.ndarray:
+    def upscale(self, x: np.ndarray, sr: int, cutoff: float | Band | None = None,
+                fill_holes: bool = False) -> np.ndarray:
         """(frames,) or (frames, channels) at `sr` -> the same layout at 48 kHz, exact length
         round(frames * 48000 / sr), zero lag, loudness untouched.
 
         The whole signal is scanned for its band first (unless cutoff is given), then streamed with
         that band fixed from the first sample: a low-passed file is extended from its start, and
         the output equals `stream(sr, cutoff=band)` fed the same signal. A full band at 48 kHz or
-        more is only resampled.
+        more is only resampled. fill_holes: x was decoded from a lossy codec (MP3, Vorbis), whose
+        holes below the band edge are filled from the model; every other cell there stays x's.
         """
         x = np.asarray(x)
         mono = x.ndim == 1
@@ -77,13 +80,14 @@ class Upscaler:
         frames = _as_frames(x)
         band = as_band(cutoff, sr) or scan_band(frames, sr)
         chunks = (frames[i:i + OFFLINE_BLOCK] for i in range(0, len(frames), OFFLINE_BLOCK))
-        y = np.concatenate(list(self.upscale_blocks(chunks, sr, frames.shape[1], band)))
+        y = np.concatenate(list(self.upscale_blocks(chunks, sr, frames.shape[1], band, fill_holes)))
         return y[:, 0] if mono else y
 
-    def upscale_blocks(self, blocks: Iterable[np.ndarray], sr: int, channels: int, band: Band) -> Iterator[np.ndarray]:
+    def upscale_blocks(self, blocks: Iterable[np.ndarray], sr: int, channels: int, band: Band,
+                       fill_holes: bool = False) -> Iterator[np.ndarray]:
         """(frames, channels) blocks of one signal -> its 48 kHz output in blocks, with the band fixed:
         a file of any length in bounded memory (concatenated, it is `upscale` with that band)."""
-        s = self.stream(sr, channels, OFFLINE_HOP_MS, band)
+        s = self.stream(sr, channels, OFFLINE_HOP_MS, band, fill_holes)
         for b in blocks:
             yield s.feed(b)
         yield s.flush()

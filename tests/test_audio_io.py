@@ -1,10 +1,12 @@
 """Reading files in blocks gives exactly what one whole read gives, for every codec users have."""
 
+import io
+
 import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsr.audio_io import AudioReader
+from rtsr.audio_io import AudioReader, decode_audio
 from rtsr.bench_band import music_like
 
 
@@ -23,3 +25,14 @@ def test_blocks_equal_a_whole_read(tmp_path, fmt, subtype, sr, channels):
     for block in (4096, 1 << 18):
         got = np.concatenate(list(reader.blocks(block)))
         assert got.shape == whole.shape and np.array_equal(got, whole), (fmt, block)
+
+
+@pytest.mark.parametrize("fmt,subtype,lossy", [("MP3", "MPEG_LAYER_III", True), ("OGG", "VORBIS", True),
+                                               ("OGG", "OPUS", True), ("FLAC", "PCM_16", False),
+                                               ("WAV", "FLOAT", False)])
+def test_lossy_codecs_are_known(tmp_path, fmt, subtype, lossy):
+    """Files from transform codecs (their holes are filled), whichever way they are read."""
+    path = tmp_path / f"clip.{fmt.lower()}"
+    sf.write(path, 0.3 * music_like(48000, 0.5, np.random.default_rng(0)), 48000, format=fmt, subtype=subtype)
+    assert AudioReader(path).lossy is lossy
+    assert decode_audio(io.BytesIO(path.read_bytes()), path.name)[2] is lossy

@@ -406,3 +406,24 @@ def test_a_transposed_array_is_refused_with_a_hint(tiny_model_dir: Path) -> None
     up = Upscaler.load(str(tiny_model_dir))
     with pytest.raises(ValueError, match="transposed"):
         up.upscale(np.zeros((2, 44100), np.float32), 44100)
+
+
+def test_a_lossy_files_codec_holes_are_filled_unless_kept(rtsr, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """An MP3's holes are filled (said in the report and --json); --keep-holes, or the same samples
+    in a WAV, keep them: that output is the plain upscale."""
+    src = tmp_path / "a.mp3"
+    sf.write(src, tone(44100, 0.5), 44100, format="MP3", subtype="MPEG_LAYER_III", compression_level=0.9)
+    x, _ = sf.read(src, dtype="float32", always_2d=True)
+    put(tmp_path / "b.wav", x, 44100)
+    r = rtsr("-i", src, "-o", tmp_path / "filled")
+    assert r.rc == 0 and "lossy input: its codec's holes below the band filled" in r.out
+    r = rtsr("-i", src, "-i", tmp_path / "b.wav", "-o", tmp_path / "kept", "--keep-holes", "--json")
+    assert [res["holes_filled"] for res in json.loads(r.out)["results"]] == [False, False]
+    r = rtsr("-i", tmp_path / "b.wav", "-o", tmp_path / "wav", "--json")
+    assert json.loads(r.out)["results"][0]["holes_filled"] is False
+    filled, kept, wav = (sf.read(tmp_path / d / f"{n}_48k.wav", dtype="float32")[0]
+                         for d, n in (("filled", "a"), ("kept", "a"), ("wav", "b")))
+    up = Upscaler.load(str(tiny_model_dir), "cpu", backend="auto")
+    np.testing.assert_array_equal(filled, up.upscale(x[:, 0], 44100, fill_holes=True))
+    np.testing.assert_array_equal(kept, wav)
+    assert not np.array_equal(filled, kept)

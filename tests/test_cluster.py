@@ -26,8 +26,12 @@ def _inputs(folder: Path, n: int, seconds: float) -> list[Path]:
     for i in range(n):
         sr = (8000, 16000, 22050)[i % 3]
         x = 0.1 * np.random.default_rng(i).standard_normal((round(sr * seconds), 1 + i % 2))
-        paths.append(folder / f"clip{i:02d}.wav")
-        sf.write(paths[-1], x.astype(np.float32), sr, subtype="FLOAT")
+        if i == n - 1:  # a lossy file: its holes are filled on a worker as locally
+            paths.append(folder / f"clip{i:02d}.mp3")
+            sf.write(paths[-1], x.astype(np.float32), sr, format="MP3", subtype="MPEG_LAYER_III")
+        else:
+            paths.append(folder / f"clip{i:02d}.wav")
+            sf.write(paths[-1], x.astype(np.float32), sr, subtype="FLOAT")
     return paths
 
 
@@ -57,6 +61,8 @@ def test_local_cluster_equals_a_local_run_and_resumes(capsys, tmp_path, tiny_mod
     assert dist["totals"]["upscaled"] == local["totals"]["upscaled"] == 5 and dist["totals"]["failed"] == 1
     assert [r["status"] for r in dist["results"]] == [r["status"] for r in local["results"]]
     assert [r["cutoff_hz"] for r in dist["results"]] == [r["cutoff_hz"] for r in local["results"]]
+    filled = [r["holes_filled"] for r in dist["results"]]
+    assert filled == [r["holes_filled"] for r in local["results"]] and filled.count(True) == 1
     broken = next(r for r in dist["results"] if r["input"].endswith("broken.wav"))
     assert "not a readable audio file" in broken["error"]
     assert _same_outputs(tmp_path / "local", tmp_path / "dask") == 5

@@ -6,7 +6,7 @@ from scipy import signal
 
 from rtsr import SuperResModel, Upscaler
 from rtsr.cutoff import rate_band
-from rtsr.engine import Stream
+from rtsr.engine import Stream, merge_low_band
 from rtsr.resample import resample
 
 RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100]
@@ -23,8 +23,8 @@ def noise(sr, seconds, channels=1, seed=0):
     return (0.05 * x).astype(np.float32)
 
 
-def stream_in_blocks(model, x, sr, rng, hop_ms=20.0):
-    s = Stream(model, sr, x.shape[1], hop_ms)
+def stream_in_blocks(model, x, sr, rng, hop_ms=20.0, **stream_args):
+    s = Stream(model, sr, x.shape[1], hop_ms, **stream_args)
     out, i = [], 0
     while i < len(x):
         n = int(np.exp(rng.uniform(0, np.log(sr))))  # 1 sample ... 1 s, log-uniform
@@ -146,3 +146,51 @@ def test_high_rate_input_is_downsampled_not_generated(model):
         Upscaler(model).upscale(np.full(100, np.inf, np.float32), 96000)
     with pytest.raises(ValueError, match="outside"):
         Upscaler(model).upscale(x, 768000)
+
+
+def test_merge_low_band_fills_only_codec_holes():
+    """Filling takes the model's cell only where the input has weight and is, with its neighbours,
+    > 10 dB under it: a zeroed band, not a one-bin valley between harmonics nor a shallow dip."""
+    rng = np.random.default_rng(0)
+    gen = (rng.standard_normal((1, 6, 241)) + 1j * rng.standard_normal((1, 6, 241))).astype(np.complex64)
+    gen = gen / np.abs(gen)  # unit power everywhere: the test's levels are exact
+    lr = (gen * 0.9).copy()
+    lr[0, 2, 50:60] = 0.01 * gen[0, 2, 50:60]  # a zeroed band: -40 dB over 1 kHz
+    lr[0, 2, 190:195] = 0  # another, in the transition
+    lr[0, 3, 70] = 0  # a one-bin valley: kept
+    lr[0, 3, 90:100] = 0.5 * gen[0, 3, 90:100]  # a dip of -6 dB: content, kept
+    lr[0, 4, 220:230] = 0  # above the band (no input weight): the model's anyway
+    w = np.clip((200 - np.arange(241)) / 20, 0, 1).astype(np.float32)  # input up to bin 180, gone from 200
+    kept = merge_low_band(lr, gen, w)
+    np.testing.assert_allclose(kept, w * lr + (1 - w) * gen)
+    filled = merge_low_band(lr, gen, w, fill_holes=True)
+    hole = np.zeros(lr.shape, bool)
+    hole[0, 2, 51:59] = hole[0, 2, 191:194] = True  # a hole's edge cells see content beside them
+    np.testing.assert_array_equal(filled[hole], gen[hole])
+    np.testing.assert_array_equal(filled[~hole], kept[~hole])
+
+
+def carve_holes(x: np.ndarray, sr: int) -> np.ndarray:
+    """What an MP3 encoder does when bits run short: a band zeroed in some granules (here 5-7 kHz in
+    every other 20 ms)."""
+    f, t, z = signal.stft(x[:, 0], sr, nperseg=512)
+    z[(f > 5000) & (f < 7000), ::4] = 0
+    z[(f > 5000) & (f < 7000), 1::4] = 0
+    return signal.istft(z, sr, nperseg=512)[1][:len(x), None].astype(np.float32)
+
+
+def test_filled_holes_stream_equals_offline_and_fill_the_holes(model):
+    sr = 22050
+    x = 0.3 * np.random.default_rng(0).standard_normal((sr, 1)).astype(np.float32)
+    x = carve_holes(x, sr)
+    band = rate_band(sr)
+    up = Upscaler(model)
+    kept, filled = up.upscale(x, sr, band), up.upscale(x, sr, band, fill_holes=True)
+    streamed = stream_in_blocks(model, x, sr, np.random.default_rng(1), cutoff=band, fill_holes=True)
+    assert np.abs(streamed - filled).max() <= 1e-4 * np.abs(filled).max()
+    _, _, zk = signal.stft(kept[:, 0], 48000, nperseg=960)
+    _, _, zf = signal.stft(filled[:, 0], 48000, nperseg=960)
+    f = np.arange(zk.shape[0]) * 50.0
+    changed = np.abs(zf - zk).sum(axis=1) / np.abs(zk).sum(axis=1)
+    holes, content = (f > 5800) & (f < 6200), (f < 4500) | ((f > 7500) & (f < 9000))
+    assert changed[holes].min() > 5 * np.median(changed[content])  # the holes, not the content
