@@ -29,7 +29,7 @@ import numpy as np
 import zmq
 
 from rtsr import protocol as P
-from rtsr.audio_io import FORMATS, AudioError, check_writable, read_audio, write_audio
+from rtsr.audio_io import FORMATS, AudioError, check_writable, decode_audio, readable, write_audio
 from rtsr.audio_spec import SR
 from rtsr.curve import CurveKeyError, add_curve_argument
 from rtsr.curve import curve_keys as load_curve_keys
@@ -103,12 +103,16 @@ class Client:
         self.sock.send_multipart(P.encode(header, pcm))
 
     def open(self, stream: P.StreamId, sr: int, channels: int = 1, dtype: str = "float32",
-             model: str | None = None, hop_ms: float | None = None, cutoff: float | None = None) -> dict[str, Any]:
+             model: str | None = None, hop_ms: float | None = None, cutoff: float | None = None,
+             fill_holes: bool = False) -> dict[str, Any]:
         """Open a stream and wait for `opened` (returned); raises ServerError if refused.
-        cutoff: where the input's band ends (Hz); None lets the service find it."""
+        cutoff: where the input's band ends (Hz); None lets the service find it. fill_holes: the
+        audio was decoded from a lossy codec, whose holes below the band the service fills."""
         h: dict[str, Any] = {"type": "open", "stream": stream, "sr": sr, "channels": channels, "dtype": dtype}
         if cutoff is not None:
             h["cutoff"] = cutoff
+        if fill_holes:
+            h["fill_holes"] = True
         if model is not None:
             h["model"] = model
         if hop_ms is not None:
@@ -185,7 +189,7 @@ class Client:
 
     def upscale(self, x: np.ndarray, sr: int, stream: P.StreamId = "upscale", block_ms: float = 20.0,
                 realtime: bool = False, window: int = 16, model: str | None = None,
-                dtype: str = "float32", cutoff: float | None = None) -> np.ndarray:
+                dtype: str = "float32", cutoff: float | None = None, fill_holes: bool = False) -> np.ndarray:
         """A whole (frames,) or (frames, channels) signal through one stream -> 48 kHz, same layout.
 
         At most `window` blocks are unanswered at a time (the flow control that keeps a fast
@@ -197,7 +201,7 @@ class Client:
         """
         mono = np.ndim(x) == 1
         x2 = np.asarray(x)[:, None] if mono else np.asarray(x)
-        self.open(stream, sr, x2.shape[1], dtype, model, cutoff=cutoff)
+        self.open(stream, sr, x2.shape[1], dtype, model, cutoff=cutoff, fill_holes=fill_holes)
         block = max(round(sr * block_ms / 1000), 1)
         starts = range(0, len(x2), block)
 
@@ -277,6 +281,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name the service has loaded (default: the service's)")
     p.add_argument("--cutoff", type=cutoff_arg, default=None, metavar="auto|HZ",
                    help="where the input's real band ends (default: auto, found by the service as it streams)")
+    p.add_argument("--keep-holes", action="store_true",
+                   help="keep a lossy IN's (MP3, Vorbis, Opus) codec holes below its band (default: the service "
+                        "fills them from the model)")
     p.add_argument("--dtype", choices=tuple(P.DTYPES), default="float32", help="wire PCM (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -291,11 +298,12 @@ def run_filter(args: argparse.Namespace) -> int:
         return 2
     try:
         check_writable(args.output, args.overwrite)
-        x, sr = read_audio(args.input)
+        x, sr, lossy = decode_audio(readable(args.input), args.input)
         t0 = time.monotonic()
         with Client(args.connect, args.timeout, curve_keys=args.curve_keys) as c:
             y = c.upscale(x, sr, stream=args.input.name, block_ms=args.block_ms, realtime=args.realtime,
-                          model=args.model, dtype=args.dtype, cutoff=args.cutoff)
+                          model=args.model, dtype=args.dtype, cutoff=args.cutoff,
+                          fill_holes=lossy and not args.keep_holes)
         wall = time.monotonic() - t0
         args.output.parent.mkdir(parents=True, exist_ok=True)
         clipped = write_audio(args.output, y, SR, fmt, args.overwrite)

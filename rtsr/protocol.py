@@ -73,6 +73,7 @@ class OpenSpec:
     model: str | None
     hop_ms: float
     cutoff: float | None = None  # where the input's band ends (Hz); None: found from the audio
+    fill_holes: bool = False  # decoded from a lossy codec: its holes below the band are filled
 
 
 def encode(header: dict[str, Any], pcm: np.ndarray | bytes | None = None) -> list[bytes]:
@@ -152,7 +153,11 @@ def parse_open(h: dict[str, Any]) -> OpenSpec:
             given_band(cutoff, sr)
         except ValueError as e:
             raise ProtocolError(BAD_HEADER, str(e), sid, closed=True) from None
-    return OpenSpec(sid, sr, channels, dtype, model, float(hop_ms), None if cutoff is None else float(cutoff))
+    fill_holes = h.get("fill_holes", False)
+    if not isinstance(fill_holes, bool):
+        raise ProtocolError(BAD_HEADER, f"fill_holes must be true or false, got {fill_holes!r}", sid, closed=True)
+    return OpenSpec(sid, sr, channels, dtype, model, float(hop_ms), None if cutoff is None else float(cutoff),
+                    fill_holes)
 
 
 def decode_pcm(payload: bytes | memoryview, dtype: str, channels: int, stream: StreamId = None,

@@ -236,7 +236,7 @@ class Service:
             raise P.ProtocolError(P.UNKNOWN_MODEL, f"model {name!r} is not loaded here; loaded: "
                                                    f"{', '.join(sorted(self.upscalers))}", spec.stream, closed=True)
         try:
-            engine = up.stream(spec.sr, spec.channels, spec.hop_ms, spec.cutoff)
+            engine = up.stream(spec.sr, spec.channels, spec.hop_ms, spec.cutoff, spec.fill_holes)
         except ValueError as e:  # e.g. a hop that is not a multiple of the frame hop
             raise P.ProtocolError(P.BAD_HEADER, str(e), spec.stream, closed=True) from None
         now = self.clock()

@@ -455,6 +455,26 @@ def test_open_with_a_cutoff_is_that_band(up):
     close_max(y, up.upscale(x, 48000, cutoff=4000.0))
 
 
+def test_a_lossy_file_is_filtered_with_its_holes_filled(up, tmp_path):
+    """`rtsr filter` on an MP3 opens its stream with fill_holes (--keep-holes: without); the service
+    gives what a local stream so opened gives. A fill_holes that is not a boolean is refused."""
+    src = tmp_path / "in.mp3"
+    sf.write(src, noise(44100, 0.5), 44100, format="MP3", subtype="MPEG_LAYER_III", compression_level=0.9)
+    x, _ = sf.read(src, dtype="float32", always_2d=True)
+    outs = []
+    with router(service(up)) as ep, client(ep) as c:
+        for extra in ([], ["--keep-holes"]):
+            outs.append(tmp_path / f"out{len(outs)}.wav")
+            assert main(["filter", str(src), str(outs[-1]), "--connect", ep, *extra]) == 0
+        c.send_raw({"type": "open", "stream": "x", "sr": 16000, "fill_holes": "yes"})
+        r = c._take(lambda r: r.type == "error")
+        assert r.header["code"] == P.BAD_HEADER and "fill_holes" in r.header["message"]
+    for out, fill in zip(outs, (True, False), strict=True):
+        s = up.stream(44100, 1, 20.0, fill_holes=fill)
+        close_max(sf.read(out, dtype="float32", always_2d=True)[0], np.concatenate([s.feed(x), s.flush()]))
+    assert not np.array_equal(sf.read(outs[0])[0], sf.read(outs[1])[0])
+
+
 def test_audio_replies_say_when_the_cutoff_moves(up):
     """A 48 kHz stream holding a 4 kHz band: `opened` says the rate's band, a later reply the edge."""
     rng = np.random.default_rng(1)
