@@ -40,6 +40,14 @@ def test_codec_and_resampler_shapes_are_in_the_bank():
     assert (bank.cutoffs > 16800).sum() > 10  # edges above the old 16 kHz ceiling
 
 
+def test_high_share_gives_that_share_of_the_bank_to_edges_over_12_khz():
+    usual = DegradationBank(9600, size=512, seed=0)
+    high = DegradationBank(9600, size=512, seed=0, high_share=0.4)
+    over = [(b.cutoffs >= 11500).float().mean().item() for b in (usual, high)]
+    assert over[1] >= over[0] * 0.6 + 0.4 - 0.02  # the usual share of the rest, and 40 % more
+    assert len(high.cutoffs) == 512 and (high.cutoffs[1:] >= high.cutoffs[:-1]).all()
+
+
 def test_tilt_is_a_straight_line_in_octaves_above_the_pivot_and_leaves_below_alone():
     x = torch.randn(8, 4800, dtype=torch.float64)
     y = random_tilt(x, 4.0, torch.Generator().manual_seed(1), pivot_hz=1000.0)

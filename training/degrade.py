@@ -84,6 +84,17 @@ def random_response(n_fft: int, rng: np.random.Generator) -> tuple[np.ndarray, f
     return resp.astype(np.float32), float(declared)
 
 
+def high_response(n_fft: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """An edge at 12-19.8 kHz: an encoder's cliff (MP3 at 44.1 kHz, Vorbis at 48 kHz) or a
+    resampler's filter down to 24-40 kHz; what users' 16 kHz-band files hold."""
+    f = np.fft.rfftfreq(n_fft, 1.0 / SR)
+    if rng.random() < 0.7:
+        edge = rng.uniform(12000.0, 19800.0)
+        return codec_response(f, edge, rng).astype(np.float32), float(edge * rng.uniform(0.98, 1.02))
+    low_sr = rng.uniform(24000.0, 40000.0)
+    return resampler_response(f, low_sr, rng).astype(np.float32), float(low_sr / 2 * rng.uniform(0.97, 1.03))
+
+
 def random_tilt(hr: torch.Tensor, max_db_per_octave: float, gen: torch.Generator | None = None,
                 pivot_hz: float = 1000.0) -> torch.Tensor:
     """Tilt each item's spectrum by a random slope in [-max, max] dB per octave above pivot_hz.
@@ -103,9 +114,13 @@ def random_tilt(hr: torch.Tensor, max_db_per_octave: float, gen: torch.Generator
 class DegradationBank:
     """A fixed bank of random responses; degrade() applies random entries to a batch."""
 
-    def __init__(self, n_fft: int, size: int = 2048, seed: int = 0, device: str = "cpu"):
+    def __init__(self, n_fft: int, size: int = 2048, seed: int = 0, device: str = "cpu", high_share: float = 0.0):
+        """high_share: this share of the entries are `high_response`s (edges at 12-19.8 kHz), on top
+        of those `random_response` draws there itself."""
         rng = np.random.default_rng(seed)
-        pairs = sorted((random_response(n_fft, rng) for _ in range(size)), key=lambda p: p[1])
+        n_high = round(high_share * size)
+        pairs = [random_response(n_fft, rng) for _ in range(size - n_high)]
+        pairs = sorted(pairs + [high_response(n_fft, rng) for _ in range(n_high)], key=lambda p: p[1])
         self.n_fft = n_fft
         self.responses = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device, torch.float16)
         self.cutoffs = torch.tensor([p[1] for p in pairs], device=device)  # ascending

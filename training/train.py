@@ -159,7 +159,7 @@ class Trainer:
         self.device = args.device
         self.frames = args.frames
         self.samples = self.frames * HOP
-        self.bank = DegradationBank(self.samples + 2 * MARGIN, args.bank, args.seed, self.device)
+        self.bank = DegradationBank(self.samples + 2 * MARGIN, args.bank, args.seed, self.device, args.high_share)
         self.amp = torch.autocast("cuda", torch.bfloat16) if self.device.startswith("cuda") else None
 
     def batch(self, pool: AudioPool, size: int):
@@ -517,6 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bank", type=int, default=2048)
+    p.add_argument("--high-share", type=float, default=0.0,
+                   help="share of the degradation bank given to edges at 12-19.8 kHz (codec cliffs, resamplers "
+                        "to 24-40 kHz): users' 16 kHz-band MP3s and Vorbis files (default 0: the usual mix)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", type=int, default=8, help="the denoiser's ConvNeXt blocks (its depth)")
     p.add_argument("--dilations", default="1,2,4,8", type=lambda v: tuple(int(d) for d in v.split(",")),
