@@ -86,7 +86,10 @@ def random_response(n_fft: int, rng: np.random.Generator) -> tuple[np.ndarray, f
 
 def high_response(n_fft: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """An edge at 12-19.8 kHz: an encoder's cliff (MP3 at 44.1 kHz, Vorbis at 48 kHz) or a
-    resampler's filter down to 24-40 kHz; what users' 16 kHz-band files hold."""
+    resampler's filter down to 24-40 kHz; what users' 16 kHz-band files hold. Measured (run
+    `high`, `--high-share 0.4`, 5,769 iterations from `basic` on a partial corpus): no gain on the
+    16 kHz-band real-world cases (MP3 0.752 -> 0.763, Vorbis 0.702 -> 0.697), dev in-band 0.4655 ->
+    0.4713; hence 0 by default."""
     f = np.fft.rfftfreq(n_fft, 1.0 / SR)
     if rng.random() < 0.7:
         edge = rng.uniform(12000.0, 19800.0)
