@@ -54,7 +54,7 @@ def test_crops_carry_the_narrowest_band_they_span(tmp_path):
 
 
 def test_cutoffs_are_drawn_under_each_targets_band(tmp_path):
-    args = argparse.Namespace(frames=32, bank=256, seed=0, device="cpu", tilt=0.0)
+    args = argparse.Namespace(frames=32, bank=256, seed=0, device="cpu", tilt=0.0, high_share=0.0)
     tr = Trainer(argparse.Namespace(**vars(args), out=tmp_path / "run"))
     pool = AudioPool(_corpus(tmp_path / "c", bands=(8000, 8000)), "train", {"music": 1.0}, "cpu", 0)
     for _ in range(4):
@@ -91,7 +91,7 @@ def test_bands_above_a_targets_edge_carry_no_loss():
 
 
 def test_target_band_is_what_batch_returns(tmp_path):
-    args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, out=tmp_path / "run")
+    args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run")
     tr = Trainer(args)
     pool = AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0)
     hr, hr_spec, hr_mel, lr_mel, mask, band = tr.batch(pool, 4)
@@ -157,7 +157,8 @@ def test_a_grown_denoiser_starts_where_the_shallower_one_ended():
 def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, kind, schedule):
     from rtsr.training.train import new_denoiser, train_regression
 
-    args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, out=tmp_path / "run", batch=2,
+    args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
+                              batch=2,
                               lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, blocks=8, dilations=(1, 2, 4, 8),
                               reg_loss=kind, reg_schedule=schedule)
     tr = Trainer(args)
