@@ -18,7 +18,7 @@ from time import perf_counter
 import numpy as np
 
 from rtsr.audio_io import AudioError, AudioReader, AudioWriter, check_writable
-from rtsr.cutoff import as_band, scan_band_blocks
+from rtsr.cutoff import Band, as_band, scan_band_blocks
 from rtsr.features import SR
 from rtsr.upscaler import OFFLINE_BLOCK, Upscaler
 
@@ -111,6 +111,11 @@ class Result:
             notes.append(f"{self.clipped} samples clipped to fit 24-bit flac")
         return f"{self.input} -> {self.output} ({'; '.join(notes)})"
 
+    def done(self, band: Band, fill_holes: bool) -> None:
+        """The upscale succeeded with this band (a full one is only resampled; nothing is filled)."""
+        self.status, self.error = ("resampled" if band.full else "upscaled"), None
+        self.holes_filled = fill_holes and not band.full
+
 
 def upscale_file(up: Upscaler, job: Job, fmt: str, choice: BandChoice, overwrite: bool,
                  progress: Callable[[float], None] | None = None) -> Result:
@@ -142,8 +147,7 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, choice: BandChoice, overwrite
             out.commit()
         res.compute_s = perf_counter() - t0
         res.clipped, res.warning = out.clipped, level.warning()
-        res.status, res.error = ("resampled" if band.full else "upscaled"), None
-        res.holes_filled = fill and not band.full
+        res.done(band, fill)
     except AudioError as e:
         res.status, res.error = "failed", e.reason if e.path == job.src else str(e)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
@@ -185,8 +189,7 @@ def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, lossy: bool, choice: Ban
     level.input(x)
     level.output(y)
     res.warning = level.warning()
-    res.status, res.error = ("resampled" if band.full else "upscaled"), None
-    res.holes_filled = fill and not band.full
+    res.done(band, fill)
     return y
 
 
