@@ -9,11 +9,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from rtsr.features import N_FFT, SR, mel_centers, stft
+from rtsr.cutoff import band_of_48k
+from rtsr.features import N_FFT, SR, cutoff_mask, mel_centers, stft
 from rtsr.models.nets import Vocoder
+from rtsr.training.codec import CODECS, encode_decode
 from rtsr.training.train import (
     CUTOFF_UNDER_BAND,
     LSD_EPS,
+    MARGIN,
     AudioPool,
     TargetBand,
     Trainer,
@@ -209,3 +212,34 @@ def test_a_grown_regression_network_is_exported_with_its_own_depth(tmp_path, sta
     write_slim(run, tmp_path / "slim")
     export_main(["--slim", str(tmp_path / "slim"), "--name", "t", "--regression", *flags, "--out", str(tmp_path / "m")])
     assert len(SuperResModel.from_dir(tmp_path / "m").denoiser.blocks) == 3
+
+
+def test_codec_round_trip_keeps_length_and_timing_and_cuts_the_band():
+    x = _noise(1.5, 24000, 5)
+    for codec in CODECS:
+        y = encode_decode(x, codec, 0.95)
+        assert len(y) == len(x)
+        lags = range(-20, 21)
+        corr = [float(np.dot(x[100:-100], np.roll(y, -d)[100:-100])) for d in lags]
+        assert lags[int(np.argmax(corr))] == 0  # no encoder delay left
+        f = np.fft.rfftfreq(len(y), 1 / SR)
+        p = np.abs(np.fft.rfft(y)) ** 2
+        assert p[f > 17000].mean() < 1e-3 * p[(f > 1000) & (f < 4000)].mean()  # a low quality's band ends under 17 kHz
+
+
+def test_codec_pairs_are_declared_at_their_detected_edge_under_the_targets_band(tmp_path):
+    args = argparse.Namespace(frames=32, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0,
+                              codec_share=1.0, codec_pairs=6, out=tmp_path / "run")
+    tr = Trainer(args)
+    pool = AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0)
+    tr.add_codec_pairs(pool)
+    pairs = tr.codec
+    assert 0 < len(pairs.hr) <= 6 and pairs.lr.shape == pairs.hr.shape
+    assert (pairs.cutoff <= CUTOFF_UNDER_BAND * pairs.band).all()
+    for hr, lr, cut in zip(pairs.hr, pairs.lr, pairs.cutoff, strict=True):  # lr: hr through a codec, at its edge
+        assert cut.item() in {band_of_48k([lr.numpy()[:, None]], 1, rate).hz for rate in (44100, 48000)}
+        assert torch.corrcoef(torch.stack([hr, lr]))[0, 1] > 0.5
+    hr, _, _, _, mask, band = tr.batch(pool, 8)  # codec_share 1: the whole batch is codec pairs
+    masks = cutoff_mask(pairs.cutoff)
+    assert all(any(torch.equal(m, p) for p in masks) for m in mask)
+    assert all(any(torch.equal(h, p[MARGIN:-MARGIN]) for p in pairs.hr) for h in hr)

@@ -29,6 +29,7 @@ from rtsr.features import HOP, N_FFT, SR, bin_freqs, cutoff_mask, istft, log_mel
 from rtsr.model import load_model
 from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
 from rtsr.models.nets import Denoiser, Vocoder, to_complex
+from rtsr.training.codec import CodecPairs
 from rtsr.training.degrade import DegradationBank, random_tilt
 
 log = logging.getLogger("rtsr.train")
@@ -161,6 +162,14 @@ class Trainer:
         self.samples = self.frames * HOP
         self.bank = DegradationBank(self.samples + 2 * MARGIN, args.bank, args.seed, self.device, args.high_share)
         self.amp = torch.autocast("cuda", torch.bfloat16) if self.device.startswith("cuda") else None
+        self.codec: CodecPairs | None = None  # real-codec pairs mixed into batches (--codec-share)
+
+    def add_codec_pairs(self, pool: AudioPool) -> None:
+        """Make `--codec-pairs` real-codec pairs from the pool's crops (see rtsr.training.codec)."""
+        crops, _, bands = pool.crops(self.args.codec_pairs, self.samples + 2 * MARGIN)
+        self.codec = CodecPairs.make(crops, bands, CUTOFF_UNDER_BAND, self.args.seed)
+        log.info("codec pairs: %d of %d crops kept, edges %.1f-%.1f kHz", len(self.codec.hr), len(crops),
+                 self.codec.cutoff.min() / 1e3, self.codec.cutoff.max() / 1e3)
 
     def batch(self, pool: AudioPool, size: int):
         """Targets, their spectra and mels, the degraded input's mel, the cutoff's mel mask and the
@@ -169,6 +178,12 @@ class Trainer:
         if self.args.tilt:
             raw = random_tilt(raw, self.args.tilt, pool.gen)
         lr, cutoff = self.bank.degrade(raw, max_cutoff=band * CUTOFF_UNDER_BAND)
+        if self.codec is not None:  # the last k items of the batch become real-codec pairs
+            k = int((torch.rand(size, generator=pool.gen) < self.args.codec_share).sum())
+            if k:
+                c = self.codec.draw(k, pool.gen)
+                raw, lr, cutoff, band = (torch.cat([mine[:size - k], theirs]) for mine, theirs in
+                                         zip((raw, lr, cutoff, band), (c.hr, c.lr, c.cutoff, c.band), strict=True))
         hr, lr = raw[:, MARGIN:-MARGIN], lr[:, MARGIN:-MARGIN]
         hr_spec, hr_mel, lr_mel = features(hr, lr, self.frames)
         return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff), TargetBand(in_band(band), band)
@@ -520,6 +535,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--high-share", type=float, default=0.0,
                    help="share of the degradation bank given to edges at 12-19.8 kHz (codec cliffs, resamplers "
                         "to 24-40 kHz): users' 16 kHz-band MP3s and Vorbis files (default 0: the usual mix)")
+    p.add_argument("--codec-share", type=float, default=0.0,
+                   help="share of each batch taken from real MP3/Vorbis encodes at the band the runtime "
+                        "detector finds in them (codec holes below the edge; default 0: simulated only)")
+    p.add_argument("--codec-pairs", type=int, default=2000, help="how many codec pairs to make (once, at start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", type=int, default=8, help="the denoiser's ConvNeXt blocks (its depth)")
     p.add_argument("--dilations", default="1,2,4,8", type=lambda v: tuple(int(d) for d in v.split(",")),
@@ -548,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     val = AudioPool(a.data, a.val_split, mix, tr.device, a.seed + 1)
     speech = AudioPool(a.data, "train", {"speech": 1.0}, tr.device, a.seed + 2)
     speech_val = AudioPool(a.data, a.val_split, {"speech": 1.0}, tr.device, a.seed + 3)
+    if a.codec_share > 0:
+        tr.add_codec_pairs(pool)
     for stage, budget in zip(a.stages.split(","), a.budgets.split(","), strict=True):
         a.budget_s = float(budget)
         if stage == "joint":
