@@ -134,7 +134,14 @@ class SuperResModel:
             noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`run`'s computation proper, on the model's device, in real arithmetic: the sampler (or
         the regression), the mel low-band replacement and the vocoder, returning the spectra's
-        real and imaginary parts. The ONNX backend exports exactly this, whole."""
+        real and imaginary parts. The ONNX backend exports exactly this, whole.
+
+        Below the cutoff the vocoder is given the input's mel, lifted to the model's own estimate
+        where it lies under it. Why: a lossy codec zeroes whole bands below its edge (LAME's
+        scale-factor bands, granule by granule), so the input's mel had holes there, the vocoder
+        rendered them, and the engine's hole fill (`rtsr.engine.merge_low_band`) had nothing to
+        take. Where the input is whole the merge keeps its spectrum anyway; only the vocoder's
+        view of the band changes (measured: no dev-set cell worse)."""
         centers = torch.from_numpy(mel_centers()).to(cond.device)
         cutoff = cutoff.expand(cond.shape[0], -1)[:, None, :]  # (B, 1, T)
         mask = (centers[None, :, None] < cutoff).float()
@@ -144,7 +151,7 @@ class SuperResModel:
             mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=cond.device),
                                 state.steps[0])
         keep = (centers[None, :, None] < 0.88 * cutoff).float()
-        mel = keep * low + (1 - keep) * mel  # below the cutoff the mel *is* the input's
+        mel = keep * torch.maximum(low, mel) + (1 - keep) * mel
         return polar_parts(self.vocoder(mel, state.vocoder))
 
 

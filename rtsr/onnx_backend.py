@@ -33,7 +33,7 @@ import torch
 from rtsr.features import N_MELS
 from rtsr.model import ModelState, SuperResModel
 
-EXPORT_VERSION = 3  # bump when the wrapper below changes
+EXPORT_VERSION = 4  # bump when the wrapper below or SuperResModel.hop changes
 STATIC_AFTER = 16  # calls in a row of one (batch, frames) shape before it gets a session with them fixed
 STATIC_SESSIONS = 2  # at most this many such sessions (each holds its own packed weights: more thrash the cache)
 BUILD_WAIT_S = 10.0  # at exit, how long a fixed-shape session still being made is waited for

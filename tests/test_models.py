@@ -169,3 +169,27 @@ def test_protocol_client_and_broker_need_no_torch():
     code = ("import sys, rtsr.protocol, rtsr.client, rtsr.broker, rtsr.curve\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('rtsr'))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_below_the_cutoff_the_vocoder_gets_the_inputs_mel_floored_at_the_models():
+    from rtsr.features import mel_centers
+
+    model = load_model("basic")
+    seen, states = [], [model.new_state(1) for _ in range(2)]
+    vocoder = model.vocoder
+    model.vocoder = lambda mel, cache: (seen.append(mel.clone()), vocoder(mel, cache))[1]
+    t, cutoff = 6, 12000.0
+    cond = torch.randn(1, 80, t, generator=torch.Generator().manual_seed(0))
+    below = torch.from_numpy(mel_centers() < 0.88 * cutoff)
+    hole = below & torch.from_numpy(mel_centers() > 6000)  # a codec's hole: those bands far under anything
+    low = cond.clone()
+    low[:, hole] = -20.0
+    for state, lifted in zip(states, (low, cond + 5.0), strict=True):  # with the hole; an input loud everywhere
+        model.run(state, cond, lifted, torch.full((t,), cutoff), torch.zeros(1, 80, t))
+    holed, loud = seen
+    estimate = holed[:, ~below]  # the model's own mel above the kept band: the same in both runs
+    torch.testing.assert_close(loud[:, ~below], estimate)
+    assert (holed[:, hole] > -20.0).all() and (holed[:, hole] >= low[:, hole]).all()  # the hole is lifted
+    whole = below & ~hole
+    assert (holed[:, whole] >= low[:, whole]).all()
+    torch.testing.assert_close(loud[:, below], cond[:, below] + 5.0)  # where the input is louder it is kept as is
