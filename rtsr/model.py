@@ -141,7 +141,7 @@ class SuperResModel:
         scale-factor bands, granule by granule), so the input's mel had holes there, the vocoder
         rendered them, and the engine's hole fill (`rtsr.engine.merge_low_band`) had nothing to
         take. Where the input is whole the merge keeps its spectrum anyway; only the vocoder's
-        view of the band changes (measured: no dev-set cell worse)."""
+        view of the band changes (measured with `basic`: no dev-set cell worse)."""
         centers = torch.from_numpy(mel_centers()).to(cond.device)
         cutoff = cutoff.expand(cond.shape[0], -1)[:, None, :]  # (B, 1, T)
         mask = (centers[None, :, None] < cutoff).float()
