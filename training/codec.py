@@ -17,7 +17,6 @@ from typing import NamedTuple
 import numpy as np
 import soundfile as sf
 import torch
-from scipy.signal import resample_poly
 
 from rtsr.cutoff import band_of_48k
 from rtsr.features import SR
@@ -38,8 +37,8 @@ CODECS = (Codec("MP3", "MPEG_LAYER_III", 44100, (0.3, 1.0)), Codec("OGG", "VORBI
 
 def encode_decode(x48: np.ndarray, codec: Codec, level: float) -> np.ndarray:
     """A 48 kHz mono signal through the codec at its rate and back to 48 kHz, same length, no lag
-    (libsndfile trims the encoder's delay; the return trip uses the engine's own resampler)."""
-    x = x48 if codec.rate == SR else resample_poly(x48, codec.rate // 300, SR // 300).astype(np.float32)
+    (libsndfile trims the encoder's delay; both legs use the engine's own zero-lag resampler)."""
+    x = x48 if codec.rate == SR else resample(x48, SR, codec.rate)
     buf = io.BytesIO()
     sf.write(buf, np.clip(x, -1.0, 1.0), codec.rate, format=codec.format, subtype=codec.subtype,
              compression_level=level)

@@ -174,19 +174,25 @@ class Trainer:
     def batch(self, pool: AudioPool, size: int):
         """Targets, their spectra and mels, the degraded input's mel, the cutoff's mel mask and the
         targets' in-band mel mask and edge (Hz). Cutoffs are drawn under each target's band edge."""
-        raw, _, band = pool.crops(size, self.samples + 2 * MARGIN)
+        k = self.codec_count(size, pool.gen)
+        raw, _, band = pool.crops(size - k, self.samples + 2 * MARGIN)
         if self.args.tilt:
             raw = random_tilt(raw, self.args.tilt, pool.gen)
         lr, cutoff = self.bank.degrade(raw, max_cutoff=band * CUTOFF_UNDER_BAND)
-        if self.codec is not None:  # the last k items of the batch become real-codec pairs
-            k = int((torch.rand(size, generator=pool.gen) < self.args.codec_share).sum())
-            if k:
-                c = self.codec.draw(k, pool.gen)
-                raw, lr, cutoff, band = (torch.cat([mine[:size - k], theirs]) for mine, theirs in
-                                         zip((raw, lr, cutoff, band), (c.hr, c.lr, c.cutoff, c.band), strict=True))
+        if k:  # the last k items of the batch are real-codec pairs
+            c = self.codec.draw(k, pool.gen)
+            raw, lr, cutoff, band = (torch.cat(pair) for pair in
+                                     zip((raw, lr, cutoff, band), (c.hr, c.lr, c.cutoff, c.band), strict=True))
         hr, lr = raw[:, MARGIN:-MARGIN], lr[:, MARGIN:-MARGIN]
         hr_spec, hr_mel, lr_mel = features(hr, lr, self.frames)
         return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff), TargetBand(in_band(band), band)
+
+    def codec_count(self, size: int, gen: torch.Generator) -> int:
+        """How many of a batch's items come from the codec pool: each with probability `--codec-share`,
+        at least one item left for the simulated degradations."""
+        if self.codec is None:
+            return 0
+        return min(size - 1, int((torch.rand(size, generator=gen) < self.args.codec_share).sum()))
 
     def autocast(self):
         return self.amp if self.amp is not None else torch.autocast("cpu", enabled=False)
