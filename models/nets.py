@@ -132,17 +132,19 @@ class Denoiser(nn.Module):
     """v-prediction denoiser of the high-resolution log-mel given the low-resolution one.
 
     Inputs per frame: the noisy HR mel, the LR mel (`lookahead` frames ahead, arranged by the
-    caller), and the mask of mel bands below the cutoff. The same class with `x` zeroed and t=0
+    caller), the mask of mel bands below the cutoff and, with `flags` = 1, whether the input was
+    decoded from a lossy codec (its band below the edge holds the encoder's holes, and its edge is
+    where the encoder stopped, not where the content does). The same class with `x` zeroed and t=0
     serves as the one-step regression baseline.
     """
 
     def __init__(self, channels: int = 160, blocks: int = 8, kernel: int = 5,
-                 dilations: tuple[int, ...] = (1, 2, 4, 8), emb_dim: int = 128):
+                 dilations: tuple[int, ...] = (1, 2, 4, 8), emb_dim: int = 128, flags: int = 0):
         super().__init__()
         self.config = dict(channels=channels, blocks=blocks, kernel=kernel,
-                           dilations=list(dilations), emb_dim=emb_dim)
-        self.emb_dim = emb_dim
-        self.inp = nn.Conv1d(3 * N_MELS, channels, 1)
+                           dilations=list(dilations), emb_dim=emb_dim, flags=flags)
+        self.emb_dim, self.flags = emb_dim, flags
+        self.inp = nn.Conv1d(3 * N_MELS + flags, channels, 1)
         self.emb = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.blocks = nn.ModuleList(
             ConvNeXtBlock(channels, kernel, dilations[i % len(dilations)], emb_dim=emb_dim)
@@ -154,11 +156,16 @@ class Denoiser(nn.Module):
         _name_caches(self)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-                cache: Cache | None = None) -> torch.Tensor:
+                cache: Cache | None = None, lossy: torch.Tensor | None = None) -> torch.Tensor:
         """x, cond: (B, N_MELS, T); mask: (B, N_MELS) or per frame (B, N_MELS, T); t: (B,) in
-        [0, 1] -> v (B, N_MELS, T)."""
+        [0, 1]; lossy: (B,) 1 for a codec-decoded input (None: none is) -> v (B, N_MELS, T).
+        A network without the flag (`flags` = 0) ignores `lossy`."""
         m = mask if mask.dim() == 3 else mask[:, :, None].expand(-1, -1, x.shape[-1])
-        h = pointwise(torch.cat([x, cond, m], dim=1).transpose(1, 2), self.inp)
+        parts = [x, cond, m]
+        if self.flags:
+            flag = torch.zeros(x.shape[0], device=x.device) if lossy is None else lossy
+            parts.append(flag.to(x.dtype)[:, None, None].expand(-1, 1, x.shape[-1]))
+        h = pointwise(torch.cat(parts, dim=1).transpose(1, 2), self.inp)
         for block, film in zip(self.blocks, self._films(t), strict=True):
             h = block(h, cache, film)
         return pointwise(self.out_norm(h), self.out).transpose(1, 2)

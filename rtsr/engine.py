@@ -93,7 +93,8 @@ class Stream:
         """cutoff: where the input's band ends. None: detected from the stream (rtsr.cutoff); a
         number: given in Hz (1 kHz .. the input's Nyquist, else ValueError); a Band: fixed as is
         (what `scan_band` found in a whole file). fill_holes: the input was decoded from a lossy
-        codec, whose holes below the band edge are filled (`merge_low_band`)."""
+        codec, whose holes below the band edge are filled (`merge_low_band`) and which a model
+        trained with the codec flag is told (`ModelState.lossy`)."""
         check_rate(input_sr)
         if not 1 <= channels <= MAX_CHANNELS:
             raise ValueError(f"channels must be 1..{MAX_CHANNELS}, got {channels}")
@@ -106,7 +107,7 @@ class Stream:
         self.resampler = StreamingResampler(input_sr, SR, channels)
         band = as_band(cutoff, input_sr)
         self.cutoff = CutoffTracker(input_sr, channels, band)
-        self.model_state = model.new_state(channels)
+        self.model_state = model.new_state(channels, lossy=fill_holes)
         self._n_in = 0
         self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
         self._x48_base = -HALF  # absolute 48 kHz index of _x48[:, 0]

@@ -34,10 +34,13 @@ class ModelError(RuntimeError):
 
 @dataclass
 class ModelState:
-    """Streaming state of one stream (all its channels): one conv cache per sampler step."""
+    """Streaming state of one stream (all its channels): one conv cache per sampler step, and
+    whether each channel was decoded from a lossy codec (1.0) or not (0.0), which a denoiser
+    trained with the codec flag is told (see `models/nets.py`)."""
 
     steps: list[Cache]
     vocoder: Cache = field(default_factory=dict)
+    lossy: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 class SuperResModel:
@@ -91,13 +94,15 @@ class SuperResModel:
         return cls(den, voc, cfg["steps"] if steps is None else steps, cfg.get("guidance", 1.0), cfg["lookahead"],
                    cfg.get("name", path.name), device, cfg, cfg.get("temperature", 1.0))
 
-    def new_state(self, batch: int) -> ModelState:
+    def new_state(self, batch: int, lossy: bool = False) -> ModelState:
         """Zeroed caches for `batch` channels: one per sampler step (the regression variant,
-        steps == 0, uses one); guidance runs a conditional and an unconditional branch."""
+        steps == 0, uses one); guidance runs a conditional and an unconditional branch. lossy:
+        the stream is decoded from a lossy codec (MP3, Vorbis, Opus)."""
         branches = 2 if self.steps and self.guidance != 1.0 else 1
         return ModelState(steps=[init_cache(self.denoiser, batch * branches, self.device)
                                  for _ in range(max(self.steps, 1))],
-                          vocoder=init_cache(self.vocoder, batch, self.device))
+                          vocoder=init_cache(self.vocoder, batch, self.device),
+                          lossy=torch.full((batch,), float(lossy), device=self.device))
 
     def run_batch(self, states: list[ModelState], cond: torch.Tensor, low: torch.Tensor,
                   cutoff: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,7 @@ class SuperResModel:
             raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
         sizes = [next(iter(s.vocoder.values())).shape[0] for s in states]
         merged = ModelState(steps=[_stack([s.steps[k] for s in states]) for k in range(len(states[0].steps))],
-                            vocoder=_stack([s.vocoder for s in states]))
+                            vocoder=_stack([s.vocoder for s in states]), lossy=torch.cat([s.lossy for s in states]))
         out = self.run(merged, cond, low, cutoff, noise)
         for k in range(len(merged.steps)):
             _unstack(merged.steps[k], [s.steps[k] for s in states], sizes)
@@ -149,7 +154,7 @@ class SuperResModel:
             mel = sample(self.denoiser, noise * self.temperature, cond, mask, self.steps, self.guidance, state.steps)
         else:  # steps == 0: the one-step regression baseline predicts the mel directly
             mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=cond.device),
-                                state.steps[0])
+                                state.steps[0], lossy=state.lossy)
         keep = (centers[None, :, None] < 0.88 * cutoff).float()
         mel = keep * torch.maximum(low, mel) + (1 - keep) * mel
         return polar_parts(self.vocoder(mel, state.vocoder))

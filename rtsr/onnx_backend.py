@@ -33,7 +33,7 @@ import torch
 from rtsr.features import N_MELS
 from rtsr.model import ModelState, SuperResModel
 
-EXPORT_VERSION = 4  # bump when the wrapper below or SuperResModel.hop changes
+EXPORT_VERSION = 5  # bump when the wrapper below or SuperResModel.hop changes
 STATIC_AFTER = 16  # calls in a row of one (batch, frames) shape before it gets a session with them fixed
 STATIC_SESSIONS = 2  # at most this many such sessions (each holds its own packed weights: more thrash the cache)
 BUILD_WAIT_S = 10.0  # at exit, how long a fixed-shape session still being made is waited for
@@ -77,15 +77,15 @@ def _get(state: ModelState, where: int) -> dict:
 
 
 class _HopGraph(torch.nn.Module):
-    """model.hop as a pure function: (cond, low, cutoff, noise, *state) -> (re, im, *new state)."""
+    """model.hop as a pure function: (cond, low, cutoff, noise, lossy, *state) -> (re, im, *new state)."""
 
     def __init__(self, model: SuperResModel, layout: list[tuple[int, str]]):
         super().__init__()
         self.denoiser, self.vocoder = model.denoiser, model.vocoder  # registered: exported as weights
         self.model, self.layout = model, layout
 
-    def forward(self, cond, low, cutoff, noise, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        state = ModelState(steps=[{} for _ in range(max(self.model.steps, 1))], vocoder={})
+    def forward(self, cond, low, cutoff, noise, lossy, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = ModelState(steps=[{} for _ in range(max(self.model.steps, 1))], vocoder={}, lossy=lossy)
         for (where, key), t in zip(self.layout, flat, strict=True):
             _get(state, where)[key] = t
         re, im = self.model.hop(state, cond, low, cutoff, noise)
@@ -111,7 +111,9 @@ class OnnxRun:
         self.static: dict[tuple[int, int], object] = {}
         self.last, self.run_length = (0, 0), 0  # the latest shape and how many calls in a row had it
         self.making: dict[tuple[int, int], threading.Thread] = {}  # sessions being made
-        self.uses_noise = "noise" in {i.name for i in self.dynamic.get_inputs()}  # a regression has none
+        inputs = {i.name for i in self.dynamic.get_inputs()}
+        self.uses_noise = "noise" in inputs  # a regression has none
+        self.uses_lossy = "lossy" in inputs  # a network trained without the codec flag has none
 
     def _session(self, dims: dict[str, int]):
         opts = self._ort.SessionOptions()
@@ -161,6 +163,8 @@ class OnnxRun:
         feeds = {"cond": _np(cond), "low": _np(low), "cutoff": _np(cutoff.expand(batch, -1))}
         if self.uses_noise:
             feeds["noise"] = _np(noise)
+        if self.uses_lossy:
+            feeds["lossy"] = _np(state.lossy)
         feeds.update({f"state{i}": _np(_get(state, where)[key]) for i, (where, key) in enumerate(self.layout)})
         re, im, *new = self.session_for(batch, frames).run(None, feeds)
         for (where, key), t in zip(self.layout, new, strict=True):
@@ -177,10 +181,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def _export(model: SuperResModel, state: ModelState, layout: list[tuple[int, str]], path: Path) -> None:
     """Export with batch and frames dynamic, then rename into place (two processes may race)."""
     x = torch.zeros(1, N_MELS, 4)
-    example = (x, x, torch.full((1, 4), 4000.0), x)
+    example = (x, x, torch.full((1, 4), 4000.0), x, torch.zeros(1))
     names = [f"state{i}" for i in range(len(layout))]
     frames3, frames2 = {0: "batch", 2: "frames"}, {0: "batch", 1: "frames"}
-    dynamic = {"cond": frames3, "low": frames3, "noise": frames3, "cutoff": frames2, "re": frames2, "im": frames2}
+    dynamic = {"cond": frames3, "low": frames3, "noise": frames3, "cutoff": frames2, "lossy": {0: "batch"},
+               "re": frames2, "im": frames2}
     for name, (where, _) in zip(names, layout, strict=True):
         axis = {0: "voc_batch" if where < 0 else "state_batch"}
         dynamic[name] = dynamic[f"new_{name}"] = axis
@@ -191,7 +196,7 @@ def _export(model: SuperResModel, state: ModelState, layout: list[tuple[int, str
         with torch.enable_grad(), warnings.catch_warnings():  # traced: no FiLM memo keyed on values
             warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent branches (both paths agree)
             torch.onnx.export(_HopGraph(model, layout).eval(), (*example, *flat), str(tmp),
-                              input_names=["cond", "low", "cutoff", "noise", *names],
+                              input_names=["cond", "low", "cutoff", "noise", "lossy", *names],
                               output_names=["re", "im", *(f"new_{n}" for n in names)],
                               dynamic_axes=dynamic, opset_version=20, dynamo=False)
         os.replace(tmp, path)

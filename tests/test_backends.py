@@ -10,6 +10,7 @@ import torch
 from rtsr import SuperResModel, Upscaler, backends
 from rtsr.backends import BackendUnavailable, apply_backend
 from rtsr.features import N_MELS
+from rtsr.models.nets import Denoiser, Vocoder
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,36 @@ def test_onnx_regression_model_at_every_shape_and_its_fixed_shape_sessions(onnx_
         for thread in list(onnx.run.making.values()):
             thread.join()  # made on a thread of its own; wait here so the next calls use it
     assert list(onnx.run.static) == shapes[:STATIC_SESSIONS]
+
+
+def _flagged(seed: int) -> SuperResModel:
+    """A tiny one-pass network with the codec flag, its flag weights set so that the flag matters."""
+    torch.manual_seed(seed)
+    den = Denoiser(32, 2, emb_dim=32, flags=1)
+    with torch.no_grad():
+        den.inp.weight[:, -1] = 1.0
+    return SuperResModel(den, Vocoder(32, 2), 0)
+
+
+def test_the_codec_flag_reaches_the_network_per_stream_on_every_backend(onnx_cache):
+    """A stream's flag (`new_state(lossy=...)`) is one row per channel, kept apart in a batch of
+    streams, and the ONNX graph takes it as an input of its own."""
+    eager, onnx = _flagged(7), _flagged(7)
+    apply_backend(onnx, "onnx")
+    cond = torch.randn(1, N_MELS, 4)
+    cutoff, noise = torch.full((4,), 6000.0), torch.zeros(1, N_MELS, 4)
+    clean, lossy = (eager.run(eager.new_state(1, lossy=f), cond, cond, cutoff, noise) for f in (False, True))
+    assert not torch.allclose(clean, lossy)
+    for f, ref in ((False, clean), (True, lossy)):
+        got = onnx.run(onnx.new_state(1, lossy=f), cond, cond, cutoff, noise)
+        assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max())
+    both = eager.run_batch([eager.new_state(1, lossy=True), eager.new_state(1)], torch.cat([cond, cond]),
+                           torch.cat([cond, cond]), cutoff.expand(2, -1), torch.cat([noise, noise]))
+    torch.testing.assert_close(both, torch.cat([lossy, clean]))
+    from rtsr.engine import Stream  # an engine stream of a lossy file says so for each channel
+
+    assert Stream(eager, 44100, channels=2, fill_holes=True).model_state.lossy.tolist() == [1.0, 1.0]
+    assert Stream(eager, 44100).model_state.lossy.tolist() == [0.0]
 
 
 def test_a_process_ending_while_a_fixed_shape_session_is_made_exits_cleanly(onnx_cache):

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_cutoffs_are_drawn_under_each_targets_band(tmp_path):
     tr = Trainer(argparse.Namespace(**vars(args), out=tmp_path / "run"))
     pool = AudioPool(_corpus(tmp_path / "c", bands=(8000, 8000)), "train", {"music": 1.0}, "cpu", 0)
     for _ in range(4):
-        hr, _, hr_mel, _, mask, band = tr.batch(pool, 8)
+        hr, _, hr_mel, _, mask, band, _ = tr.batch(pool, 8)
         assert (band.hz == 8000).all()
         cutoffs = mel_centers()[mask.sum(1).long().numpy() - 1]  # the highest band under each cutoff
         assert (cutoffs < 8000 * CUTOFF_UNDER_BAND).all()
@@ -97,7 +98,7 @@ def test_target_band_is_what_batch_returns(tmp_path):
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run")
     tr = Trainer(args)
     pool = AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0)
-    hr, hr_spec, hr_mel, lr_mel, mask, band = tr.batch(pool, 4)
+    hr, hr_spec, hr_mel, lr_mel, mask, band, _ = tr.batch(pool, 4)
     assert isinstance(band, TargetBand) and band.mels.shape == mask.shape == (4, 80)
     x0, cond = aligned(hr_mel, lr_mel)
     assert x0.shape == cond.shape == (4, 80, 15)
@@ -117,7 +118,7 @@ class _Fixed(torch.nn.Module):
         super().__init__()
         self.out = out
 
-    def forward(self, x, cond, mask, t):
+    def forward(self, x, cond, mask, t, lossy=None):
         return self.out
 
 
@@ -156,6 +157,25 @@ def test_a_grown_denoiser_starts_where_the_shallower_one_ended():
         load_grown(small, deep.state_dict())
 
 
+def test_a_denoiser_grown_with_the_codec_flag_starts_as_it_was_and_can_learn_from_the_flag():
+    from rtsr.models.nets import Denoiser
+
+    torch.manual_seed(0)
+    plain, flagged = Denoiser(16, 2, kernel=3, emb_dim=16), Denoiser(16, 2, kernel=3, emb_dim=16, flags=1)
+    load_grown(flagged, plain.state_dict())
+    x, mask, t = torch.randn(2, 80, 12), torch.zeros(2, 80), torch.zeros(2)
+    with torch.no_grad():
+        want = plain(torch.zeros_like(x), x, mask, t)
+        for lossy in (None, torch.tensor([0.0, 1.0])):  # the flag's weights start at zero: no effect yet
+            torch.testing.assert_close(flagged(torch.zeros_like(x), x, mask, t, lossy=lossy), want)
+        flagged.inp.weight[:, -1] = 1.0
+        out = flagged(torch.zeros_like(x), x, mask, t, lossy=torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out[0], want[0])  # a clean item is untouched by the flag's weights
+    assert not torch.allclose(out[1], want[1])
+    with pytest.raises(SystemExit, match="shallower"):
+        load_grown(plain, flagged.state_dict())  # nor can the flag be dropped
+
+
 @pytest.mark.parametrize("kind, schedule", [("l1", "constant"), ("lsd", "cosine")])
 def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path, kind, schedule):
     from rtsr.training.train import new_denoiser, train_regression
@@ -163,7 +183,7 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
                               batch=2,
                               lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, blocks=8, dilations=(1, 2, 4, 8),
-                              reg_loss=kind, reg_schedule=schedule)
+                              reg_loss=kind, reg_schedule=schedule, codec_flag=False, init_model=None)
     tr = Trainer(args)
     start = new_denoiser(tr).state_dict()
     tr.save("joint", {"regression": start})
@@ -177,6 +197,24 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
     assert any(not torch.equal(first["net"][k], start[k]) for k in start)  # it learned something
     train_regression(tr, pool, "regression_speech")  # resumes: the budget is spent, so nothing more is done
     assert tr.load("regression_speech")["iters"] == first["iters"]
+
+
+def test_regression_stage_grows_the_codec_flag_onto_a_shipped_model(tmp_path):
+    from rtsr.model import load_model
+    from rtsr.training.train import train_regression
+
+    args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
+                              batch=2, lr=0.0, budget_s=0.5, ckpt_s=60.0, log_every=1000, blocks=8,
+                              dilations=(1, 2, 4, 8), reg_loss="l2", reg_schedule="constant", codec_flag=True,
+                              init_model=Path("basic"))
+    tr = Trainer(args)
+    train_regression(tr, AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0), "regression")
+    got, shipped = tr.load("regression"), load_model("basic").denoiser.state_dict()
+    assert got["config"]["flags"] == 1 and got["iters"] > 0
+    w = got["net"]["inp.weight"]
+    torch.testing.assert_close(w[:, :-1], shipped["inp.weight"])  # lr 0: the shipped network, plus the flag
+    assert not w[:, -1].any()
+    assert all(torch.equal(got["net"][k], v) for k, v in shipped.items() if k != "inp.weight")
 
 
 def test_an_averaged_model_holds_the_mean_of_its_sources_denoisers(tmp_path):
@@ -239,7 +277,8 @@ def test_codec_pairs_are_declared_at_their_detected_edge_under_the_targets_band(
     for hr, lr, cut in zip(pairs.hr, pairs.lr, pairs.cutoff, strict=True):  # lr: hr through a codec, at its edge
         assert cut.item() in {band_of_48k([lr.numpy()[:, None]], 1, rate).hz for rate in (44100, 48000)}
         assert torch.corrcoef(torch.stack([hr, lr]))[0, 1] > 0.5
-    hr, _, _, _, mask, band = tr.batch(pool, 8)  # codec_share 1: all but one item are codec pairs
+    hr, _, _, _, mask, band, lossy = tr.batch(pool, 8)  # codec_share 1: all but one item are codec pairs
+    assert lossy.tolist() == [0.0] + [1.0] * 7
     masks = cutoff_mask(pairs.cutoff)
     assert all(any(torch.equal(m, p) for p in masks) for m in mask[1:])
     assert all(any(torch.equal(h, p[MARGIN:-MARGIN]) for p in pairs.hr) for h in hr[1:])

@@ -172,8 +172,9 @@ class Trainer:
                  self.codec.cutoff.min() / 1e3, self.codec.cutoff.max() / 1e3)
 
     def batch(self, pool: AudioPool, size: int):
-        """Targets, their spectra and mels, the degraded input's mel, the cutoff's mel mask and the
-        targets' in-band mel mask and edge (Hz). Cutoffs are drawn under each target's band edge."""
+        """Targets, their spectra and mels, the degraded input's mel, the cutoff's mel mask, the
+        targets' in-band mel mask and edge (Hz), and which items are codec-decoded (1) rather than
+        simulated (0). Cutoffs are drawn under each target's band edge."""
         k = self.codec_count(size, pool.gen)
         raw, _, band = pool.crops(size - k, self.samples + 2 * MARGIN)
         if self.args.tilt:
@@ -185,7 +186,8 @@ class Trainer:
                                      zip((raw, lr, cutoff, band), (c.hr, c.lr, c.cutoff, c.band), strict=True))
         hr, lr = raw[:, MARGIN:-MARGIN], lr[:, MARGIN:-MARGIN]
         hr_spec, hr_mel, lr_mel = features(hr, lr, self.frames)
-        return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff), TargetBand(in_band(band), band)
+        lossy = (torch.arange(size, device=hr.device) >= size - k).float()
+        return hr, hr_spec, hr_mel, lr_mel, cutoff_mask(cutoff), TargetBand(in_band(band), band), lossy
 
     def codec_count(self, size: int, gen: torch.Generator) -> int:
         """How many of a batch's items come from the codec pool: each with probability `--codec-share`,
@@ -208,18 +210,26 @@ class Trainer:
 
 
 def new_denoiser(tr: Trainer) -> Denoiser:
-    """A denoiser of the run's architecture (`--blocks`, `--dilations`), on the training device."""
-    return Denoiser(blocks=tr.args.blocks, dilations=tr.args.dilations).to(tr.device)
+    """A denoiser of the run's architecture (`--blocks`, `--dilations`, `--codec-flag`), on the
+    training device."""
+    return Denoiser(blocks=tr.args.blocks, dilations=tr.args.dilations,
+                    flags=int(tr.args.codec_flag)).to(tr.device)
 
 
 def load_grown(net: Denoiser, state: dict[str, torch.Tensor]) -> None:
-    """Load a denoiser's weights into `net`, which may have more blocks (`--blocks`): the blocks
-    the state lacks start as identities (layer scale 0), so a deeper network starts exactly where
-    the shallower one ended and trains on from there."""
+    """Load a denoiser's weights into `net`, which may have more blocks (`--blocks`) or the codec
+    flag (`--codec-flag`): the blocks the state lacks start as identities (layer scale 0) and the
+    flag's input weights at zero, so the grown network starts exactly where the smaller one ended
+    and trains on from there."""
     own = net.state_dict()
     extra, missing = set(state) - set(own), set(own) - set(state)
     if extra or any(not k.startswith("blocks.") for k in missing):
         raise SystemExit(f"not a shallower denoiser of this one: {sorted(extra or missing)[:3]}")
+    w, grown = state["inp.weight"], own["inp.weight"].shape[1]
+    if w.shape[1] > grown:
+        raise SystemExit("not a shallower denoiser of this one: the state has the codec flag, this one has not")
+    if w.shape[1] < grown:
+        state = {**state, "inp.weight": torch.cat([w, w.new_zeros(w.shape[0], grown - w.shape[1], *w.shape[2:])], 1)}
     own.update(state)
     own.update({k: torch.zeros_like(own[k]) for k in missing if k.endswith(".scale")})
     net.load_state_dict(own)
@@ -245,13 +255,13 @@ def mel_widths() -> torch.Tensor:
 
 
 def regression_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
-                    band: TargetBand, kind: str = "l1") -> torch.Tensor:
+                    band: TargetBand, kind: str = "l1", lossy: torch.Tensor | None = None) -> torch.Tensor:
     """The one-pass regression network's mel error (input zeroed, t = 0), band-weighted like the
     teacher's: "l1" (the median log-mel), "l2" (the mean log-mel, what minimises LSD's squared log
     error where the high band may be either content or near-silence) or "lsd": LSD's own shape on
     the mel -- each band weighted by its width in bins, the root of each frame's mean, the mean
     over frames -- so wide top bands and quiet frames count as they do in the score."""
-    r = net(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device))
+    r = net(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device), lossy=lossy)
     d = r.float() - x0
     w = band_weights(mask, band.mels)
     if kind == "lsd":
@@ -327,7 +337,7 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
     while time.time() - t0 < a.budget_s:
         for g in opt.param_groups:  # cosine decay over the stage's time budget
             g["lr"] = a.lr * min(1.0, (step + 1) / 200) * cosine_decay((time.time() - t0) / a.budget_s, 0.05)
-        hr, hr_spec, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
+        hr, hr_spec, hr_mel, lr_mel, mask, band, _ = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             l_teacher = teacher_loss(nets["teacher"], x0, cond, mask, band)
@@ -355,7 +365,7 @@ def evaluate(tr: Trainer, val: AudioPool, teacher: Denoiser, regression: Denoise
     val.gen.manual_seed(1234)
     res: dict[str, list[float]] = {}
     for _ in range(batches):
-        _, _, hr_mel, lr_mel, mask, band = tr.batch(val, 16)
+        _, _, hr_mel, lr_mel, mask, band, _ = tr.batch(val, 16)
         x0, cond = aligned(hr_mel, lr_mel)
         above = ((1 - mask) * band.mels)[:, :, None].expand_as(x0)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7)).to(x0.device)
@@ -382,7 +392,7 @@ def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Deno
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr * 0.5, weight_decay=0.0)
     t0, n = time.time(), 0
     while time.time() - t0 < budget_s:
-        _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
+        _, _, hr_mel, lr_mel, mask, band, _ = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         k = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
         t = 1.0 - k.float() / steps
@@ -447,7 +457,7 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     t0, n = time.time(), 0
     while time.time() - t0 < a.budget_s:
-        _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
+        _, _, hr_mel, lr_mel, mask, band, _ = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             loss = teacher_loss(net, x0, cond, mask, band)
@@ -470,7 +480,12 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
     a = tr.args
     net = new_denoiser(tr)
     ck = tr.load(name)
-    load_grown(net, ck["net"] if ck else tr.load("joint")["regression"])
+    if ck:
+        load_grown(net, ck["net"])
+    elif a.init_model:  # a shipped one-pass model's network, e.g. to grow the codec flag onto it
+        load_grown(net, load_model(str(a.init_model), tr.device).denoiser.state_dict())
+    else:
+        load_grown(net, tr.load("joint")["regression"])
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     if ck and "opt" in ck:
         opt.load_state_dict(ck["opt"])
@@ -484,10 +499,10 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
         if a.reg_schedule == "cosine":
             for g in opt.param_groups:
                 g["lr"] = a.lr * 0.3 * cosine_decay((time.time() - t0) / a.budget_s, 0.0)
-        _, _, hr_mel, lr_mel, mask, band = tr.batch(pool, a.batch)
+        _, _, hr_mel, lr_mel, mask, band, lossy = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            loss = regression_loss(net, x0, cond, mask, band, a.reg_loss)
+            loss = regression_loss(net, x0, cond, mask, band, a.reg_loss, lossy)
         clipped_step(opt, loss, net.parameters())
         n += 1
         if n % a.log_every == 0:
@@ -529,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slim-dir", type=Path, help="also write small fp16 weight files here per stage")
     p.add_argument("--init-slim", type=Path, help="start the joint stage from these slim weights")
     p.add_argument("--init-model", type=Path,
-                   help="start the joint stage from a shipped model folder (only its student and vocoder exist)")
+                   help="start the joint stage, or a regression stage without a checkpoint, from a shipped "
+                        "model folder or name")
     p.add_argument("--skip-vocoder", action="store_true", help="joint stage: keep the vocoder as it is")
     p.add_argument("--guidance", default="1.5",
                    help="classifier-free guidance baked into the students, or 'auto' (see train_distill)")
@@ -544,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codec-share", type=float, default=0.0,
                    help="share of each batch taken from real MP3/Vorbis encodes at the band the runtime "
                         "detector finds in them (codec holes below the edge; default 0: simulated only)")
+    p.add_argument("--codec-flag", action="store_true",
+                   help="tell the denoiser which items are codec-decoded (one more input; see models/nets.py)")
     p.add_argument("--codec-pairs", type=int, default=2000, help="how many codec pairs to make (once, at start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", type=int, default=8, help="the denoiser's ConvNeXt blocks (its depth)")
