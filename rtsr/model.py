@@ -39,8 +39,8 @@ class ModelState:
     trained with the codec flag is told (see `models/nets.py`)."""
 
     steps: list[Cache]
+    lossy: torch.Tensor  # (channels,)
     vocoder: Cache = field(default_factory=dict)
-    lossy: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 class SuperResModel:

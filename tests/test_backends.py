@@ -9,6 +9,7 @@ import torch
 
 from rtsr import SuperResModel, Upscaler, backends
 from rtsr.backends import BackendUnavailable, apply_backend
+from rtsr.engine import Stream
 from rtsr.features import N_MELS
 from rtsr.models.nets import Denoiser, Vocoder
 
@@ -129,8 +130,7 @@ def test_the_codec_flag_reaches_the_network_per_stream_on_every_backend(onnx_cac
     both = eager.run_batch([eager.new_state(1, lossy=True), eager.new_state(1)], torch.cat([cond, cond]),
                            torch.cat([cond, cond]), cutoff.expand(2, -1), torch.cat([noise, noise]))
     torch.testing.assert_close(both, torch.cat([lossy, clean]))
-    from rtsr.engine import Stream  # an engine stream of a lossy file says so for each channel
-
+    # an engine stream of a lossy file says so for each channel
     assert Stream(eager, 44100, channels=2, fill_holes=True).model_state.lossy.tolist() == [1.0, 1.0]
     assert Stream(eager, 44100).model_state.lossy.tolist() == [0.0]
 

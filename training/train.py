@@ -337,11 +337,11 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
     while time.time() - t0 < a.budget_s:
         for g in opt.param_groups:  # cosine decay over the stage's time budget
             g["lr"] = a.lr * min(1.0, (step + 1) / 200) * cosine_decay((time.time() - t0) / a.budget_s, 0.05)
-        hr, hr_spec, hr_mel, lr_mel, mask, band, _ = tr.batch(pool, a.batch)
+        hr, hr_spec, hr_mel, lr_mel, mask, band, lossy = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             l_teacher = teacher_loss(nets["teacher"], x0, cond, mask, band)
-            l_reg = regression_loss(nets["regression"], x0, cond, mask, band, a.reg_loss)
+            l_reg = regression_loss(nets["regression"], x0, cond, mask, band, a.reg_loss, lossy)
             l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr, band.hz)
         clipped_step(opt, l_teacher + l_reg + l_voc, params)
         ema_update(ema, nets["teacher"], 0.999 if step > 1000 else 0.99)
@@ -561,7 +561,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of each batch taken from real MP3/Vorbis encodes at the band the runtime "
                         "detector finds in them (codec holes below the edge; default 0: simulated only)")
     p.add_argument("--codec-flag", action="store_true",
-                   help="tell the denoiser which items are codec-decoded (one more input; see models/nets.py)")
+                   help="tell the one-pass regression network which items are codec-decoded (one more input; "
+                        "see models/nets.py; the sampler's networks get 0, as at run time)")
     p.add_argument("--codec-pairs", type=int, default=2000, help="how many codec pairs to make (once, at start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", type=int, default=8, help="the denoiser's ConvNeXt blocks (its depth)")
