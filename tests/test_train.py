@@ -234,6 +234,26 @@ def test_an_averaged_model_holds_the_mean_of_its_sources_denoisers(tmp_path):
         average([dirs[0], export(c.denoiser, c.vocoder, tmp_path / "c", "c", 2, 1.0, {})], tmp_path / "x", "x", {})
 
 
+def test_a_weighted_average_grows_a_network_without_the_codec_flag(tmp_path):
+    from rtsr.model import SuperResModel
+    from rtsr.models.nets import Denoiser
+    from rtsr.training.export import average, export
+
+    a = SuperResModel.random(seed=1)
+    flagged = Denoiser(**{**a.denoiser.config, "flags": 1})
+    dirs = [export(a.denoiser, a.vocoder, tmp_path / "a", "a", 2, 1.0, {}),
+            export(flagged, a.vocoder, tmp_path / "b", "b", 2, 1.0, {})]
+    sources = [SuperResModel.from_dir(d).denoiser.state_dict() for d in dirs]
+    got = SuperResModel.from_dir(average(dirs, tmp_path / "avg", "avg", {}, weights=[3.0, 1.0]))
+    assert got.denoiser.config["flags"] == 1 and got.info["training"]["average_weights"] == [3.0, 1.0]
+    w = got.denoiser.state_dict()["inp.weight"]
+    tol = 1e-3 * (w.abs().max() + 1e-3)
+    assert torch.allclose(w[:, -1], sources[1]["inp.weight"][:, -1] / 4, atol=tol)  # the flag: 0 from a
+    assert torch.allclose(w[:, :-1], (3 * sources[0]["inp.weight"] + sources[1]["inp.weight"][:, :-1]) / 4, atol=tol)
+    with pytest.raises(SystemExit, match="one non-negative weight per model"):
+        average(dirs, tmp_path / "x", "x", {}, weights=[1.0])
+
+
 @pytest.mark.parametrize("stage, flags", [("regression", ["--continued"]), ("regression_speech", ["--speech"])])
 def test_a_grown_regression_network_is_exported_with_its_own_depth(tmp_path, stage, flags):
     from rtsr.model import SuperResModel
@@ -250,6 +270,28 @@ def test_a_grown_regression_network_is_exported_with_its_own_depth(tmp_path, sta
     write_slim(run, tmp_path / "slim")
     export_main(["--slim", str(tmp_path / "slim"), "--name", "t", "--regression", *flags, "--out", str(tmp_path / "m")])
     assert len(SuperResModel.from_dir(tmp_path / "m").denoiser.blocks) == 3
+
+
+def test_a_run_started_from_a_shipped_model_is_exported_with_that_models_vocoder(tmp_path):
+    from rtsr.model import SuperResModel, load_model
+    from rtsr.models.nets import Denoiser
+    from rtsr.training.export import main as export_main
+    from rtsr.training.train import write_slim
+
+    net = Denoiser(16, 2, kernel=3, emb_dim=16, flags=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"net": net.state_dict(), "iters": 1, "loss": "l2", "config": net.config}, run / "regression.pt")
+    write_slim(run, tmp_path / "slim")  # no joint stage: no nets_basic.pt
+    args = ["--slim", str(tmp_path / "slim"), "--name", "t", "--regression", "--continued",
+            "--out", str(tmp_path / "m")]
+    with pytest.raises(SystemExit, match="--vocoder-from"):
+        export_main(args)
+    export_main([*args, "--vocoder-from", "basic"])
+    got = SuperResModel.from_dir(tmp_path / "m")
+    assert got.denoiser.config["flags"] == 1
+    shipped = load_model("basic").vocoder.state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in got.vocoder.state_dict().items())
 
 
 def test_codec_round_trip_keeps_length_and_timing_and_cuts_the_band():

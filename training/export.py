@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rtsr.model import BUNDLED, FEATURES, FORMAT, SuperResModel
+from rtsr.model import BUNDLED, FEATURES, FORMAT, SuperResModel, load_model
 from rtsr.models.nets import Denoiser, Vocoder
-from rtsr.training.train import LOOKAHEAD
+from rtsr.training.train import LOOKAHEAD, load_grown
 
 
 def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: int, guidance: float,
@@ -43,21 +43,35 @@ def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: i
     return dest
 
 
-def average(models: list[Path], dest: Path, name: str, info: dict) -> Path:
-    """One model whose denoiser is the mean of several exported models' denoisers (checkpoints of one
-    network along its training: a weight average sits nearer the middle of the basin that they wander
-    around than any one of them). Same architecture and vocoder required."""
+def average(models: list[Path], dest: Path, name: str, info: dict, weights: list[float] | None = None) -> Path:
+    """One model whose denoiser is the (weighted) mean of several exported models' denoisers
+    (checkpoints of one network along its training: a weight average sits nearer the middle of the
+    basin that they wander around than any one of them). Same architecture and vocoder required,
+    except that a network without the codec flag is first grown to one with it (its flag weights
+    zero: the same outputs), so a flag-trained run can be averaged with the model it started from."""
     loaded = [SuperResModel.from_dir(m) for m in models]
-    first = loaded[0]
-    for m in loaded[1:]:
-        if m.info["denoiser"] != first.info["denoiser"] or m.steps != first.steps:
+    weights = weights or [1.0] * len(loaded)
+    if len(weights) != len(loaded) or min(weights) < 0 or sum(weights) <= 0:
+        raise SystemExit(f"--weights: one non-negative weight per model ({len(loaded)}), not all zero")
+    flags = max(m.denoiser.config.get("flags", 0) for m in loaded)
+    first = next(m for m in loaded if m.denoiser.config.get("flags", 0) == flags)
+    for m in loaded:
+        same = {**m.info["denoiser"], "flags": flags} == {**first.info["denoiser"], "flags": flags}
+        if not same or m.steps != first.steps:
             raise SystemExit(f"{m.name}: another architecture or step count than {first.name}")
         if any(not torch.equal(a, b) for a, b in zip(m.vocoder.state_dict().values(),
                                                       first.vocoder.state_dict().values(), strict=True)):
             raise SystemExit(f"{m.name}: another vocoder than {first.name}")
-    states = [m.denoiser.state_dict() for m in loaded]
-    first.denoiser.load_state_dict({k: sum(s[k] for s in states) / len(states) for k in states[0]})
+    states = []
+    for m in loaded:
+        grown = Denoiser(**first.denoiser.config)
+        load_grown(grown, m.denoiser.state_dict())
+        states.append(grown.state_dict())
+    mean = {k: sum(w * s[k] for w, s in zip(weights, states, strict=True)) / sum(weights) for k in states[0]}
+    first.denoiser.load_state_dict(mean)
     info = {**info, "averaged": [m.info.get("training", {}) for m in loaded]}
+    if len(set(weights)) > 1:
+        info["average_weights"] = weights
     return export(first.denoiser, first.vocoder, dest, name, first.steps, first.guidance, info, first.temperature,
                   teacher_steps=0 if first.info["step_counts"] == [first.steps] else max(first.info["step_counts"]))
 
@@ -68,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--slim", type=Path, help="folder written by train --slim-dir")
     source.add_argument("--average", type=Path, nargs="+", metavar="MODEL",
                         help="exported model folders of one network: ship the mean of their denoisers")
+    p.add_argument("--weights", type=lambda t: [float(v) for v in t.split(",")],
+                   help="with --average: comma list, one weight per model (default: equal)")
     p.add_argument("--name", required=True)
     p.add_argument("--student", type=int, default=2, help="sampler steps of the student to ship; 0 = teacher")
     p.add_argument("--regression", action="store_true", help="export the one-step regression baseline")
@@ -79,12 +95,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="scale of the sampler's starting noise (0: deterministic, the lowest LSD)")
     p.add_argument("--out", type=Path, help="destination (default models/<name>)")
     p.add_argument("--info", default="{}", help="JSON merged into the config's training record")
+    p.add_argument("--vocoder-from", metavar="MODEL",
+                   help="take the vocoder from this shipped model (name or folder): a `regression` stage "
+                        "started with --init-model has no joint stage of its own to take it from")
     a = p.parse_args(argv)
     info = json.loads(a.info)
     if a.average:
-        print(average(a.average, a.out or BUNDLED / a.name, a.name, info))
+        print(average(a.average, a.out or BUNDLED / a.name, a.name, info, a.weights))
         return
-    nets = torch.load(a.slim / "nets_basic.pt", map_location="cpu")
+    joint = a.slim / "nets_basic.pt"
+    if not joint.exists() and not (a.regression and a.continued and a.vocoder_from):
+        raise SystemExit(f"{joint} is missing: export a run started from a shipped model with "
+                         "--regression --continued --vocoder-from MODEL")
+    nets = torch.load(joint, map_location="cpu") if joint.exists() else {}
     config = nets.get("joint.config", {})
     if a.regression and a.speech:
         speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
@@ -109,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     info["joint_steps"] = nets.get("joint.step")
     den_net, voc_net = Denoiser(**config), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})
-    voc_net.load_state_dict({k: v.float() for k, v in nets["joint.vocoder"].items()})
+    vocoder = load_model(a.vocoder_from).vocoder.state_dict() if a.vocoder_from else nets["joint.vocoder"]
+    voc_net.load_state_dict({k: v.float() for k, v in vocoder.items()})
     print(export(den_net, voc_net, a.out or BUNDLED / a.name, a.name, steps, guidance, info, a.temperature,
                  teacher_steps=0 if a.regression or a.student else a.teacher_steps))
 
