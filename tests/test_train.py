@@ -3,7 +3,6 @@
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,15 +200,22 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
 
 def test_regression_stage_grows_the_codec_flag_onto_a_shipped_model(tmp_path):
     from rtsr.model import load_model
+    from rtsr.models.nets import Denoiser
+    from rtsr.training.export import export
     from rtsr.training.train import train_regression
 
+    basic = load_model("basic")  # a shipped network without the flag: basic's, its flag column dropped
+    plain = Denoiser(**{**basic.denoiser.config, "flags": 0})
+    state = basic.denoiser.state_dict()
+    plain.load_state_dict({**state, "inp.weight": state["inp.weight"][:, :plain.inp.in_channels]})
+    shipped_dir = export(plain, basic.vocoder, tmp_path / "plain", "plain", 0, 1.0, {})
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
                               batch=2, lr=0.0, budget_s=0.5, ckpt_s=60.0, log_every=1000, blocks=8,
                               dilations=(1, 2, 4, 8), reg_loss="l2", reg_schedule="constant", codec_flag=True,
-                              init_model=Path("basic"))
+                              init_model=shipped_dir)
     tr = Trainer(args)
     train_regression(tr, AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0), "regression")
-    got, shipped = tr.load("regression"), load_model("basic").denoiser.state_dict()
+    got, shipped = tr.load("regression"), load_model(str(shipped_dir)).denoiser.state_dict()
     assert got["config"]["flags"] == 1 and got["iters"] > 0
     w = got["net"]["inp.weight"]
     torch.testing.assert_close(w[:, :-1], shipped["inp.weight"])  # lr 0: the shipped network, plus the flag
