@@ -300,6 +300,13 @@ def test_a_run_started_from_a_shipped_model_is_exported_with_that_models_vocoder
     assert all(torch.equal(v, shipped[k]) for k, v in got.vocoder.state_dict().items())
 
 
+def test_every_codec_level_a_pair_may_draw_is_one_libsndfile_takes():
+    x = _noise(0.5, 24000, 6)
+    for codec in CODECS:
+        for level in codec.levels:  # the draw is uniform between these ends
+            assert len(encode_decode(x, codec, level)) == len(x)
+
+
 def test_codec_round_trip_keeps_length_and_timing_and_cuts_the_band():
     x = _noise(1.5, 24000, 5)
     for codec in CODECS:
