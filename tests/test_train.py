@@ -258,6 +258,9 @@ def test_a_weighted_average_grows_a_network_without_the_codec_flag(tmp_path):
     assert torch.allclose(w[:, :-1], (3 * sources[0]["inp.weight"] + sources[1]["inp.weight"][:, :-1]) / 4, atol=tol)
     with pytest.raises(SystemExit, match="one non-negative weight per model"):
         average(dirs, tmp_path / "x", "x", {}, weights=[1.0])
+    wider = Denoiser(**{**a.denoiser.config, "channels": a.denoiser.config["channels"] * 2})
+    with pytest.raises(SystemExit, match="another architecture"):  # a flag is grown, a width is not
+        average([dirs[0], export(wider, a.vocoder, tmp_path / "w", "w", 2, 1.0, {})], tmp_path / "x", "x", {})
 
 
 @pytest.mark.parametrize("stage, flags", [("regression", ["--continued"]), ("regression_speech", ["--speech"])])

@@ -56,8 +56,7 @@ def average(models: list[Path], dest: Path, name: str, info: dict, weights: list
     flags = max(m.denoiser.config.get("flags", 0) for m in loaded)
     first = next(m for m in loaded if m.denoiser.config.get("flags", 0) == flags)
     for m in loaded:
-        same = {**m.info["denoiser"], "flags": flags} == {**first.info["denoiser"], "flags": flags}
-        if not same or m.steps != first.steps:
+        if {**m.denoiser.config, "flags": flags} != {**first.denoiser.config, "flags": flags} or m.steps != first.steps:
             raise SystemExit(f"{m.name}: another architecture or step count than {first.name}")
         if any(not torch.equal(a, b) for a, b in zip(m.vocoder.state_dict().values(),
                                                       first.vocoder.state_dict().values(), strict=True)):
