@@ -1,5 +1,10 @@
 """Batching hops of many streams into one model call gives each stream its unbatched output."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -55,3 +60,11 @@ def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
         got.append(step([full, other])[0])
         assert not full._through
     assert sum(len(g) for g in got) > 40000
+
+
+def test_the_glue_benchmark_prints_its_per_stream_cost():
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "glue_bench.py"
+    r = subprocess.run([sys.executable, str(bench), "--streams", "2", "--rounds", "2", "--warmup", "1", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["us_per_stream_round"] > 0
