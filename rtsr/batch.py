@@ -3,6 +3,11 @@
 Streams take their input with `push`; `step` gathers every stream's ready hop, runs the model
 once over all of them (caches stacked along the batch axis, see SuperResModel.run_batch) and
 hands each stream its part. The output equals running each stream alone.
+
+A stream whose part of a round fails (its request or its `complete`) is marked failed and the
+round goes on for the others; then `StepFailed` names it, and the others' finished samples wait in
+them (`Stream.hold`) for their next `feed` or `step`, so none is short or shifted. If the model
+call itself fails, no stream's state has moved past its last completed hop.
 """
 
 from __future__ import annotations
@@ -18,13 +23,40 @@ def batchable(stream: Stream) -> bool:
     return not (stream.model.steps and stream.model.guidance != 1.0)
 
 
+class StepFailed(RuntimeError):
+    """Some streams' parts of a batched round failed (`failed`: index in the list -> error); every
+    other stream's round completed, its samples held for its next `feed` or `step`."""
+
+    def __init__(self, failed: dict[int, Exception]):
+        super().__init__(f"{len(failed)} stream(s) failed in a batched round: "
+                         + "; ".join(f"#{i}: {e}" for i, e in failed.items()))
+        self.failed = failed
+
+
 def step(streams: list[Stream]) -> list[np.ndarray]:
     """Run every ready hop of every stream (batched by hop length); finished samples per stream."""
-    out: list[list[np.ndarray]] = [s.take_through() for s in streams]  # full-band streams: resampled only
+    out: list[list[np.ndarray]] = [s.take_ready() for s in streams]  # full-band streams: resampled only
+    failed: dict[int, Exception] = {}
+    try:
+        _run_ready_hops(streams, out, failed)
+    except Exception:
+        _hold(streams, out, failed)
+        raise
+    if failed:
+        _hold(streams, out, failed)
+        raise StepFailed(failed)
+    empty = [np.zeros((0, s.channels), np.float32) for s in streams]
+    return [np.concatenate(o) if o else e for o, e in zip(out, empty, strict=True)]
+
+
+def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
+    """Hops of the streams not failed, round after round, until none is ready; a stream's own
+    failure is recorded in `failed` (and the stream marked), a model call's is raised."""
     while True:
-        ready = [(i, r) for i, s in enumerate(streams) if (r := s.next_request()) is not None]
+        ready = [(i, r) for i, s in enumerate(streams) if i not in failed
+                 and (r := _guarded(s, i, failed, s.next_request)) is not None]
         if not ready:
-            break
+            return
         keys = {(id(streams[i].model), r.n): streams[i].model for i, r in ready}
         for (model_id, n), model in keys.items():  # one call per model and hop length
             group = [(i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id]
@@ -33,6 +65,21 @@ def step(streams: list[Stream]) -> list[np.ndarray]:
                                   torch.cat([r.cutoff.expand(streams[i].channels, -1) for i, r in group]),
                                   torch.cat([r.noise for _, r in group]))
             for (i, r), g in zip(group, gen.split([streams[i].channels for i, _ in group]), strict=True):
-                out[i].append(streams[i].complete(r, g))
-    empty = [np.zeros((0, s.channels), np.float32) for s in streams]
-    return [np.concatenate(o) if o else e for o, e in zip(out, empty, strict=True)]
+                y = _guarded(streams[i], i, failed, streams[i].complete, r, g)
+                if i not in failed:
+                    out[i].append(y)
+
+
+def _guarded(stream: Stream, i: int, failed: dict[int, Exception], fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # this stream's alone: it is marked failed, the round goes on
+        stream.fail(e)
+        failed[i] = e
+        return None
+
+
+def _hold(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
+    for i, (s, o) in enumerate(zip(streams, out, strict=True)):
+        if i not in failed:
+            s.hold(o)

@@ -125,7 +125,8 @@ class Stream:
         self._last = 0  # the last frame to synthesise, known once the input has ended
         # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
         self.passthrough = band is not None and band.full
-        self._through: list[np.ndarray] = []
+        self._ready: list[np.ndarray] = []  # finished samples not handed out yet
+        self._failed: Exception | None = None
 
     @property
     def latency_samples(self) -> int:
@@ -155,23 +156,21 @@ class Stream:
 
     def push(self, block: np.ndarray) -> None:
         """Take input up to the model stage; `next_request`/`complete` (or `feed`) do the rest."""
-        if self._finished:
-            raise RuntimeError("stream already flushed")
+        self._check_open()
         x = as_frames(block, self.channels)
         self._n_in += len(x)
         if self.passthrough:
-            self._through.append(self.resampler.process(x))
+            self._ready.append(self.resampler.process(x))
             return
         self._append48(self.resampler.process(x))
         self._analyse()
 
     def push_end(self) -> None:
         """Mark the end of input: zeros after it let the last frames be analysed and finished."""
-        if self._finished:
-            raise RuntimeError("stream already flushed")
+        self._check_open()
         self._finished = True
         if self.passthrough:
-            self._through.append(self.resampler.flush())
+            self._ready.append(self.resampler.flush())
             return
         self._append48(self.resampler.flush())
         self._n_out = self._x48_base + self._x48.shape[1]
@@ -182,6 +181,8 @@ class Stream:
 
     def next_request(self) -> HopRequest | None:
         """The model inputs of the next ready hop (nothing advances until `complete`)."""
+        if self._failed is not None:
+            raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
         if self.passthrough:
             return None
         la = self.model.lookahead
@@ -225,14 +226,29 @@ class Stream:
         self._x48 = self._x48[:, keep_from:]
         self._x48_base += keep_from
 
-    def take_through(self) -> list[np.ndarray]:
-        """A passthrough stream's resampled output so far (it never makes a model request)."""
-        out, self._through = self._through, []
+    def _check_open(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
+        if self._finished:
+            raise RuntimeError("stream already flushed")
+
+    def fail(self, error: Exception) -> None:
+        """Mark the stream broken (a hop of it failed half-way): every later call raises."""
+        self._failed = error
+
+    def hold(self, samples: list[np.ndarray]) -> None:
+        """Keep finished samples for the next `take_ready` (a batched round that failed elsewhere)."""
+        self._ready[:0] = samples
+
+    def take_ready(self) -> list[np.ndarray]:
+        """Finished samples not handed out yet: a passthrough stream's resampled output (it never
+        makes a model request), or what a failed batched round held back (`hold`)."""
+        out, self._ready = self._ready, []
         return out
 
     def _drain(self) -> np.ndarray:
         """Run the model hop by hop on every ready hop; return the finished samples."""
-        out = self.take_through()
+        out = self.take_ready()
         while (req := self.next_request()) is not None:
             out.append(self.complete(req, self.model.run(self.model_state, req.cond, req.low, req.cutoff,
                                                          req.noise)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rtsr import SuperResModel, Upscaler
-from rtsr.batch import step
+from rtsr.batch import StepFailed, step
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
 
@@ -48,7 +48,7 @@ def test_guided_teacher_refuses_batching():
 
 def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
     """A full-band 48 kHz stream beside a model stream: batch.step hands back its resampled audio
-    each time (it used to drop it and let `_through` grow)."""
+    each time (it used to drop it and let its pending output grow)."""
     model = SuperResModel.random(steps=1)
     full = Stream(model, 48000, 1, 20.0, cutoff=Band(24000.0, "given"))
     other = Stream(model, 16000, 1, 20.0)
@@ -58,7 +58,7 @@ def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
         full.push(x[i:i + 960])
         other.push(x[i // 3:i // 3 + 320])
         got.append(step([full, other])[0])
-        assert not full._through
+        assert not full._ready
     assert sum(len(g) for g in got) > 40000
 
 
@@ -68,3 +68,79 @@ def test_the_glue_benchmark_prints_its_per_stream_cost():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["us_per_stream_round"] > 0
+
+
+@pytest.mark.parametrize("fail_in", ["complete", "next_request"])
+def test_a_failing_stream_leaves_the_others_whole(fail_in):
+    """One stream's part of a batched round fails: the round goes on for the others, StepFailed
+    names it, and their samples come out of their next step (or feed), neither short nor shifted."""
+    model = SuperResModel.random(steps=1)
+    rng = np.random.default_rng(5)
+    specs = [(16000, 1), (8000, 2), (16000, 1), (22050, 1)]
+    inputs = [(0.05 * rng.standard_normal((int(sr * 0.5), ch))).astype(np.float32) for sr, ch in specs]
+    streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
+    calls = {"n": 0}
+    real = getattr(streams[1], fail_in)
+
+    def breaks_on_the_third_call(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("injected")
+        return real(*args)
+    setattr(streams[1], fail_in, breaks_on_the_third_call)
+    outs, live, failures = [[] for _ in streams], list(range(len(streams))), 0
+    for pos in range(0, 8000, 640):  # two hops per round: a failure lands between a stream's hops
+        for i in live:
+            streams[i].push(inputs[i][pos * specs[i][0] // 16000:(pos + 640) * specs[i][0] // 16000])
+        try:
+            for i, y in zip(live, step([streams[i] for i in live]), strict=True):
+                outs[i].append(y)
+        except StepFailed as e:
+            failures += 1
+            assert [live[j] for j in e.failed] == [1]
+            live.remove(1)
+            with pytest.raises(RuntimeError, match="failed earlier"):
+                streams[1].feed(np.zeros((0, 2), np.float32))
+    assert failures == 1
+    for i in live:
+        streams[i].push_end()
+    for i, y in zip(live, step([streams[i] for i in live]), strict=True):
+        outs[i].append(y)
+    for i in live:
+        alone = Upscaler(model, seed=i).upscale(inputs[i], specs[i][0])
+        got = np.concatenate(outs[i])
+        assert got.shape == alone.shape
+        assert np.abs(got - alone).max() <= 1e-5 * np.abs(alone).max()
+
+
+def test_a_failed_model_call_moves_no_stream():
+    """The batched model call fails once, on the second hop of a round: no stream has advanced past
+    its first hop, whose samples wait in it, and each stream's next feed alone (as the server falls
+    back to) gives the rest: neither short nor shifted."""
+    model = SuperResModel.random(steps=1)
+    x = (0.05 * np.random.default_rng(6).standard_normal((8000, 1))).astype(np.float32)
+    streams = [Stream(model, 16000, 1, 20.0, seed=k) for k in range(3)]
+    real, outs, calls = model.run_batch, [[] for _ in streams], []
+
+    def fails_once(*args):
+        calls.append(len(calls))
+        if len(calls) == 9:  # the second of a round (the first round makes one call)
+            raise ValueError("injected")
+        return real(*args)
+    model.run_batch = fails_once
+    for pos in range(0, 8000, 640):  # two hops per round
+        for s in streams:
+            s.push(x[pos:pos + 640])
+        try:
+            for o, y in zip(outs, step(streams), strict=True):
+                o.append(y)
+        except ValueError:
+            for o, s in zip(outs, streams, strict=True):
+                o.append(s.feed(np.zeros((0, 1), np.float32)))
+    model.run_batch = real
+    assert len(calls) > 9
+    for k, (o, s) in enumerate(zip(outs, streams, strict=True)):
+        alone = Upscaler(model, seed=k).upscale(x, 16000)
+        got = np.concatenate(o + [s.flush()])
+        assert got.shape == alone.shape
+        assert np.abs(got - alone).max() <= 1e-5 * np.abs(alone).max()
