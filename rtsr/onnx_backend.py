@@ -6,10 +6,10 @@ itself (`SuperResModel.hop`: sampler or regression, mel low-band replacement, vo
 real and imaginary parts) with every conv cache as an explicit input and output, so the engine's
 streaming state stays the engine's and the session is a pure function; one call per hop instead of
 one per network, and none of the glue between them in Python. Batch and frame counts are dynamic
-in the file; a shape that comes many calls in a row (a live stream's hop, an offline file's hops,
-a server's steady batch) gets a session with those dimensions fixed, made once in the background,
-which lets ONNX Runtime fold the shape arithmetic away (measured 14-20 % faster per hop on the
-shipped `basic`). Exports are cached
+in the file; a live-sized shape that comes many calls in a row (a live stream's hop, a server's
+steady batch) gets a session with those dimensions fixed, made once in the background, which lets
+ONNX Runtime fold the shape arithmetic away (measured 14-20 % faster per hop on the shipped
+`basic`); files keep the dynamic session, so their outputs are the same bits every time. Exports are cached
 per weights in the user cache folder (`$XDG_CACHE_HOME/rtsr/onnx/`, keyed by a hash of the
 weights, the sampler settings and the exporter's versions) and rebuilt when missing or stale. The
 same .onnx file is the road to TensorRT (`trtexec`, or ONNX Runtime's TensorRT provider), which is
@@ -35,6 +35,7 @@ from rtsr.model import ModelState, SuperResModel
 
 EXPORT_VERSION = 5  # bump when the wrapper below or SuperResModel.hop changes
 STATIC_AFTER = 16  # calls in a row of one (batch, frames) shape before it gets a session with them fixed
+LIVE_FRAMES = 8  # only hops of at most this many frames (40 ms: live ones) ever get such a session
 STATIC_SESSIONS = 2  # at most this many such sessions (each holds its own packed weights: more thrash the cache)
 BUILD_WAIT_S = 10.0  # at exit, how long a fixed-shape session still being made is waited for
 _BUILDS: set[threading.Thread] = set()  # fixed-shape sessions being made, in every OnnxRun
@@ -126,9 +127,14 @@ class OnnxRun:
                                           disabled_optimizers=["MatMulAddFusion"])
 
     def session_for(self, batch: int, frames: int):
-        """The session for this shape: its own, with the dimensions fixed, once the shape has come
-        STATIC_AFTER calls in a row (a live stream's hop, during its warm-up; an offline file's
-        hops; a server's steady batch), for at most STATIC_SESSIONS shapes; else the dynamic one.
+        """The session for this shape: its own, with the dimensions fixed, once a live-sized shape
+        (at most LIVE_FRAMES frames) has come STATIC_AFTER calls in a row (a live stream's hop,
+        during its warm-up; a server's steady batch), for at most STATIC_SESSIONS shapes; else the
+        dynamic one. Constant folding makes a fixed-shape session's results differ from the
+        dynamic one's by ~1e-5, so longer hops (files, upscaled in 500 ms hops) always take the
+        dynamic one: a file's output never depends on what this process ran before it (the
+        dynamic session's rows are also the same whatever the batch), and the same file gives
+        the same bits alone, in a batch or on another worker.
         Making one takes 0.1-0.25 s, so it is made on a thread of its own (ONNX Runtime releases
         the GIL meanwhile) and used once ready: no hop waits for it. A process that ends while one
         is being made waits for it, up to BUILD_WAIT_S, at exit (ONNX Runtime aborts the process,
@@ -139,7 +145,7 @@ class OnnxRun:
             return self.static[key]
         self.run_length = self.run_length + 1 if key == self.last else 1
         self.last = key
-        if self.run_length >= STATIC_AFTER and key not in self.making \
+        if frames <= LIVE_FRAMES and self.run_length >= STATIC_AFTER and key not in self.making \
                 and len(self.static) + len(self.making) < STATIC_SESSIONS:
             dims = {"batch": batch, "frames": frames, "state_batch": batch * self.branches, "voc_batch": batch}
             self.making[key] = threading.Thread(target=self._make_static, args=(key, dims), daemon=True)

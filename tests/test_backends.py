@@ -106,6 +106,18 @@ def test_onnx_regression_model_at_every_shape_and_its_fixed_shape_sessions(onnx_
     assert list(onnx.run.static) == shapes[:STATIC_SESSIONS]
 
 
+def test_file_sized_hops_always_take_the_dynamic_session(onnx_cache):
+    """A fixed-shape session computes ~1e-5 apart from the dynamic one, so hops longer than a live
+    one (a file's 500 ms hops) never get one: a file's bits must not depend on what ran before."""
+    from rtsr.onnx_backend import LIVE_FRAMES, STATIC_AFTER
+
+    model = SuperResModel.random(seed=5, steps=0)
+    apply_backend(model, "onnx")
+    for _ in range(2 * STATIC_AFTER):
+        assert model.run.session_for(1, LIVE_FRAMES + 1) is model.run.dynamic
+    assert not model.run.making and not model.run.static
+
+
 def _flagged(seed: int) -> SuperResModel:
     """A tiny one-pass network with the codec flag, its flag weights set so that the flag matters."""
     torch.manual_seed(seed)
