@@ -20,8 +20,9 @@ def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
     x = np.asarray(block)
     if x.dtype.kind not in "fiu":
         raise TypeError(f"audio must be numeric, got dtype {x.dtype}")
-    if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1)
-        x = x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+    if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1); unsigned PCM (8-bit WAV's) is centred at half its range
+        half = float(2 ** (8 * x.dtype.itemsize - 1))
+        x = (x.astype(np.float64) - (half if x.dtype.kind == "u" else 0.0)) / half
     x = x.astype(np.float32, copy=False)
     if x.ndim == 1 and channels == 1:
         x = x[:, None]
@@ -35,6 +36,14 @@ def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
     return x
 
 
-def check_rate(sr: int) -> None:
-    if not MIN_SR <= sr <= MAX_SR:
-        raise ValueError(f"input rate {sr} Hz is outside {MIN_SR}..{MAX_SR}")
+def check_rate(sr: int | float) -> int:
+    """The input rate as an int: 16000.0 and np.float32(16000) are 16000; 22050.5 is refused."""
+    try:
+        rate = int(sr)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"input rate must be a number of Hz, got {sr!r}") from None
+    if rate != sr:
+        raise ValueError(f"input rate must be a whole number of Hz, got {sr}")
+    if not MIN_SR <= rate <= MAX_SR:
+        raise ValueError(f"input rate {rate} Hz is outside {MIN_SR}..{MAX_SR}")
+    return rate

@@ -97,7 +97,7 @@ class Stream:
         (what `scan_band` found in a whole file). fill_holes: the input was decoded from a lossy
         codec, whose holes below the band edge are filled (`merge_low_band`) and which a model
         trained with the codec flag is told (`ModelState.lossy`)."""
-        check_rate(input_sr)
+        input_sr = check_rate(input_sr)
         if not 1 <= channels <= MAX_CHANNELS:
             raise ValueError(f"channels must be 1..{MAX_CHANNELS}, got {channels}")
         hop = round(hop_ms * SR / 1000)
@@ -127,6 +127,7 @@ class Stream:
         self.passthrough = band is not None and band.full
         self._ready: list[np.ndarray] = []  # finished samples not handed out yet
         self._failed: Exception | None = None
+        self._mono = False  # fed 1-D blocks: hand out 1-D samples
 
     @property
     def latency_samples(self) -> int:
@@ -145,14 +146,19 @@ class Stream:
         return 1000.0 * self.latency_samples / SR
 
     def feed(self, block: np.ndarray) -> np.ndarray:
-        """Push any number of input samples; returns the 48 kHz samples finished by them."""
+        """Push any number of input samples; returns the 48 kHz samples finished by them, in the
+        block's layout ((frames,) for a 1-D block, as `Upscaler.upscale` gives)."""
         self.push(block)
-        return self._drain()
+        self._mono = np.ndim(block) == 1
+        return self._as_fed(self._drain())
 
     def flush(self) -> np.ndarray:
         """End of input: returns the rest, so the total is round(n_in * 48000 / input_sr)."""
         self.push_end()
-        return self._drain()
+        return self._as_fed(self._drain())
+
+    def _as_fed(self, y: np.ndarray) -> np.ndarray:
+        return y[:, 0] if self._mono else y
 
     def push(self, block: np.ndarray) -> None:
         """Take input up to the model stage; `next_request`/`complete` (or `feed`) do the rest."""

@@ -23,10 +23,14 @@ OFFLINE_BLOCK = 1 << 18  # input frames fed at a time: bounded memory whatever t
 
 
 def resolve_device(device: str) -> str:
+    """auto, cpu, cuda or cuda:N as torch's device name; anything else, or cuda without a CUDA
+    device, is refused in words a caller can act on (torch's own errors list its device types)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but PyTorch sees no CUDA device")
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device here; use 'cpu' or 'auto'")
     return device
 
 
@@ -36,10 +40,13 @@ class Upscaler:
 
     @classmethod
     def load(cls, name_or_path: str = "basic", device: str = "cpu", steps: int | None = None, seed: int = 0,
-             backend: str = "eager", threads: int | None = None, warm_up: bool = False) -> Upscaler:
+             backend: str = "auto", threads: int | None = 1, warm_up: bool = False) -> Upscaler:
         """A bundled model by name ("basic", "speech") or a model directory, ready to run: the one
         way every command loads one. backend: rtsr.backends (auto: the fastest that works here);
-        threads: torch's (and ONNX Runtime's) CPU threads, None leaves them; warm_up runs a
+        threads: torch's (process-wide) and ONNX Runtime's CPU threads, None leaves them. The
+        defaults are the CLI's, the fast ones: the model's small matrices gain little from more
+        threads, and threads oversubscribed by other work make it many times slower (8 s of
+        speech: 0.2-0.3 s on one thread, 2-6 s on torch's default of all cores). warm_up runs a
         throwaway stream first, so one-off allocation is not on a live stream's time."""
         if threads:
             torch.set_num_threads(threads)
@@ -60,7 +67,7 @@ class Upscaler:
 
     def find_band(self, x: np.ndarray, sr: int) -> Band:
         """Where the real band of a whole signal ends (the rate's Nyquist if no edge is found)."""
-        check_rate(sr)
+        sr = check_rate(sr)
         return scan_band(_as_frames(x), sr)
 
     def upscale(self, x: np.ndarray, sr: int, cutoff: float | Band | None = None,
@@ -76,7 +83,7 @@ class Upscaler:
         """
         x = np.asarray(x)
         mono = x.ndim == 1
-        check_rate(sr)
+        sr = check_rate(sr)
         frames = _as_frames(x)
         band = as_band(cutoff, sr) or scan_band(frames, sr)
         chunks = (frames[i:i + OFFLINE_BLOCK] for i in range(0, len(frames), OFFLINE_BLOCK))

@@ -21,4 +21,4 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def up(tiny_model_dir: Path) -> Upscaler:
     """The tiny model as servers load it: one torch thread (the servers in a test share the process)."""
     torch.set_num_threads(1)
-    return Upscaler.load(str(tiny_model_dir))
+    return Upscaler.load(str(tiny_model_dir), backend="eager")

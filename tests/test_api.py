@@ -1,0 +1,65 @@
+"""The Python API as the README shows it: fast defaults, a stream's output in upscale's layout,
+rates and devices as users write them, every integer PCM type scaled right."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rtsr import Upscaler
+from rtsr.audio_spec import as_frames
+from rtsr.onnx_backend import OnnxRun
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> Upscaler:
+    return Upscaler.load(str(tiny_model_dir))
+
+
+def test_load_defaults_are_the_fast_ones(tiny_model_dir: Path) -> None:
+    """One thread and the fastest backend, as the CLI runs: torch's default of every core made the
+    README's example 10x slower on a busy machine."""
+    torch.set_num_threads(2)
+    up = Upscaler.load(str(tiny_model_dir))
+    assert torch.get_num_threads() == 1
+    assert isinstance(up.model.__dict__.get("run"), OnnxRun)
+
+
+def test_a_mono_streams_output_has_upscales_shape(loaded: Upscaler) -> None:
+    x = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    s = loaded.stream(16000)
+    y = np.concatenate([s.feed(x[i:i + 1000]) for i in range(0, len(x), 1000)] + [s.flush()])
+    ref = loaded.upscale(x, 16000)
+    assert y.shape == ref.shape == (48000,)
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert loaded.stream(16000).feed(x[:, None]).ndim == 2  # (frames, 1) in, (frames, 1) out
+
+
+@pytest.mark.parametrize("rate", [16000.0, np.float32(16000), np.int64(16000)])
+def test_an_integral_rate_of_any_numeric_type_is_taken(loaded: Upscaler, rate) -> None:
+    x = (0.1 * np.random.default_rng(1).standard_normal(4000)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.upscale(x, rate), loaded.upscale(x, 16000))
+    assert loaded.stream(rate).input_sr == 16000
+
+
+def test_a_fractional_rate_is_refused_plainly(loaded: Upscaler) -> None:
+    with pytest.raises(ValueError, match="whole number of Hz"):
+        loaded.upscale(np.zeros(100, np.float32), 22050.5)
+
+
+def test_devices_are_refused_in_the_apis_words(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown device 'gpu'.*'cpu', 'cuda'"):
+        Upscaler.load(str(tiny_model_dir), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' asked for") as e:
+            Upscaler.load(str(tiny_model_dir), device="cuda")
+        assert "--device" not in str(e.value)
+
+
+def test_integer_pcm_is_scaled_to_full_scale() -> None:
+    """8-bit PCM is unsigned, centred at 128; signed types at 0."""
+    got = as_frames(np.array([0, 128, 255], np.uint8), 1)[:, 0]
+    np.testing.assert_allclose(got, [-1.0, 0.0, 127 / 128])
+    np.testing.assert_allclose(as_frames(np.array([-32768, 0, 16384], np.int16), 1)[:, 0], [-1.0, 0.0, 0.5])
+    np.testing.assert_allclose(as_frames(np.array([0, 2**15], np.uint16), 1)[:, 0], [-1.0, 0.0])
