@@ -3,6 +3,7 @@ folders, and serve and broker letting in only authorised clients (real loopback 
 
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -134,6 +135,21 @@ def test_broker_with_keys_serves_authorised_clients_through_an_authorised_worker
             c.shutdown()
         assert open_with(eps["frontend"], None, 1.0) is None
     assert np.abs(y - up.upscale(x, 16000)).max() <= 1e-5 * np.abs(y).max()
+
+
+def test_broker_backend_refuses_a_client_key_posing_as_a_worker(up, keys, tmp_path, caplog):
+    posing = tmp_path / "posing"
+    shutil.copytree(keys, posing)
+    shutil.copy(keys / "client.key_secret", posing / "worker.key_secret")  # a client's pair where a worker's goes
+    client_key = zmq.auth.load_certificate(keys / "client.key")[0].decode()
+    svc = Service({"tiny": up}, "tiny", Limits())
+    with caplog.at_level(logging.WARNING, logger="rtsr.curve"), \
+            running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run(), CurveKeys(keys)) as eps, \
+            running(lambda t: serve_worker(svc, eps["backend"], t), CurveKeys(posing)):
+        deadline = time.monotonic() + TIMEOUT
+        while not any(f"{client_key[:8]}... on workers" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "the broker's backend let a client key in"
+            time.sleep(0.05)
 
 
 def test_missing_keys_are_a_clear_error(tmp_path, capsys):
