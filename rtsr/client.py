@@ -67,21 +67,23 @@ class Client:
     """One connection to a service (or broker), any number of streams over it."""
 
     def __init__(self, endpoint: str = P.DEFAULT_ENDPOINT, timeout: float = 10.0, hwm: int = 64,
-                 curve_keys: str | Path | None = None):
+                 curve_keys: str | Path | None = None, curve_role: str = "client"):
         """curve_keys: a folder from `rtsr keygen` (client.key_secret, server.key) for a service
-        started with --curve-keys; without it such a service never answers (a TimeoutError)."""
+        started with --curve-keys; without it such a service never answers (a TimeoutError).
+        curve_role "admin" connects with the admin pair, which may also ask for `stats`."""
         self.endpoint, self.timeout = endpoint, timeout
-        keys = load_curve_keys(curve_keys, server=False)
+        keys = load_curve_keys(curve_keys, server=False, role=curve_role)
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.DEALER)
         if keys is not None:
-            keys.make_client(self.sock)
+            keys.make_client(self.sock, curve_role)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.connect(endpoint)
         self._streams: dict[P.StreamId, tuple[int, str]] = {}  # stream -> (channels, wire dtype)
         self._seq: dict[P.StreamId, int] = {}
+        self._tokens: dict[P.StreamId, str] = {}  # from `opened`: every later message of the stream carries it
         self._pending: deque[Reply] = deque()
         self.counts: Counter[str] = Counter()  # upscale(): blocks sent, resent, answered; errors by code
 
@@ -123,7 +125,12 @@ class Client:
         r = self._take(lambda r: r.stream == stream and r.type in ("opened", "error"))
         if r.type == "error":
             raise ServerError(r.header)
+        self._tokens[stream] = r.header.get("token")
         return r.header
+
+    def token(self, stream: P.StreamId) -> str | None:
+        """The stream's token, which `send_raw` headers for it must carry."""
+        return self._tokens.get(stream)
 
     def send(self, stream: P.StreamId, block: np.ndarray, seq: int | None = None) -> int:
         """Send one block ((frames,) or (frames, channels); float in [-1, 1) or the wire dtype).
@@ -133,16 +140,21 @@ class Client:
         channels, dtype = self._streams[stream]
         seq = self._seq[stream] if seq is None else seq
         self._seq[stream] = seq + 1
-        self.send_raw({"type": "audio", "stream": stream, "seq": seq}, to_wire(block, dtype, channels))
+        self.send_raw({"type": "audio", "stream": stream, "token": self._tokens.get(stream), "seq": seq},
+                      to_wire(block, dtype, channels))
         return seq
 
     def close(self, stream: P.StreamId) -> None:
         """Ask for the tail; it arrives as an audio reply with "final": true, then `closed`."""
-        self.send_raw({"type": "close", "stream": stream})
+        self.send_raw({"type": "close", "stream": stream, "token": self._tokens.get(stream)})
 
     def stats(self) -> dict[str, Any]:
+        """The service's counters: for an admin key (curve_role "admin"), or on loopback without CURVE."""
         self.send_raw({"type": "stats"})
-        return self._take(lambda r: r.type == "stats").header
+        r = self._take(lambda r: r.type == "stats" or r.type == "error" and r.header.get("code") == P.FORBIDDEN)
+        if r.type == "error":
+            raise ServerError(r.header)
+        return r.header
 
     def recv(self, timeout: float | None = None) -> Reply:
         """The next reply (error replies included, not raised); TimeoutError after `timeout` s."""

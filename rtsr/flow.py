@@ -13,6 +13,10 @@ with a bounded per-peer reply buffer):
   `max_unsent_bytes` of replies plus held requests, or none of its replies taken for `max_stall_s`
   seconds. Its streams are then closed and it is told (`not_reading`) when it reads again.
 
+`FairShare` then orders what is admitted: each round a peer's requests may make the engine run
+at most `share_s` seconds of audio (deficit round robin, each request costed by its length); the
+rest wait, in order, for later rounds, so a peer sending heavy blocks slows itself, not others.
+
 Socket-free: the loops give it a `send(peer, frames) -> "sent" | "full" | "gone"` function and an
 injectable clock, so it is tested without sockets.
 """
@@ -35,6 +39,7 @@ class FlowLimits:
 
     max_unsent_bytes: int = 64 * 1024 * 1024  # unsent replies + held requests, per peer
     max_stall_s: float = 10.0  # a peer with waiting replies that takes none for this long
+    share_s: float = 0.5  # audio seconds (summed over channels) of one peer's requests run per round
 
 
 def _size(frames: list) -> int:
@@ -99,6 +104,15 @@ class FlowControl:
         """True while any reply is queued (the loop should come back soon to flush it)."""
         return any(p.replies for p in self.peers.values())
 
+    def take_held(self, peer: bytes) -> list[Msg]:
+        """A peer's held requests, forgotten here (the caller answers each, e.g. on its drop)."""
+        p = self.peers.get(peer)
+        if p is None:
+            return []
+        held = [msg for msg, _ in p.held]
+        p.held.clear()
+        return held
+
     # --- requests ---------------------------------------------------------------------------
 
     def admit(self, msgs: list[tuple[bytes, Msg, int]]) -> list[Msg]:
@@ -152,3 +166,53 @@ class FlowControl:
         self.peers.pop(peer, None)
         if self.on_gone is not None:
             self.on_gone(peer)
+
+
+class FairShare:
+    """Deficit round robin over peers: per round, each peer's requests run up to `share_s` seconds
+    of audio (summed over channels); a heavier request waits until its peer's credit reaches it."""
+
+    def __init__(self, limits: FlowLimits | None = None):
+        limits = limits or FlowLimits()
+        self.share_s, self.max_bytes = limits.share_s, limits.max_unsent_bytes
+        self.queues: dict[bytes, deque[tuple[Msg, int, float]]] = {}
+        self.credit: dict[bytes, float] = {}
+        self.bytes: dict[bytes, int] = {}
+
+    def add(self, peer: bytes, msg: Msg, n: int, cost: float) -> None:
+        self.queues.setdefault(peer, deque()).append((msg, n, cost))
+        self.bytes[peer] = self.bytes.get(peer, 0) + n
+
+    def take(self) -> list[Msg]:
+        """This round's requests, peer after peer, each peer's in the order they came."""
+        ready: list[Msg] = []
+        for peer, q in list(self.queues.items()):
+            credit = self.credit.get(peer, 0.0) + self.share_s
+            while q and q[0][2] <= credit:
+                msg, n, cost = q.popleft()
+                credit -= cost
+                self.bytes[peer] -= n
+                ready.append(msg)
+            if q:
+                self.credit[peer] = credit
+            else:
+                self._forget(peer)
+        return ready
+
+    def waiting(self) -> bool:
+        return bool(self.queues)
+
+    def overdue(self) -> list[tuple[bytes, str]]:
+        """Peers whose waiting requests are past the byte bound: they send faster than they are served."""
+        return [(peer, f"{n / 2**20:.1f} MiB of requests waiting to be served (bound {self.max_bytes / 2**20:g} MiB)")
+                for peer, n in self.bytes.items() if n > self.max_bytes]
+
+    def take_all(self, peer: bytes) -> list[Msg]:
+        """A peer's waiting requests, forgotten here."""
+        q = self.queues.get(peer, ())
+        self._forget(peer)
+        return [msg for msg, _, _ in q]
+
+    def _forget(self, peer: bytes) -> None:
+        for d in (self.queues, self.credit, self.bytes):
+            d.pop(peer, None)

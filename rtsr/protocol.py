@@ -11,6 +11,7 @@ Sizes are checked before anything is decoded: a 100 MB frame is refused by its l
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # default PCM limit: 65 s of 16 kHz mono float32, 2.7 s of 384 kHz stereo
 MAX_CHANNELS = 16
 MAX_STREAM_ID = 256  # characters of a string stream id
+MAX_JSON_DEPTH = 4  # headers are flat objects; deeper nesting is refused before anything walks it
+MAX_TOKEN = 64  # characters of a stream token
 DEFAULT_HOP_MS = 20.0
 
 # Error codes (the "code" of an error reply); docs/protocol.md explains each one.
@@ -35,7 +38,7 @@ UNKNOWN_STREAM, DUPLICATE_STREAM, BAD_RATE, UNKNOWN_MODEL = "unknown_stream", "d
     "unknown_model"
 BAD_PCM, BAD_AUDIO, TOO_BIG, SEQ, RATE, BUSY = "bad_pcm", "bad_audio", "too_big", "seq", "rate", "busy"
 EXPIRED, INTERNAL, NO_WORKER, WORKER_LOST = "expired", "internal", "no_worker", "worker_lost"
-NOT_READING = "not_reading"
+NOT_READING, BAD_TOKEN, FORBIDDEN = "not_reading", "bad_token", "forbidden"
 
 StreamId = str | int | None
 
@@ -100,8 +103,12 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
         h = json.loads(bytes(frame).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(BAD_JSON, "header is nested too deeply") from None
     if not isinstance(h, dict):
         raise ProtocolError(BAD_JSON, f"header must be a JSON object, got {type(h).__name__}")
+    if _depth(h) > MAX_JSON_DEPTH:
+        raise ProtocolError(BAD_JSON, f"header is nested more than {MAX_JSON_DEPTH} levels deep")
     sid = h.get("stream")
     if sid is not None and not (isinstance(sid, str) and len(sid) <= MAX_STREAM_ID
                                 or isinstance(sid, int) and not isinstance(sid, bool)):
@@ -114,7 +121,27 @@ def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(BAD_HEADER, "header has no string 'type'", sid)
     if "seq" in h and not _is_int(h["seq"], 0):
         raise ProtocolError(BAD_HEADER, "seq must be an integer >= 0", sid)
+    token = h.get("token")
+    if token is not None and not (isinstance(token, str) and len(token) <= MAX_TOKEN):
+        raise ProtocolError(BAD_HEADER, f"token must be a string of at most {MAX_TOKEN} characters", sid)
     return h
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion (a hostile header may be deep)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:
+                todo += [(c, d + 1) for c in (v.values() if isinstance(v, dict) else v)]
+    return deepest
+
+
+def new_token() -> str:
+    """An unguessable stream token: a stream answers only messages that carry it."""
+    return secrets.token_urlsafe(16)
 
 
 def _is_int(v: Any, lo: int) -> bool:
@@ -178,3 +205,19 @@ def decode_pcm(payload: bytes | memoryview, dtype: str, channels: int, stream: S
 def pcm_to_array(payload: bytes | memoryview, channels: int) -> np.ndarray:
     """A reply's 48 kHz float32 PCM -> (frames, channels)."""
     return np.frombuffer(payload, OUT_DTYPE).reshape(-1, channels).astype(np.float32)
+
+
+MAX_CAPACITY = 100_000  # streams a worker may announce
+
+
+def parse_ready(h: dict[str, Any]) -> int:
+    """A worker's `ready` heartbeat -> its capacity (streams), or the error saying why not."""
+    capacity = h.get("capacity")
+    if not _is_int(capacity, 0) or capacity > MAX_CAPACITY:
+        raise ProtocolError(BAD_HEADER, f"capacity must be an integer in 0..{MAX_CAPACITY}, got {capacity!r}")
+    return capacity
+
+
+def pcm_frames(payload_bytes: int, dtype: str, channels: int) -> float:
+    """Frames in a PCM frame of this many bytes, judged by length alone (before any decoding)."""
+    return payload_bytes / (DTYPES[dtype].itemsize * channels)

@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,14 @@ from rtsr import protocol as P
 from rtsr.backends import BACKENDS
 from rtsr.batch import batchable
 from rtsr.batch import step as batch_step
-from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, warn_if_open
+from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, peer_is_admin, warn_if_open
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
 from rtsr.features import SR
-from rtsr.flow import FlowControl
+from rtsr.flow import FairShare, FlowControl
 from rtsr.model import ModelError
 from rtsr.transport import (
+    FLUSH_S,
     MAX_DROPPED_REMEMBERED,
     POLL_S,
     Peer,
@@ -53,6 +54,7 @@ from rtsr.transport import (
     pipeline_endpoint,
     poll_s,
     router_sender,
+    unanswered,
 )
 from rtsr.upscaler import Upscaler
 
@@ -68,11 +70,14 @@ class Limits:
     """What one client may cost the service; all enforced per message, before the engine runs."""
 
     max_streams: int = 64
+    max_streams_per_peer: int = 16  # one connection's share, so one peer cannot hold every slot
     max_frame_bytes: int = P.MAX_FRAME_BYTES
     idle_timeout: float = 30.0  # seconds without a message before a stream is dropped
     max_speed: float = 0.0  # audio seconds per wall second a stream may send (0: as fast as it is served)
     burst_s: float = 2.0  # audio a rate-limited stream may be ahead of real time
-    max_gap_s: float = 5.0  # longest sequence gap filled with silence; beyond it the stream ends
+    # audio one message may make the engine run, in seconds summed over channels, gap silence
+    # included: what bounds the time one message holds everyone else's streams
+    max_block_s: float = 2.0
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Session:
 
     spec: P.OpenSpec
     engine: Stream
+    token: str  # the stream answers only messages carrying it
     opened: float
     active: float
     next_seq: int = 0
@@ -124,14 +130,16 @@ class Service:
         self.sessions: dict[tuple[Peer, P.StreamId], Session] = {}
         self.dropped: dict[tuple[Peer, P.StreamId], str] = {}  # why a stream was dropped, told on its next message
         self.stats = Stats()
+        self.tokens = True  # later messages must carry their stream's token (off for a pipeline's one upstream)
 
     # --- entry points -----------------------------------------------------------------------
 
-    def handle(self, peer: Peer, frames: list) -> list[Reply]:
-        return self.handle_batch([(peer, frames)])
+    def handle(self, peer: Peer, frames: list, admin: bool = False) -> list[Reply]:
+        return self.handle_batch([(peer, frames)], {peer} if admin else set())
 
-    def handle_batch(self, msgs: Iterable[tuple[Peer, list]]) -> list[Reply]:
-        """Replies to every message, in order; consecutive audio messages become one batch of jobs."""
+    def handle_batch(self, msgs: Iterable[tuple[Peer, list]], admins: Collection[Peer] = ()) -> list[Reply]:
+        """Replies to every message, in order; consecutive audio messages become one batch of jobs.
+        `admins`: the peers allowed `stats` (an admin key, or loopback without CURVE)."""
         out: list[Reply] = []
         jobs: list[Job] = []
         for peer, frames in msgs:
@@ -143,12 +151,29 @@ class Service:
                     jobs.append(self._audio_job(peer, h, frames))
                     continue
                 self._run_jobs(jobs, out)  # a control message sees the state after all audio before it
-                out += self._control(peer, h, frames)
+                out += self._control(peer, h, frames, peer in admins)
             except P.ProtocolError as e:
                 self._run_jobs(jobs, out)
                 out.append(self._error(peer, e))
+            except Exception as e:  # a bug met by one message must not end the service
+                log.exception("message from %r failed", peer)
+                self._run_jobs(jobs, out)
+                out.append(self._error(peer, P.ProtocolError(P.INTERNAL, f"the server failed on this message: "
+                                                                         f"{type(e).__name__}")))
         self._run_jobs(jobs, out)
         return out
+
+    def cost(self, peer: Peer, frames: list) -> float:
+        """Seconds of audio (summed over channels) an audio message asks the engine for, judged by
+        its length; what fair sharing between peers counts. Anything else costs nothing."""
+        try:
+            h = P.decode_header(frames[0]) if len(frames[0]) <= P.MAX_HEADER_BYTES else {}
+        except P.ProtocolError:
+            return 0.0
+        s = self.sessions.get((peer, h.get("stream")))
+        if h.get("type") != "audio" or s is None or len(frames) < 2:
+            return 0.0
+        return len(frames[1]) / (P.DTYPES[s.spec.dtype].itemsize * s.spec.sr)
 
     def expire(self) -> list[Reply]:
         """Drop streams idle for longer than the idle timeout; tell their clients (best effort)."""
@@ -158,22 +183,27 @@ class Service:
                 del self.sessions[key]
                 self.stats.expired += 1
                 out.append(self._error(key[0], P.ProtocolError(
-                    P.EXPIRED, f"stream idle for more than {self.limits.idle_timeout:g} s", key[1], closed=True)))
+                    P.EXPIRED, f"stream idle for more than {self.limits.idle_timeout:g} s", key[1], closed=True,
+                    token=s.token)))
         return out
 
-    def drop_peer(self, peer: Peer, reason: str | None = None) -> list[P.StreamId]:
+    def drop_peer(self, peer: Peer, reason: str | None = None) -> list[P.ProtocolError]:
         """Forget every stream of a client that vanished, or (with a reason) stopped reading its
-        replies: then each of those streams answers its next message with `not_reading` and the reason."""
+        replies: then each of those streams answers its next message with `not_reading` and the
+        reason. Returns the `not_reading` notice of each stream dropped."""
         keys = [k for k in self.sessions if k[0] == peer]
+        notices = []
         for k in keys:
-            del self.sessions[k]
+            s = self.sessions.pop(k)
             if reason is not None:
                 self.dropped[k] = reason
+            notices.append(P.ProtocolError(P.NOT_READING, f"stream dropped: {reason or 'client went away'}", k[1],
+                                           closed=True, token=s.token))
         while len(self.dropped) > MAX_DROPPED_REMEMBERED:
             del self.dropped[next(iter(self.dropped))]
         if keys:
             self.stats.dropped_peers += 1
-        return [k[1] for k in keys]
+        return notices
 
     # --- messages ---------------------------------------------------------------------------
 
@@ -191,17 +221,20 @@ class Service:
         if s is None:
             raise P.ProtocolError(P.UNKNOWN_STREAM, f"no open stream {key[1]!r} (open it first)", key[1],
                                   h.get("seq"), closed=True)
+        if self.tokens and h.get("token") != s.token:
+            raise P.ProtocolError(P.BAD_TOKEN, f"the token does not match stream {key[1]!r}'s (the one `opened` "
+                                               "gave)", key[1], h.get("seq"))
         return key, s
 
     def _no_pcm(self, h: dict[str, Any], frames: list) -> None:
         if len(frames) > 1 and len(frames[1]):
-            raise P.ProtocolError(P.BAD_PCM, f"a {h['type']!r} message carries no PCM frame", h.get("stream"))
+            raise P.ProtocolError(P.BAD_PCM, f"a {h['type']!r} message carries no PCM frame", h.get("stream"),
+                                  closed=h["type"] == "open")
 
-    def _control(self, peer: Peer, h: dict[str, Any], frames: list) -> list[Reply]:
+    def _control(self, peer: Peer, h: dict[str, Any], frames: list, admin: bool) -> list[Reply]:
         kind, sid = h["type"], h.get("stream")
         if kind == "open":
-            self._no_pcm(h, frames)
-            return [(peer, P.encode(self._open(peer, h)))]
+            return [(peer, P.encode(self._open(peer, h, frames)))]
         if kind in ("close", "cancel"):
             self._no_pcm(h, frames)
             key, s = self._session(peer, h)
@@ -213,23 +246,30 @@ class Service:
                     tail = s.engine.flush()
                 except Exception as e:  # an engine bug must not take the service down
                     log.exception("flush failed for %r", key)
-                    raise P.ProtocolError(P.INTERNAL, f"flush failed: {e}", sid, closed=True) from e
-                out.append((peer, P.encode({"type": "audio", "stream": sid, "final": True}, tail)))
-            return out + [(peer, P.encode({"type": "closed", "stream": sid}))]
+                    raise P.ProtocolError(P.INTERNAL, f"flush failed: {e}", sid, closed=True, token=s.token) from e
+                out.append((peer, P.encode({"type": "audio", "stream": sid, "token": s.token, "final": True}, tail)))
+            return out + [(peer, P.encode({"type": "closed", "stream": sid, "token": s.token}))]
         if kind == "stats":
+            if not admin:
+                raise P.ProtocolError(P.FORBIDDEN, "stats are for an admin key (or loopback without CURVE)", sid)
             return [(peer, P.encode({"type": "stats", "streams": len(self.sessions),
                                      "max_streams": self.limits.max_streams, "models": sorted(self.upscalers),
                                      **vars(self.stats)}))]
         raise P.ProtocolError(P.UNKNOWN_TYPE, f"unknown message type {kind!r}", sid)
 
-    def _open(self, peer: Peer, h: dict[str, Any]) -> dict[str, Any]:
+    def _open(self, peer: Peer, h: dict[str, Any], frames: list) -> dict[str, Any]:
+        key = (peer, h.get("stream"))
+        if key in self.sessions:  # before any other check: a refusal must not say "closed" of an open stream
+            raise P.ProtocolError(P.DUPLICATE_STREAM, f"stream {key[1]!r} is already open", key[1])
+        self._no_pcm(h, frames)
         spec = P.parse_open(h)
-        key = (peer, spec.stream)
-        if key in self.sessions:
-            raise P.ProtocolError(P.DUPLICATE_STREAM, f"stream {spec.stream!r} is already open", spec.stream)
-        if len(self.sessions) >= self.limits.max_streams:
-            raise P.ProtocolError(P.BUSY, f"the service is at its limit of {self.limits.max_streams} streams",
+        lim = self.limits
+        if len(self.sessions) >= lim.max_streams:
+            raise P.ProtocolError(P.BUSY, f"the service is at its limit of {lim.max_streams} streams",
                                   spec.stream, closed=True)
+        if sum(k[0] == peer for k in self.sessions) >= lim.max_streams_per_peer:
+            raise P.ProtocolError(P.BUSY, f"this connection has its share of {lim.max_streams_per_peer} streams "
+                                          "open", spec.stream, closed=True)
         name = spec.model or self.default_model
         up = self.upscalers.get(name)
         if up is None:
@@ -239,24 +279,38 @@ class Service:
             engine = up.stream(spec.sr, spec.channels, spec.hop_ms, spec.cutoff, spec.fill_holes)
         except ValueError as e:  # e.g. a hop that is not a multiple of the frame hop
             raise P.ProtocolError(P.BAD_HEADER, str(e), spec.stream, closed=True) from None
-        now = self.clock()
-        self.sessions[key] = Session(spec, engine, now, now, band=engine.band)
+        now, token = self.clock(), P.new_token()
+        self.sessions[key] = Session(spec, engine, token, now, now, band=engine.band)
         self.stats.opened += 1
-        return {"type": "opened", "stream": spec.stream, "out_sr": SR, "latency_samples": engine.latency_samples,
-                "channels": spec.channels, "model": name, "hop_ms": spec.hop_ms, **band_fields(engine.band)}
+        return {"type": "opened", "stream": spec.stream, "token": token, "out_sr": SR,
+                "latency_samples": engine.latency_samples, "channels": spec.channels, "model": name,
+                "hop_ms": spec.hop_ms, **band_fields(engine.band)}
 
     def _audio_job(self, peer: Peer, h: dict[str, Any], frames: list) -> Job:
         """Validate, rate-check and sequence one audio message; the engine has not run yet."""
         key, s = self._session(peer, h)
-        sid, seq = key[1], h.get("seq")
+        try:
+            return self._sequence(peer, key, s, h, frames)
+        except P.ProtocolError as e:
+            e.extra["token"] = s.token
+            raise
+
+    def _sequence(self, peer: Peer, key: tuple[Peer, P.StreamId], s: Session, h: dict[str, Any],
+                  frames: list) -> Job:
+        sid, seq, lim, sr, channels = key[1], h.get("seq"), self.limits, s.spec.sr, s.spec.channels
         if seq is None:
             raise P.ProtocolError(P.BAD_HEADER, "an audio message needs a seq", sid)
-        x = P.decode_pcm(frames[1] if len(frames) > 1 else b"", s.spec.dtype, s.spec.channels, sid, seq)
+        pcm = frames[1] if len(frames) > 1 else b""
+        n = P.pcm_frames(len(pcm), s.spec.dtype, channels)
+        if n * channels > lim.max_block_s * sr:  # judged by length, before decoding
+            raise P.ProtocolError(P.TOO_BIG, f"a block of {n / sr:.3f} s x {channels} channels is more than the "
+                                             f"{lim.max_block_s:g} s of audio one message may carry; block not "
+                                             "consumed", sid, seq)
+        x = P.decode_pcm(pcm, s.spec.dtype, channels, sid, seq)
         now = self.clock()
         s.active = now
         if seq < s.next_seq:
             raise P.ProtocolError(P.SEQ, f"seq {seq} is old: expected {s.next_seq} (block dropped)", sid, seq)
-        lim, sr = self.limits, s.spec.sr
         if lim.max_speed > 0:
             ahead = s.audio_s + len(x) / sr - lim.burst_s - lim.max_speed * (now - s.opened)
             if s.resend_from is not None and seq > s.resend_from:  # go-back-N: nothing past the refused block
@@ -268,16 +322,16 @@ class Service:
                                       retry_after_ms=int(1000 * ahead / lim.max_speed) + 1,
                                       resend_from=s.resend_from)
             s.resend_from = None
-        header: dict[str, Any] = {"type": "audio", "stream": sid, "seq": seq}
+        header: dict[str, Any] = {"type": "audio", "stream": sid, "token": s.token, "seq": seq}
         n, gap = len(x), seq - s.next_seq
         if gap:  # fill the missing blocks with silence so everything after keeps its time
             fill = gap * (s.last_frames or n)
-            if fill > lim.max_gap_s * sr:
+            if (fill + n) * channels > lim.max_block_s * sr:
                 del self.sessions[key]
-                raise P.ProtocolError(P.SEQ, f"{gap} blocks missing ({fill / sr:.1f} s) is more than the "
-                                             f"{lim.max_gap_s:g} s a gap may be filled with; stream ended",
-                                      sid, seq, closed=True)
-            x = np.concatenate([np.zeros((fill, s.spec.channels), np.float32), x])
+                raise P.ProtocolError(P.SEQ, f"{gap} blocks missing ({fill / sr:.2f} s) is more silence than one "
+                                             f"message may fill ({lim.max_block_s:g} s of audio over all "
+                                             "channels); stream ended", sid, seq, closed=True)
+            x = np.concatenate([np.zeros((fill, channels), np.float32), x])
             header["gap"] = gap
             self.stats.gaps += gap
         s.next_seq = seq + 1
@@ -339,7 +393,7 @@ class Service:
         log.error("engine failed for %r: %s", job.key, e)
         self.sessions.pop(job.key, None)
         return self._error(job.peer, P.ProtocolError(P.INTERNAL, f"engine failed: {e}", job.key[1],
-                                                     job.header["seq"], closed=True))
+                                                     job.header["seq"], closed=True, token=job.session.token))
 
     def _audio_reply(self, job: Job, y: np.ndarray) -> Reply:
         band = job.session.engine.band
@@ -359,35 +413,51 @@ def band_fields(band: Band) -> dict[str, Any]:
 
 def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transport | None = None) -> None:
     """Serve clients on a bound ROUTER until `t.stop` is set, with flow control (rtsr.flow): a
-    client's replies wait for it to read, its requests wait while they do, and only a client past
-    the documented bound is dropped (told `not_reading`)."""
+    client's replies wait for it to read, its requests wait while they do, each round runs every
+    client's fair share of requests, and only a client past the documented bound is dropped (told
+    `not_reading`, naming the blocks it will get no reply for)."""
     t = t or Transport()
     ctx = zmq.Context()
     sock = t.socket(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises instead of silently dropping
-    flow = FlowControl(router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, peer))
+    fair, admins = FairShare(t.flow), set[Peer]()
+    flow = FlowControl(router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, fair, admins, peer))
     try:
         with t.authenticator(ctx):
             t.ready({"router": attach(sock, endpoint, True)})
             while not t.stop.is_set():
                 flow.flush()
-                msgs = drain(sock) if sock.poll(int(poll_s(flow) * 1000)) else []
+                wait = FLUSH_S if fair.waiting() else poll_s(flow)
+                msgs = drain(sock) if sock.poll(int(wait * 1000)) else []
+                admins.update(m[0].bytes for m in msgs if len(m) > 1 and peer_is_admin(m[1], t.curve))
                 ready = flow.admit([(m[0].bytes, m, nbytes(m)) for m in msgs])
-                for peer, frames in service.handle_batch((m[0].bytes, buffers(m[1:])) for m in ready) + \
-                        service.expire():
+                for m in ready:
+                    fair.add(m[0].bytes, m, nbytes(m), service.cost(m[0].bytes, buffers(m[1:])))
+                batch = [(m[0].bytes, buffers(m[1:])) for m in fair.take()]
+                for peer, frames in service.handle_batch(batch, admins) + service.expire():
                     flow.put(peer, frames)
-                for peer, reason in flow.overdue():
-                    streams = service.drop_peer(peer, reason)
-                    log.warning("client %r is not reading its replies (%s): dropped %d streams", peer, reason,
-                                len(streams))
-                    flow.dropped(peer, [P.encode(P.ProtocolError(
-                        P.NOT_READING, f"stream dropped: {reason}", sid, closed=True).header()) for sid in streams])
+                for peer, reason in flow.overdue() + fair.overdue():
+                    _drop_slow(service, flow, fair, peer, reason)
+                    admins.discard(peer)
     finally:
         sock.close(0)
         ctx.term()
 
 
-def _gone(service: Service, peer: Peer) -> None:
+def _drop_slow(service: Service, flow: FlowControl, fair: FairShare, peer: Peer, reason: str) -> None:
+    """Drop a client past the bound: each of its streams, and each block it will get no reply
+    for (first and last seq, per stream), is told `not_reading` when it reads again."""
+    notices = {e.stream: e for e in service.drop_peer(peer, reason)}
+    for sid, (first, last) in unanswered(flow.take_held(peer) + fair.take_all(peer)).items():
+        e = notices.setdefault(sid, P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid, closed=True))
+        e.seq, e.extra["last_seq"] = first, last
+    log.warning("client %r is past the bound (%s): dropped %d streams", peer, reason, len(notices))
+    flow.dropped(peer, [P.encode(e.header()) for e in notices.values()])
+
+
+def _gone(service: Service, fair: FairShare, admins: set[Peer], peer: Peer) -> None:
+    fair.take_all(peer)
+    admins.discard(peer)
     if n := len(service.drop_peer(peer)):
         log.info("client %r went away: dropped %d streams", peer, n)
 
@@ -395,6 +465,7 @@ def _gone(service: Service, peer: Peer) -> None:
 def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None = None) -> None:
     """Pipeline stage: PULL messages, PUSH replies (errors too, and to the log) downstream."""
     t = t or Transport()
+    service.tokens = False  # one upstream, which never sees `opened`: it is the only sender there is
     ctx = zmq.Context()
     (pull_at, pull_bind), (push_at, push_bind) = pipeline_endpoint(pull), pipeline_endpoint(push)
     src, dst = t.socket(ctx, zmq.PULL, server=pull_bind), t.socket(ctx, zmq.PUSH, server=push_bind)
@@ -403,7 +474,7 @@ def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None =
             t.ready({"pull": attach(src, pull_at, pull_bind), "push": attach(dst, push_at, push_bind)})
             while not t.stop.is_set():
                 msgs = drain(src) if src.poll(int(POLL_S * 1000)) else []
-                for _, frames in service.handle_batch((b"", buffers(m)) for m in msgs) + service.expire():
+                for _, frames in service.handle_batch([(b"", buffers(m)) for m in msgs], {b""}) + service.expire():
                     if json.loads(frames[0]).get("type") == "error":
                         log.warning("pipeline error: %s", frames[0].decode())
                     while not t.stop.is_set():  # downstream full or absent: wait (backpressure), but stay stoppable
@@ -421,13 +492,16 @@ def serve_worker(service: Service, broker: str, t: Transport | None = None) -> N
 
     "ready" messages (with an empty client frame), sent every HEARTBEAT_S between batches, register
     the worker and its capacity; the broker gives up on a worker silent for its --worker-timeout
-    (dead or hung) and tells its clients. Replies the broker cannot take yet wait, in order (and
-    new requests with them): none is ever dropped, so no stream is shifted.
+    (dead or hung) and tells its clients. A "reset" from the broker (with an empty client frame:
+    it has just taken this worker on) drops every stream, which belonged to a broker that has
+    forgotten them. Replies the broker cannot take yet wait, in order (and new requests with
+    them): none is ever dropped, so no stream is shifted. The broker's clients share the engine
+    fairly (rtsr.flow.FairShare), each by its client id.
     """
     t = t or Transport()
     ctx = zmq.Context()
-    sock = t.socket(ctx, zmq.DEALER, server=False)
-    flow = FlowControl(dealer_sender(sock), t.flow)
+    sock = t.socket(ctx, zmq.DEALER, server=False, role="worker")
+    flow, fair = FlowControl(dealer_sender(sock), t.flow), FairShare(t.flow)
     try:
         t.ready({"broker": attach(sock, broker, False)})
         beat = 0.0
@@ -437,14 +511,29 @@ def serve_worker(service: Service, broker: str, t: Transport | None = None) -> N
                 beat = time.monotonic()
                 flow.put(BROKER, [b"", *P.encode({"type": "ready", "capacity": service.limits.max_streams,
                                                   "streams": len(service.sessions)})])
-            msgs = drain(sock) if sock.poll(int(poll_s(flow) * 1000)) else []
-            msgs = [m for m in msgs if len(m) >= 2 and len(m[0])]  # frames with no client: nothing to answer
-            ready = flow.admit([(BROKER, m, nbytes(m)) for m in msgs])
-            for peer, frames in service.handle_batch((m[0].bytes, buffers(m[1:])) for m in ready) + service.expire():
+            wait = FLUSH_S if fair.waiting() else poll_s(flow)
+            msgs = [m for m in (drain(sock) if sock.poll(int(wait * 1000)) else []) if len(m) >= 2]
+            for m in flow.admit([(BROKER, m, nbytes(m)) for m in msgs]):
+                if len(m[0]):
+                    fair.add(m[0].bytes, m, nbytes(m), service.cost(m[0].bytes, buffers(m[1:])))
+                elif _is_reset(m[1]):
+                    for peer in {k[0] for k in service.sessions}:
+                        service.drop_peer(peer)
+                        fair.take_all(peer)
+                    log.info("the broker took this worker on: earlier streams dropped")
+            batch = [(m[0].bytes, buffers(m[1:])) for m in fair.take()]
+            for peer, frames in service.handle_batch(batch) + service.expire():
                 flow.put(BROKER, [peer, *frames])
     finally:
         sock.close(0)
         ctx.term()
+
+
+def _is_reset(frame: zmq.Frame) -> bool:
+    try:
+        return P.decode_header(frame.buffer)["type"] == "reset"
+    except P.ProtocolError:
+        return False
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -502,7 +591,7 @@ def serve_keys(args: argparse.Namespace) -> CurveKeys | None:
         binds = {not args.connect_broker}
     keys = None
     for server in binds:
-        keys = curve_keys(args.curve_keys, server)
+        keys = curve_keys(args.curve_keys, server, "worker" if args.connect_broker else None)
     return keys
 
 
@@ -528,7 +617,7 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_streams=args.max_streams, max_frame_bytes=args.max_frame_bytes,
                     idle_timeout=args.idle_timeout, max_speed=args.max_speed)
     service = Service(ups, names[0], limits)
-    t = Transport(hwm=args.hwm, curve=keys)
+    t = Transport(hwm=args.hwm, max_frame_bytes=args.max_frame_bytes, curve=keys)
     try:
         if args.pull:
             serve_pipeline(service, args.pull, args.push, t)

@@ -5,13 +5,16 @@ bind/connect, draining, and flow-controlled senders. Torch-free, so the broker n
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
 
+from rtsr import protocol as P
 from rtsr.curve import CurveKeys
 from rtsr.flow import FlowControl, FlowLimits, SendResult
 
@@ -21,35 +24,59 @@ POLL_S = 0.05  # how often the loops look at their stop flag and at idle streams
 FLUSH_S = 0.005  # poll interval while replies wait for a slow reader
 MAX_BATCH = 64  # messages taken per poll round
 MAX_DROPPED_REMEMBERED = 4096  # streams whose drop is told on their next message
+RECV_BUDGET = 64 * 1024 * 1024  # bytes ZeroMQ may hold of one peer's unread requests (RCVHWM x largest message)
+_ids_lock = threading.Lock()
+LOOPBACK = {"localhost", "::1"}  # and 127.0.0.0/8
 
 
 @dataclass
 class Transport:
     """What the serving loops share: socket limits (bounded queues, bounded messages) and control
-    (a stop flag checked every POLL_S, a callback told the endpoints once bound, for tests and logs)."""
+    (a stop flag checked every POLL_S, a callback told the endpoints once bound, for tests and logs).
 
-    hwm: int = 64  # messages queued per peer, each way, before ZeroMQ pushes back
-    max_message_bytes: int = 128 * 1024 * 1024  # above this ZeroMQ drops the connection (no reply possible)
+    Memory per peer is bounded in bytes at the socket: ZeroMQ drops the connection of a peer whose
+    message is over `max_message_bytes` (twice the largest PCM frame answered, so a frame a little
+    too big still gets its `too_big`), holds at most RECV_BUDGET of its unread requests, and at
+    most `hwm` replies, each bounded by the service's per-message audio limit."""
+
+    hwm: int = 64  # replies queued per peer before ZeroMQ pushes back (and flow control takes over)
+    max_frame_bytes: int = P.MAX_FRAME_BYTES  # the largest PCM frame the service answers
     stop: threading.Event = field(default_factory=threading.Event)
     on_ready: Callable[[dict[str, str]], None] | None = None  # called with the bound endpoints
     name: str = "rtsr serve"  # for the log line
     curve: CurveKeys | None = None  # CURVE: encrypted, authorised peers only (rtsr.curve)
     flow: FlowLimits = field(default_factory=FlowLimits)  # when a client that does not read is dropped
 
-    def socket(self, ctx: zmq.Context, kind: int, server: bool = True) -> zmq.Socket:
-        """A socket with the limits below; with CURVE keys, the server side (authenticating peers
-        through `authenticator`) or the client side of the handshake."""
+    @property
+    def max_message_bytes(self) -> int:
+        return 2 * self.max_frame_bytes + P.MAX_HEADER_BYTES
+
+    @property
+    def recv_hwm(self) -> int:
+        return max(4, min(self.hwm, RECV_BUDGET // self.max_message_bytes))
+
+    def socket(self, ctx: zmq.Context, kind: int, server: bool = True, role: str | None = None) -> zmq.Socket:
+        """A socket with the limits above; with CURVE keys, the server side of `role`'s domain
+        ("clients" or "workers", checked through `authenticator`) or a client side as `role`
+        ("client" or "worker")."""
+        if kind == zmq.ROUTER:
+            _unpredictable_routing_ids()
         s = ctx.socket(kind)
         if self.curve is not None:
-            (self.curve.make_server if server else self.curve.make_client)(s)
+            if server:
+                self.curve.make_server(s, role or "clients")
+            else:
+                self.curve.make_client(s, role or "client")
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVHWM, self.hwm)
+        s.setsockopt(zmq.RCVHWM, self.recv_hwm)
         s.setsockopt(zmq.SNDHWM, self.hwm)
         s.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         # transport-level heartbeats run in ZeroMQ's I/O thread, so a peer busy computing is not
-        # mistaken for a dead one, while a dead one is disconnected (then sends to it fail)
+        # mistaken for a dead one, while a dead one is disconnected (then sends to it fail). The
+        # timeout outlasts flow control's bound and the notice after it: a peer that only stops
+        # reading (its socket stops taking the pings too) is told `not_reading`, not cut unasked.
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * (2 * self.flow.max_stall_s + 5)))
         return s
 
     def authenticator(self, ctx: zmq.Context) -> contextlib.ExitStack:
@@ -65,6 +92,15 @@ class Transport:
             self.on_ready(endpoints)
 
 
+def _unpredictable_routing_ids() -> None:
+    """Seed the C library's rand(), from which libzmq draws the first routing id a ROUTER hands
+    out (then +1 per peer). Unseeded, every process hands out 0x006b8b4567 first: a peer that
+    connects under the next id makes the next client's connection abort the process (libzmq
+    asserts on the collision). Seeded from the OS, the next id is a 1 in 2**32 guess."""
+    with _ids_lock:
+        ctypes.CDLL(None).srand(secrets.randbits(32))
+
+
 def attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
     """Bind or connect; returns the endpoint actually in use (a bound port 0/* becomes the real one)."""
     if bind:
@@ -72,6 +108,14 @@ def attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
     sock.connect(endpoint)
     return endpoint
+
+
+def beyond_loopback(endpoint: str) -> bool:
+    """A TCP endpoint that other hosts can reach (ipc and inproc never are; `*` and 0.0.0.0 are)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host not in LOOPBACK and not host.startswith("127.")
 
 
 def pipeline_endpoint(text: str) -> tuple[str, bool]:
@@ -128,3 +172,17 @@ def dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
         except zmq.Again:
             return "full"
     return send
+
+
+def unanswered(msgs: list[list[zmq.Frame]], header_at: int = 1) -> dict[P.StreamId, tuple[int, int]]:
+    """Held audio messages that will get no reply -> per stream, their first and last seq."""
+    seqs: dict[P.StreamId, tuple[int, int]] = {}
+    for m in msgs:
+        try:
+            h = P.decode_header(m[header_at].buffer)
+        except (P.ProtocolError, IndexError):
+            continue
+        if h["type"] == "audio" and isinstance(h.get("seq"), int):
+            first, _ = seqs.get(h.get("stream"), (h["seq"], 0))
+            seqs[h.get("stream")] = (first, h["seq"])
+    return seqs

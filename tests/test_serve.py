@@ -153,7 +153,8 @@ def _unknown_stream(c):
 
 def _ragged_pcm(c):
     c.open("x", 16000, 2)
-    c.send_raw({"type": "audio", "stream": "x", "seq": 0}, bytes(4 * 2 * 10 + 4))  # half a stereo frame extra
+    c.send_raw({"type": "audio", "stream": "x", "token": c.token("x"), "seq": 0},
+               bytes(4 * 2 * 10 + 4))  # half a stereo frame extra
 
 
 def _nan(c):
@@ -161,9 +162,9 @@ def _nan(c):
     c.send("x", np.array([0.0, np.nan, np.inf], np.float32))
 
 
-def _huge_frame(c):
+def _huge_frame(c):  # over the limit (bigger still, the connection is cut: test_hostile)
     c.open("x", 16000)
-    c.send_raw({"type": "audio", "stream": "x", "seq": 0}, bytes(100 * 1024 * 1024))
+    c.send_raw({"type": "audio", "stream": "x", "token": c.token("x"), "seq": 0}, bytes(P.MAX_FRAME_BYTES + 4))
 
 
 def _absurd_rate(c):
@@ -181,7 +182,7 @@ def _same_id_as_victim(c):  # stream ids are per client: another client's "victi
 
 DISRUPTIONS = {"bad_json": (_bad_json, P.BAD_JSON), "unknown_type": (_unknown_type, P.UNKNOWN_TYPE),
                "unknown_stream": (_unknown_stream, P.UNKNOWN_STREAM), "ragged_pcm": (_ragged_pcm, P.BAD_PCM),
-               "nan": (_nan, P.BAD_AUDIO), "100MB": (_huge_frame, P.TOO_BIG),
+               "nan": (_nan, P.BAD_AUDIO), "too_big": (_huge_frame, P.TOO_BIG),
                "absurd_rate": (_absurd_rate, P.BAD_RATE), "duplicate_open": (_duplicate_open, P.DUPLICATE_STREAM),
                "victim_id": (_same_id_as_victim, P.UNKNOWN_STREAM)}
 
@@ -281,7 +282,7 @@ def test_gap_is_filled_with_silence_and_reported(up):
 
 
 def test_old_seq_and_huge_gap_are_refused(up):
-    with router(service(up, max_gap_s=1.0)) as ep, client(ep) as c:
+    with router(service(up, max_block_s=1.0)) as ep, client(ep) as c:
         c.open("s", 16000)
         c.send("s", noise(16000, 0.02), seq=0)
         assert c.recv().type == "audio"
