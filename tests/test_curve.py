@@ -17,7 +17,7 @@ from test_serve import running, wait_for_workers
 from rtsr import protocol as P
 from rtsr.broker import Broker
 from rtsr.cli import main
-from rtsr.client import Client
+from rtsr.client import Client, ServerError
 from rtsr.curve import CurveKeyError, CurveKeys, keygen, peer_is_admin, warn_if_open
 from rtsr.serve import Limits, Service, serve_router, serve_worker
 
@@ -126,13 +126,17 @@ def test_broker_with_keys_serves_authorised_clients_through_an_authorised_worker
     svc = Service({"tiny": up}, "tiny", Limits())
     with running(lambda t: Broker(ANY_PORT, ANY_PORT, t).run(), CurveKeys(keys)) as eps, \
             running(lambda t: serve_worker(svc, eps["backend"], t), CurveKeys(keys)):
+        admin = Client(eps["frontend"], timeout=TIMEOUT, curve_keys=keys, curve_role="admin")
         c = Client(eps["frontend"], timeout=TIMEOUT, curve_keys=keys)
         try:
-            wait_for_workers(c, 1)
+            wait_for_workers(admin, 1)
+            with pytest.raises(ServerError, match="forbidden"):
+                c.stats()  # for admin keys only
             x = (0.1 * np.random.default_rng(1).standard_normal((3200, 1))).astype(np.float32)
             y = c.upscale(x, 16000, stream="s")
         finally:
             c.shutdown()
+            admin.shutdown()
         assert open_with(eps["frontend"], None, 1.0) is None
     assert np.abs(y - up.upscale(x, 16000)).max() <= 1e-5 * np.abs(y).max()
 
