@@ -67,7 +67,7 @@ def rounds(n_streams: int, n_rounds: int, warmup: int) -> dict:
     from rtsr.batch import step
 
     model, timer = ShapeStub.like(), Timer()
-    model.run_batch = timer.wrap("model_call", model.run_batch)
+    model.run_slots = timer.wrap("model_call", model.run_slots)
     streams = [Stream(model, SR_IN, 1, 20.0, seed=k) for k in range(n_streams)]
     for s in streams:
         s.complete = timer.wrap("complete", s.complete)

@@ -1,7 +1,7 @@
 """Many streams, one model call per hop: what lets one device serve many live streams.
 
 Streams take their input with `push`; `step` gathers every stream's ready hop, runs the model
-once over all of them (caches stacked along the batch axis, see SuperResModel.run_batch) and
+once over all of them (their caches side by side in the model's bank, rtsr.bank) and
 hands each stream its part. The output equals running each stream alone.
 
 A stream whose part of a round fails (its request or its `complete`) is marked failed and the
@@ -60,7 +60,9 @@ def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: 
         keys = {(id(streams[i].model), r.n): streams[i].model for i, r in ready}
         for (model_id, n), model in keys.items():  # one call per model and hop length
             group = [(i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id]
-            gen = model.run_batch([streams[i].model_state for i, _ in group],
+            if not batchable(streams[group[0][0]]):
+                raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
+            gen = model.run_slots([streams[i].slot for i, _ in group],
                                   torch.cat([r.cond for _, r in group]), torch.cat([r.low for _, r in group]),
                                   torch.cat([r.cutoff.expand(streams[i].channels, -1) for i, r in group]),
                                   torch.cat([r.noise for _, r in group]))

@@ -18,6 +18,7 @@ as soon as nothing later can change it, which is at most `latency_samples` after
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,7 +30,7 @@ from rtsr.cutoff import Band, CutoffTracker, as_band
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, window
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.ola import overlap_add
-from rtsr.model import SuperResModel
+from rtsr.model import ModelState, SuperResModel
 from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
@@ -109,7 +110,8 @@ class Stream:
         self.resampler = StreamingResampler(input_sr, SR, channels)
         band = as_band(cutoff, input_sr)
         self.cutoff = CutoffTracker(input_sr, channels, band)
-        self.model_state = model.new_state(channels, lossy=fill_holes)
+        self.slot = model.bank.join(channels, lossy=fill_holes)  # its model state, in the model's bank
+        weakref.finalize(self, model.bank.leave, self.slot)
         self._n_in = 0
         self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
         self._x48_base = -HALF  # absolute 48 kHz index of _x48[:, 0]
@@ -140,6 +142,11 @@ class Stream:
         if self.passthrough:
             return self.resampler.delay_out
         return (self.hop_frames + self.model.lookahead) * HOP + HALF - 1 + self.resampler.delay_out
+
+    @property
+    def model_state(self) -> ModelState:
+        """The stream's streaming state in the model's bank, as it is now (for reading)."""
+        return self.model.bank.view([self.slot])
 
     @property
     def latency_ms(self) -> float:
@@ -256,8 +263,8 @@ class Stream:
         """Run the model hop by hop on every ready hop; return the finished samples."""
         out = self.take_ready()
         while (req := self.next_request()) is not None:
-            out.append(self.complete(req, self.model.run(self.model_state, req.cond, req.low, req.cutoff,
-                                                         req.noise)))
+            out.append(self.complete(req, self.model.run_slots([self.slot], req.cond, req.low,
+                                                               req.cutoff[None], req.noise)))
         return np.concatenate(out) if out else np.zeros((0, self.channels), np.float32)
 
     def complete(self, req: HopRequest, gen: torch.Tensor) -> np.ndarray:

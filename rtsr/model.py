@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 import rtsr.models
+from rtsr.bank import ModelState, Slot, StateBank
 from rtsr.features import HOP, N_FFT, N_MELS, SR, mel_centers
 from rtsr.models.diffusion import sample
 from rtsr.models.nets import Cache, Denoiser, Vocoder, init_cache, polar_parts
@@ -32,17 +32,6 @@ class ModelError(RuntimeError):
     """A model that cannot be used: missing, untrained, corrupted or incompatible."""
 
 
-@dataclass
-class ModelState:
-    """Streaming state of one stream (all its channels): one conv cache per sampler step, and
-    whether each channel was decoded from a lossy codec (1.0) or not (0.0), which a denoiser
-    trained with the codec flag is told (see `models/nets.py`)."""
-
-    steps: list[Cache]
-    lossy: torch.Tensor  # (channels,)
-    vocoder: Cache = field(default_factory=dict)
-
-
 class SuperResModel:
     def __init__(self, denoiser: Denoiser, vocoder: Vocoder, steps: int, guidance: float = 1.0,
                  lookahead: int = 1, name: str = "custom", device: str = "cpu", info: dict | None = None,
@@ -54,6 +43,14 @@ class SuperResModel:
         self.steps, self.guidance, self.lookahead = steps, guidance, lookahead
         self.temperature = temperature
         self.name, self.device, self.info = name, device, info or {}
+        self._bank: StateBank | None = None
+
+    @property
+    def bank(self) -> StateBank:
+        """Every stream's streaming state (rtsr.bank), made when the first stream joins."""
+        if self._bank is None:
+            self._bank = StateBank(self.new_state)
+        return self._bank
 
     @classmethod
     def random(cls, channels: int = 32, blocks: int = 2, steps: int = 2, seed: int = 0,
@@ -103,6 +100,14 @@ class SuperResModel:
                                  for _ in range(max(self.steps, 1))],
                           vocoder=init_cache(self.vocoder, batch, self.device),
                           lossy=torch.full((batch,), float(lossy), device=self.device))
+
+    def run_slots(self, slots: list[Slot], cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+        """`run` for the streams that own these slots of `bank`, their rows in this order (cutoff
+        (B, T), one row per channel): one call for all, their state updated in place in the bank,
+        and only if the call succeeds."""
+        with self.bank.state_of(slots) as state:
+            return self.run(state, cond, low, cutoff, noise)
 
     def run_batch(self, states: list[ModelState], cond: torch.Tensor, low: torch.Tensor,
                   cutoff: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

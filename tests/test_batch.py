@@ -120,14 +120,14 @@ def test_a_failed_model_call_moves_no_stream():
     model = SuperResModel.random(steps=1)
     x = (0.05 * np.random.default_rng(6).standard_normal((8000, 1))).astype(np.float32)
     streams = [Stream(model, 16000, 1, 20.0, seed=k) for k in range(3)]
-    real, outs, calls = model.run_batch, [[] for _ in streams], []
+    real, outs, calls = model.run_slots, [[] for _ in streams], []
 
     def fails_once(*args):
         calls.append(len(calls))
         if len(calls) == 9:  # the second of a round (the first round makes one call)
             raise ValueError("injected")
         return real(*args)
-    model.run_batch = fails_once
+    model.run_slots = fails_once
     for pos in range(0, 8000, 640):  # two hops per round
         for s in streams:
             s.push(x[pos:pos + 640])
@@ -137,7 +137,7 @@ def test_a_failed_model_call_moves_no_stream():
         except ValueError:
             for o, s in zip(outs, streams, strict=True):
                 o.append(s.feed(np.zeros((0, 1), np.float32)))
-    model.run_batch = real
+    model.run_slots = real
     assert len(calls) > 9
     for k, (o, s) in enumerate(zip(outs, streams, strict=True)):
         alone = Upscaler(model, seed=k).upscale(x, 16000)

@@ -1,0 +1,173 @@
+"""Every stream's model state in one place: preallocated, slot-indexed, updated in place.
+
+A model call for many streams needs their conv caches side by side along the batch axis. Kept
+per stream, they were concatenated before every batched hop and split back after it: one op per
+cache per stream, 14-18 caches, every round. Here every cache of every sampler step and of the
+vocoder, and the codec flag, is one (rows, ...) tensor on the model's device, one row per channel;
+a stream owns a `Slot` (contiguous rows) from `join` to `leave`, a hop gathers the rows it runs
+(a view where they are contiguous, one `index_select` per cache otherwise) and writes the new state
+back in place, one op per cache for all the streams. Rows are written back only when the call
+succeeds, so a failed call moves no stream (rtsr.batch relies on it). A guided teacher's step
+caches hold both branches, (2, rows, ...), gathered branch-major as the sampler stacks them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rtsr.models.nets import Cache
+
+INITIAL_ROWS = 8  # rows of a new bank; it doubles whenever a join finds no room
+
+
+@dataclass
+class ModelState:
+    """Streaming state of one model call's rows (one per channel): one conv cache per sampler
+    step, and whether each channel was decoded from a lossy codec (1.0) or not (0.0), which a
+    denoiser trained with the codec flag is told (see `models/nets.py`)."""
+
+    steps: list[Cache]
+    lossy: torch.Tensor  # (rows,)
+    vocoder: Cache = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A stream's rows in the bank: `start` .. `start + rows` (one per channel)."""
+
+    start: int
+    rows: int
+
+
+class StateBank:
+    def __init__(self, new_state: Callable[[int], ModelState], rows: int = INITIAL_ROWS):
+        """new_state(rows): the zero state of that many rows (SuperResModel.new_state)."""
+        self._new_state = new_state
+        first = new_state(1)
+        self.branches = next(iter(first.steps[0].values())).shape[0] if first.steps[0] else 1
+        self._lock = threading.Lock()  # join/leave and the gathers/write-backs of a live thread and a server
+        self._used = np.zeros(0, bool)
+        self._steps: list[dict[str, torch.Tensor]] = []
+        self._vocoder: dict[str, torch.Tensor] = {}
+        self._lossy = torch.zeros(0)
+        self._grow(rows)
+
+    @property
+    def capacity(self) -> int:
+        return len(self._used)
+
+    def join(self, channels: int, lossy: bool = False) -> Slot:
+        """Zeroed rows for a new stream of `channels` channels (lossy: decoded from a lossy codec)."""
+        with self._lock:
+            if self._free_run(channels) is None:
+                self._grow(max(2 * self.capacity, self.capacity + channels))
+            start = self._free_run(channels)
+            slot = Slot(start, channels)
+            self._used[start:start + channels] = True
+            self._zero(slot)
+            self._lossy[start:start + channels] = float(lossy)
+            return slot
+
+    def leave(self, slot: Slot) -> None:
+        """The stream is gone: its rows may be given to another."""
+        with self._lock:
+            self._used[slot.start:slot.start + slot.rows] = False
+
+    def reset(self, slot: Slot) -> None:
+        """Zero a stream's caches (its codec flag stays): the stream starts again from silence."""
+        with self._lock:
+            self._zero(slot)
+
+    def view(self, slots: list[Slot]) -> ModelState:
+        """The slots' state as it is now, for reading (a copy where the rows are not contiguous)."""
+        with self._lock:
+            return self._gather(_rows(slots, self._lossy.device))
+
+    @contextmanager
+    def state_of(self, slots: list[Slot]) -> Iterator[ModelState]:
+        """The slots' state, gathered for one model call (which may replace its tensors); written
+        back into the bank when the block ends without an error, left as it was if it raises."""
+        rows = _rows(slots, self._lossy.device)
+        with self._lock:
+            state = self._gather(rows)
+        gathered = _caches(state)
+        yield state
+        with self._lock:
+            self._scatter(rows, state, gathered)
+
+    # --- storage --------------------------------------------------------------------------------
+
+    def _stored(self) -> Iterator[tuple[dict[str, torch.Tensor], str, int]]:
+        """(cache dict, key, row axis) of every stored cache."""
+        for cache in self._steps:
+            for key in cache:
+                yield cache, key, 1
+        for key in self._vocoder:
+            yield self._vocoder, key, 0
+
+    def _grow(self, rows: int) -> None:
+        fresh = self._new_state(rows)
+        steps = [{k: t.view(self.branches, rows, *t.shape[1:]) for k, t in cache.items()} for cache in fresh.steps]
+        n = self.capacity
+        for old, new in zip(self._steps, steps, strict=False):
+            for k, t in old.items():
+                new[k][:, :n] = t
+        for k, t in self._vocoder.items():
+            fresh.vocoder[k][:n] = t
+        fresh.lossy[:n] = self._lossy
+        self._steps, self._vocoder, self._lossy = steps, fresh.vocoder, fresh.lossy
+        self._used = np.concatenate([self._used, np.zeros(rows - n, bool)])
+
+    def _free_run(self, n: int) -> int | None:
+        """The first start of n free rows in a row, or None."""
+        free = np.concatenate([[False], ~self._used, [False]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(free))
+        starts, ends = edges[::2], edges[1::2]
+        fits = np.flatnonzero(ends - starts >= n)
+        return int(starts[fits[0]]) if len(fits) else None
+
+    def _zero(self, slot: Slot) -> None:
+        rows = slice(slot.start, slot.start + slot.rows)
+        for cache, key, axis in self._stored():
+            cache[key][(slice(None),) * axis + (rows,)] = 0.0
+
+    def _gather(self, rows: slice | torch.Tensor) -> ModelState:
+        def take(t: torch.Tensor, axis: int) -> torch.Tensor:
+            part = t[(slice(None),) * axis + (rows,)] if isinstance(rows, slice) else t.index_select(axis, rows)
+            return part.flatten(0, 1) if axis else part  # branch-major, as the sampler stacks them
+
+        return ModelState(steps=[{k: take(t, 1) for k, t in cache.items()} for cache in self._steps],
+                          vocoder={k: take(t, 0) for k, t in self._vocoder.items()},
+                          lossy=take(self._lossy, 0))
+
+    def _scatter(self, rows: slice | torch.Tensor, state: ModelState,
+                 gathered: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Write back every cache the call replaced (one it left as gathered is already there)."""
+        for (where, key), new in _caches(state).items():
+            if new is gathered[where, key]:
+                continue
+            t, axis = (self._vocoder[key], 0) if where < 0 else (self._steps[where][key], 1)
+            new = new.view(self.branches, -1, *new.shape[1:]) if axis else new
+            if isinstance(rows, slice):
+                t[(slice(None),) * axis + (rows,)] = new
+            else:
+                t.index_copy_(axis, rows, new)
+
+
+def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
+    """Every cache of a state by (sampler step, key); the vocoder's as step -1."""
+    return {**{(k, key): t for k, cache in enumerate(state.steps) for key, t in cache.items()},
+            **{(-1, key): t for key, t in state.vocoder.items()}}
+
+
+def _rows(slots: list[Slot], device: torch.device) -> slice | torch.Tensor:
+    """The slots' rows in order: a slice when they follow each other, else an index."""
+    if all(b.start == a.start + a.rows for a, b in zip(slots, slots[1:], strict=False)):
+        return slice(slots[0].start, slots[-1].start + slots[-1].rows)
+    return torch.from_numpy(np.concatenate([np.arange(s.start, s.start + s.rows) for s in slots])).to(device)

@@ -1,0 +1,131 @@
+"""The state bank: streams join, leave and reset by slot mid-run, and batched == separate == offline."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from rtsr import SuperResModel, Upscaler
+from rtsr.backends import apply_backend
+from rtsr.bank import StateBank
+from rtsr.batch import step
+from rtsr.engine import Stream
+from rtsr.features import N_MELS
+
+RATES = [8000, 11025, 16000, 22050, 32000, 44100, 48000]
+
+
+def signal(sr: int, seconds: float, channels: int, seed: int) -> np.ndarray:
+    return (0.05 * np.random.default_rng(seed).standard_normal((int(sr * seconds), channels))).astype(np.float32)
+
+
+def hop_inputs(batch: int, frames: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    cond, low = (torch.randn(batch, N_MELS, frames, generator=g) for _ in range(2))
+    return cond, low, torch.full((batch, frames), 6000.0), torch.randn(batch, N_MELS, frames, generator=g)
+
+
+def test_slots_are_contiguous_reused_and_survive_growth():
+    model = SuperResModel.random(steps=1)
+    bank = StateBank(model.new_state, rows=2)
+    a, b = bank.join(1), bank.join(2)  # b does not fit: the bank doubles, a's rows move with it
+    assert (a.start, b.start, b.rows) == (0, 1, 2) and bank.capacity >= 3
+    with bank.state_of([a]) as state:
+        model.run(state, *hop_inputs(1, 4, 0))
+    before = bank.view([a])
+    bank.leave(b)
+    c = bank.join(2)
+    assert c.start == b.start  # the freed rows are taken again, zeroed
+    assert all((t == 0).all() for t in bank.view([c]).vocoder.values())
+    bank.join(8)  # grows again
+    assert all(torch.equal(t, before.vocoder[k]) for k, t in bank.view([a]).vocoder.items())
+
+
+def test_a_failed_call_writes_nothing_back_and_reset_starts_a_slot_again():
+    model = SuperResModel.random(steps=1)
+    slot = model.bank.join(1)
+    fresh = model.run_slots([slot], *hop_inputs(1, 4, 1))
+    model.run_slots([slot], *hop_inputs(1, 4, 2))
+    kept = model.bank.view([slot])
+    with pytest.raises(ValueError), model.bank.state_of([slot]) as state:
+        model.run(state, *hop_inputs(1, 4, 3))
+        raise ValueError("after the call, before the write-back")
+    assert all(torch.equal(t, kept.vocoder[k]) for k, t in model.bank.view([slot]).vocoder.items())
+    model.bank.reset(slot)
+    torch.testing.assert_close(model.run_slots([slot], *hop_inputs(1, 4, 1)), fresh)
+
+
+def test_slots_in_any_order_equal_separate_calls():
+    """Rows gathered by index (slots not side by side, in another order) give each its own output."""
+    model = SuperResModel.random(steps=2, seed=3)
+    slots = [model.bank.join(ch) for ch in (1, 2, 1, 1)]
+    alone = SuperResModel.random(steps=2, seed=3)
+    mine = [alone.bank.join(ch) for ch in (1, 2, 1, 1)]
+    order = [3, 1, 0]
+    for hop in range(3):
+        inputs = [hop_inputs(slots[i].rows, 4, 10 * hop + i) for i in order]
+        got = model.run_slots([slots[i] for i in order], *(torch.cat(parts) for parts in zip(*inputs, strict=True)))
+        ref = torch.cat([alone.run_slots([mine[i]], *x) for i, x in zip(order, inputs, strict=True)])
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def run_mixed(model: SuperResModel, specs: list[tuple[int, int]], seconds: float, seed: int,
+              join_at: int | None = None, leave: int | None = None) -> dict[int, np.ndarray]:
+    """Streams of `specs` stepped together in random blocks (the same span of time for each per
+    round); stream `leave` is dropped after round 2; from round `join_at` on, the later half of
+    the streams join. Returns each finished stream's output."""
+    rng = np.random.default_rng(seed)
+    inputs = [signal(sr, seconds, ch, seed + k) for k, (sr, ch) in enumerate(specs)]
+    first = len(specs) if join_at is None else len(specs) // 2
+    streams = {k: Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs[:first])}
+    outs: dict[int, list[np.ndarray]] = {k: [] for k in range(len(specs))}
+    done = {k: 0.0 for k in range(len(specs))}
+    r = 0
+    while any(done[k] < seconds for k in streams):
+        if r == join_at:
+            streams.update({k: Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)
+                            if k >= first})
+        if r == 2 and leave is not None:
+            del streams[leave], outs[leave]
+            gc.collect()  # its slot is freed now, for the joiners to take
+        span = float(rng.uniform(0.001, 0.06))
+        for k, s in streams.items():
+            sr = specs[k][0]
+            s.push(inputs[k][int(done[k] * sr):int((done[k] + span) * sr)])
+            done[k] += span
+        for k, y in zip(list(streams), step(list(streams.values())), strict=True):
+            outs[k].append(y)
+        r += 1
+    for s in streams.values():
+        s.push_end()
+    for k, y in zip(list(streams), step(list(streams.values())), strict=True):
+        outs[k].append(y)
+    return {k: np.concatenate(o) for k, o in outs.items()}, inputs
+
+
+def assert_offline(model: SuperResModel, got: dict[int, np.ndarray], inputs, specs) -> None:
+    for k, y in got.items():
+        alone = Upscaler(model, seed=k).upscale(inputs[k], specs[k][0])
+        assert y.shape == alone.shape
+        assert np.abs(y - alone).max() <= 1e-4 * np.abs(alone).max()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_equals_offline_at_random_blocks_and_rates_with_joins_and_leaves(seed):
+    model = SuperResModel.random(steps=1, seed=seed)
+    rng = np.random.default_rng(seed)
+    specs = [(int(rng.choice(RATES)), int(rng.integers(1, 3))) for _ in range(10)]  # > the bank's first rows
+    got, inputs = run_mixed(model, specs, 0.5, seed, join_at=4, leave=1)
+    assert 1 not in got and len(got) == len(specs) - 1
+    assert_offline(model, got, inputs, specs)
+
+
+def test_onnx_backend_runs_the_bank(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = SuperResModel.random(steps=0, seed=4)
+    apply_backend(model, "onnx")
+    specs = [(16000, 1), (8000, 2), (44100, 1)]
+    got, inputs = run_mixed(model, specs, 0.4, 7)
+    eager = SuperResModel.random(steps=0, seed=4)
+    assert_offline(eager, got, inputs, specs)
