@@ -1,14 +1,20 @@
 """Audio files in and out, with one-line errors a batch can print and move past.
 
 Reading returns float32 (frames, channels) exactly as stored: no normalisation, no dithering.
-Writing goes to a hidden temporary file beside the destination and is renamed into place, so a
-crash, a full disk or an unwritable format never leaves a partial file under the real name.
+What libsndfile does not read (AAC/M4A, ALAC, a video's sound track) FFmpeg decodes
+(rtsr.av_decode). Writing goes to a hidden temporary file beside the destination and is renamed
+into place, so a crash, a full disk or an unwritable format never leaves a partial file under the
+real name. The path "-" is standard input when read and standard output when written.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import secrets
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +24,14 @@ import numpy as np
 import soundfile as sf
 
 from rtsr.audio_spec import MAX_SR, MIN_SR, as_frames
+from rtsr.av_decode import DecodeError, decode
 
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24")}  # fmt -> (container, subtype)
 FLAC_MAX = 1.0 - 2.0**-23  # largest 24-bit PCM value: [-1, 1) is all it can hold
 WAV_LIMIT = 0xFFFF0000  # RIFF sizes are 32-bit; bigger float data goes into RF64
 # transform codecs whose encoders zero whole bands where bits run short (holes the engine fills)
 LOSSY_SUBTYPES = frozenset({"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "VORBIS", "OPUS"})
+STDIO = Path("-")  # standard input as an input, standard output as an output
 
 
 class AudioError(Exception):
@@ -39,13 +47,15 @@ class AudioError(Exception):
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """(frames, channels) float32 samples and the rate, or AudioError saying what is wrong."""
-    p = readable(path)
-    return decode_audio(p, p)[:2]
+    return decode_audio(readable(path), path)[:2]
 
 
 def readable(path: str | Path) -> Path:
-    """The path, if it is a file this process may read; else AudioError saying why not."""
+    """The path, if it is a file this process may read ("-": a copy of standard input); else
+    AudioError saying why not."""
     p = Path(path)
+    if p == STDIO:
+        return stdin_copy()
     if not p.exists():
         raise AudioError(p, "no such file")
     if p.is_dir():
@@ -55,13 +65,28 @@ def readable(path: str | Path) -> Path:
     return p
 
 
+@functools.cache
+def stdin_copy() -> Path:
+    """Standard input, read to its end once into a temporary file (removed at exit): a file is
+    read twice (its band, then the upscale), and libsndfile and FFmpeg need to seek."""
+    fd, name = tempfile.mkstemp(prefix="rtsr-stdin-")
+    atexit.register(os.unlink, name)
+    with os.fdopen(fd, "wb") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f)
+    return Path(name)
+
+
 def decode_audio(source: Path | BinaryIO, name: str | Path) -> tuple[np.ndarray, int, bool]:
     """read_audio's decoding, also of a file's bytes (a file-like object) sent from elsewhere;
-    `name` is what errors call it. The third value: it was coded lossily (LOSSY_SUBTYPES)."""
+    `name` is what errors call it. The third value: it was coded lossily (LOSSY_SUBTYPES, or a
+    lossy codec FFmpeg decoded)."""
     try:
         f = sf.SoundFile(source)
     except (sf.SoundFileError, RuntimeError, TypeError) as e:
-        raise AudioError(name, f"not a readable audio file ({_reason(e)})") from e
+        if not isinstance(source, Path):
+            source.seek(0)
+        got = _decode_with_ffmpeg(source, name, e)
+        return _checked(Path(name), np.array(got.samples), got.sr), got.sr, got.lossy
     with f:
         sr, lossy = f.samplerate, f.subtype in LOSSY_SUBTYPES
         try:
@@ -73,6 +98,15 @@ def decode_audio(source: Path | BinaryIO, name: str | Path) -> tuple[np.ndarray,
 
 def _reason(e: Exception) -> str:
     return str(getattr(e, "error_string", None) or e).strip().rstrip(".")
+
+
+def _decode_with_ffmpeg(source: Path | BinaryIO, name: str | Path, refused: Exception):
+    """What libsndfile refused (`refused`), decoded by FFmpeg; if FFmpeg cannot either, the
+    error gives libsndfile's reason (a WAV or FLAC's problem reads best in its words)."""
+    try:
+        return decode(source)
+    except DecodeError as e:
+        raise AudioError(name, f"not a readable audio file ({_reason(refused)})") from e
 
 
 def _checked(p: Path, x: np.ndarray, sr: int) -> np.ndarray:
@@ -89,7 +123,7 @@ def _checked(p: Path, x: np.ndarray, sr: int) -> np.ndarray:
 
 def check_writable(path: str | Path, overwrite: bool = False) -> None:
     """Refuse to replace an existing file unless asked: checked before any compute, and again on write."""
-    if Path(path).exists() and not overwrite:
+    if Path(path) != STDIO and Path(path).exists() and not overwrite:
         raise AudioError(path, "already exists (use --overwrite to replace it)")
 
 
@@ -111,7 +145,8 @@ def write_audio(path: str | Path, y: np.ndarray, sr: int, fmt: str = "wav", over
 class AudioWriter:
     """A file written block by block into a hidden temporary beside the destination and renamed
     into place by commit(): a crash, a full disk or an error midway never leaves a partial file
-    under the real name (leaving the block without commit() removes the temporary)."""
+    under the real name (leaving the block without commit() removes the temporary). To "-" it is
+    written whole to standard output by commit() (a WAV's header needs its length first)."""
 
     def __init__(self, path: str | Path, sr: int, channels: int, fmt: str = "wav", overwrite: bool = False,
                  expected_frames: int = 0):
@@ -122,7 +157,12 @@ class AudioWriter:
         container, subtype = FORMATS[fmt]
         if fmt == "wav" and expected_frames * channels * 4 > WAV_LIMIT:
             container = "RF64"  # RIFF sizes are 32-bit
-        self.tmp = self.dest.with_name(f".{self.dest.name}.{secrets.token_hex(4)}.tmp")
+        if self.dest == STDIO:
+            fd, name = tempfile.mkstemp(prefix="rtsr-stdout-")
+            os.close(fd)
+            self.tmp = Path(name)
+        else:
+            self.tmp = self.dest.with_name(f".{self.dest.name}.{secrets.token_hex(4)}.tmp")
         try:
             self.f = sf.SoundFile(self.tmp, "w", sr, channels, subtype=subtype, format=container)
         except (sf.SoundFileError, RuntimeError, ValueError, OSError) as e:
@@ -142,6 +182,11 @@ class AudioWriter:
     def commit(self) -> None:
         try:
             self.f.close()
+            if self.dest == STDIO:
+                with open(self.tmp, "rb") as f:
+                    shutil.copyfileobj(f, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+                return
             check_writable(self.dest, self.overwrite)  # again: something may have appeared meanwhile
             os.replace(self.tmp, self.dest)
         except (sf.SoundFileError, RuntimeError, OSError) as e:
@@ -159,28 +204,34 @@ class AudioWriter:
 class AudioReader:
     """An input file checked like read_audio and read in (frames, channels) float32 blocks, as
     often as wanted (a file is scanned for its band, then upscaled), in bounded memory. `lossy`:
-    it is coded by a transform codec (LOSSY_SUBTYPES), whose holes the engine may fill.
+    it is coded by a transform codec (LOSSY_SUBTYPES, rtsr.av_decode's LOSSY_CODECS), whose holes
+    the engine may fill.
 
     MP3 is decoded once, by a single read, into an anonymous temporary file: libsndfile 1.2's MPEG
     decoder corrupts about 1,550 samples after every read boundary (errors up to 0.6 in 4096-frame
     reads, measured against a whole-file read and against the encoder's input), so an MP3 read in
-    blocks would carry a glitch per block, which also hides its band edge.
+    blocks would carry a glitch per block, which also hides its band edge. What libsndfile does
+    not read, FFmpeg decodes the same way, once and whole (rtsr.av_decode).
     """
 
     def __init__(self, path: str | Path):
-        self.path = p = readable(path)
-        try:
-            info = sf.info(str(p))
-        except (sf.SoundFileError, RuntimeError, TypeError) as e:
-            raise AudioError(p, f"not a readable audio file ({_reason(e)})") from e
-        self.sr, self.channels, self.frames = info.samplerate, info.channels, info.frames
-        if self.frames <= 0:
-            raise AudioError(p, "empty (0 audio frames)")
-        if not MIN_SR <= self.sr <= MAX_SR:
-            raise AudioError(p, f"sample rate {self.sr} Hz is outside {MIN_SR}..{MAX_SR}")
-        self.lossy = info.subtype in LOSSY_SUBTYPES
-        self._whole_read = info.format == "MP3"
+        self.path, self.file = Path(path), readable(path)  # the name errors give; what is read ("-": a copy)
         self._decoded: np.ndarray | None = None
+        try:
+            info = sf.info(str(self.file))
+        except (sf.SoundFileError, RuntimeError, TypeError) as e:
+            got = _decode_with_ffmpeg(self.file, self.path, e)
+            self._decoded, self.sr, self.lossy = got.samples, got.sr, got.lossy
+            self.frames, self.channels = got.samples.shape
+            self._whole_read = True
+        else:
+            self.sr, self.channels, self.frames = info.samplerate, info.channels, info.frames
+            self.lossy = info.subtype in LOSSY_SUBTYPES
+            self._whole_read = info.format == "MP3"
+        if self.frames <= 0:
+            raise AudioError(self.path, "empty (0 audio frames)")
+        if not MIN_SR <= self.sr <= MAX_SR:
+            raise AudioError(self.path, f"sample rate {self.sr} Hz is outside {MIN_SR}..{MAX_SR}")
 
     def blocks(self, frames: int = 1 << 18) -> Iterator[np.ndarray]:
         if self._whole_read:
@@ -189,7 +240,7 @@ class AudioReader:
                 yield _checked(self.path, np.array(data[i:i + frames]), self.sr)
             return
         try:
-            with sf.SoundFile(self.path) as f:
+            with sf.SoundFile(self.file) as f:
                 while len(x := f.read(frames, dtype="float32", always_2d=True)):
                     yield _checked(self.path, x, self.sr)
         except (sf.SoundFileError, RuntimeError) as e:
@@ -200,7 +251,7 @@ class AudioReader:
         if self._decoded is None:
             store = np.memmap(tempfile.TemporaryFile(), np.float32, "w+", shape=(self.frames, self.channels))
             try:
-                with sf.SoundFile(self.path) as f:
+                with sf.SoundFile(self.file) as f:
                     n = len(f.read(out=store))
             except (sf.SoundFileError, RuntimeError) as e:
                 raise AudioError(self.path, f"corrupt or truncated audio ({_reason(e)})") from e

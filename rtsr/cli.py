@@ -25,14 +25,16 @@ import soundfile as sf
 from tqdm import tqdm
 
 from rtsr import __version__, bench, broker, client, compare, curve, live, serve
-from rtsr.audio_io import FORMATS
+from rtsr.audio_io import FORMATS, STDIO
 from rtsr.backends import BACKENDS
 from rtsr.cutoff import cutoff_arg
 from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_file
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
 
-AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64")  # what libsndfile reads
+# what a folder is searched for: what libsndfile reads, and the audio files FFmpeg decodes (a video's
+# sound track is taken when the video is named, or with --glob)
+AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64", "m4a", "m4b", "aac", "mka")
 OUT_SUFFIX = "_48k"
 
 
@@ -57,7 +59,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
                     "loudness untouched. Inputs at 48 kHz or more are only resampled to 48 kHz.",
         epilog="exit status: 0 all files done, 1 some files failed, 2 bad command line or model")
     p.add_argument("-i", "--input", dest="inputs", action="append", default=[], type=Path,
-                   metavar="FILE_OR_DIR", help="a file, or a folder searched recursively (repeatable)")
+                   metavar="FILE_OR_DIR",
+                   help="a file (WAV, FLAC, MP3, Ogg, AAC/M4A, ALAC, the sound of an MP4/MOV/WebM/MKV video; "
+                        "- reads standard input), or a folder searched recursively (repeatable)")
     p.add_argument("-il", "--input-list", dest="lists", action="append", default=[], type=Path,
                    metavar="LIST",
                    help="a text file of inputs, one per line; blank lines and # comments skipped, "
@@ -66,7 +70,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument("-o", "--outdir", type=Path, metavar="OUTDIR",
                      help=f"write <stem>{OUT_SUFFIX}.<fmt> here, mirroring input subfolders "
                           "(default: next to each input)")
-    out.add_argument("--output", type=Path, metavar="FILE", help="the output file, for exactly one input")
+    out.add_argument("--output", type=Path, metavar="FILE",
+                     help="the output file, for exactly one input (- writes it to standard output, "
+                          "reports go to standard error)")
     p.add_argument("--glob", metavar="PATTERN",
                    help=f"which files to take from folders (default: *.{{{','.join(AUDIO_EXTS)}}}); "
                         f"names ending in {OUT_SUFFIX} (earlier outputs) and hidden files are skipped")
@@ -158,6 +164,8 @@ def _dest(src: Path, root: Path | None, args: argparse.Namespace, fmt: str, tag:
     song_mp3_48k.wav), for inputs that would otherwise share one output."""
     if args.output is not None:
         return args.output
+    if src == STDIO:
+        raise CliError("-i - (standard input) needs --output FILE, or --output - for standard output")
     stem = f"{src.stem}_{src.suffix.lstrip('.').lower()}" if tag and src.suffix else src.stem
     name = f"{stem}{OUT_SUFFIX}.{fmt}"
     if args.outdir is None:
@@ -180,6 +188,8 @@ def plan(args: argparse.Namespace, fmt: str) -> list[Job]:
             jobs.append(Job(src, _dest(src, root, args, fmt), root=root))
     if args.output is not None and len(jobs) != 1:
         raise CliError(f"--output needs exactly one input file, got {len(jobs)}; use -o OUTDIR")
+    if args.output is not None and args.output != STDIO and args.output.resolve() == jobs[0].src.resolve():
+        raise CliError(f"--output {args.output} is the input itself; write the upscale to another file")
     by_dest: dict[Path, list[Job]] = {}
     for job in jobs:
         if job.dest is not None:
@@ -192,13 +202,13 @@ def plan(args: argparse.Namespace, fmt: str) -> list[Job]:
         if (other := final.setdefault(job.dest.resolve(), job)) is not job:
             raise CliError(f"{other.src} and {job.src} would both be written to {job.dest}; "
                            "rename one, or upscale them into different -o folders")
-        job.skip = job.dest.exists() and not args.overwrite
+        job.skip = job.dest != STDIO and job.dest.exists() and not args.overwrite
     return jobs
 
 
 def _format(args: argparse.Namespace) -> str:
     """--format, else --output's suffix, else wav; a contradiction between them is refused."""
-    if args.output is None:
+    if args.output is None or args.output == STDIO:
         return args.format or "wav"
     suffix = args.output.suffix.lower().lstrip(".")
     if suffix not in FORMATS:
@@ -243,6 +253,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise CliError(f"-o {args.outdir} is a file, not a folder")
     jobs = plan(args, fmt)
     chatty = not (args.quiet or args.json)
+    reports = sys.stderr if args.output == STDIO else sys.stdout  # standard output may be the audio
     seconds = {str(j.src): _duration(j) for j in jobs}  # the bar moves by audio, inside long files too
     bar = tqdm(total=round(sum(seconds.values()), 1), unit="s", unit_scale=True, file=sys.stderr,
                disable=not chatty or not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio "
@@ -258,7 +269,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         if res.status == "failed":
             tqdm.write(res.line(), file=sys.stderr)
         elif chatty:
-            tqdm.write(res.line(), file=sys.stdout)
+            tqdm.write(res.line(), file=reports)
 
     with bar:
         if args.scheduler:
@@ -276,15 +287,15 @@ def run_upscale(args: argparse.Namespace) -> int:
     if args.json:
         report_ = {"model": model, "device": device, "format": fmt,
                    "results": [asdict(r) for r in results], "totals": totals}
-        print(json.dumps(report_, indent=1))
+        print(json.dumps(report_, indent=1), file=reports)
     elif chatty or totals["failed"]:
-        print(_summary(totals), file=sys.stdout if chatty else sys.stderr)
+        print(_summary(totals), file=reports if chatty else sys.stderr)
     return 1 if totals["failed"] else 0
 
 
 def _duration(job: Job) -> float:
     """Seconds of audio a planned job will upscale, from the file's header (0 if it will not run)."""
-    if job.dest is None or job.skip:
+    if job.dest is None or job.skip or job.src == STDIO:  # libsndfile would read standard input
         return 0.0
     try:
         info = sf.info(str(job.src))

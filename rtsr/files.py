@@ -17,7 +17,7 @@ from time import perf_counter
 
 import numpy as np
 
-from rtsr.audio_io import AudioError, AudioReader, AudioWriter, check_writable
+from rtsr.audio_io import STDIO, AudioError, AudioReader, AudioWriter, check_writable
 from rtsr.cutoff import Band, as_band, scan_band_blocks
 from rtsr.features import SR
 from rtsr.upscaler import OFFLINE_BLOCK, Upscaler
@@ -157,7 +157,9 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, choice: BandChoice, overwrite
 
 def check_destination(dest: Path, overwrite: bool) -> None:
     """Before any compute: the output may be written (exists only with --overwrite; its folder
-    exists or can be made, and is writable)."""
+    exists or can be made, and is writable); standard output ("-") always may."""
+    if dest == STDIO:
+        return
     check_writable(dest, overwrite)
     folder = dest.parent
     while not folder.exists() and folder != folder.parent:

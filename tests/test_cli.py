@@ -5,6 +5,7 @@ The random model's generated band is noise of its own level (about -30 dBFS), so
 look at the input's band, which the engine passes through; a trained model is not needed here.
 """
 
+import io
 import json
 import os
 import shutil
@@ -438,3 +439,48 @@ def test_a_file_gives_the_same_bits_alone_and_third_in_a_list(rtsr, tmp_path: Pa
     assert rtsr("-il", tmp_path / "list.txt", "-o", tmp_path / "batch").rc == 0
     alone, third = read_audio(tmp_path / "alone.wav")[0], read_audio(tmp_path / "batch" / "in2_48k.wav")[0]
     assert np.array_equal(alone, third)
+
+
+@pytest.mark.parametrize("name", ["talk.m4a", "clip.mp4"])
+def test_aac_and_a_videos_sound_are_upscaled_with_their_band_found(rtsr, tmp_path: Path, name: str) -> None:
+    """FFmpeg decodes what libsndfile cannot; AAC is lossy (holes filled) and its encoder's
+    low-pass is the band found; the output has the source's exact length."""
+    from test_audio_io import encode_with_ffmpeg
+
+    from rtsr.bench_band import music_like
+
+    x = 0.3 * np.stack([music_like(44100, 2.0, np.random.default_rng(k)) for k in range(2)], axis=1)
+    src = encode_with_ffmpeg(tmp_path / name, x.astype(np.float32), 44100, "aac", 64000)
+    r = rtsr("-i", src, "-o", tmp_path / "out", "--json")
+    assert r.rc == 0, r.err
+    res = json.loads(r.out)["results"][0]
+    assert res["band"] == "detected" and 8000 < res["cutoff_hz"] < 20000 and res["holes_filled"]
+    y, sr = read_audio(res["output"])
+    assert (sr, y.shape) == (SR, (round(len(x) * SR / 44100), 2))
+
+
+def test_a_pipeline_reads_standard_input_and_writes_standard_output(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`cat in.wav | rtsr upscale -i - --output out.wav`, and `--output -` for WAV on standard
+    output (the report then on standard error)."""
+    src = put(tmp_path / "in.wav", tone(16000, 0.5), 16000)
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    to_file = subprocess.run(["rtsr", "upscale", "-i", "-", "--output", str(tmp_path / "out.wav"), *model],
+                             stdin=src.open("rb"), capture_output=True, timeout=120)
+    assert to_file.returncode == 0, to_file.stderr.decode()
+    piped = subprocess.run(["rtsr", "upscale", "-i", "-", "--output", "-", *model], stdin=src.open("rb"),
+                           capture_output=True, timeout=120)
+    assert piped.returncode == 0 and b"1 upscaled" in piped.stderr, piped.stderr.decode()
+    y, sr = sf.read(io.BytesIO(piped.stdout), dtype="float32", always_2d=True)
+    assert sr == SR and np.array_equal(y, read_audio(tmp_path / "out.wav")[0]) and len(y) == 24000
+
+
+def test_standard_input_needs_an_output_named(rtsr) -> None:
+    r = rtsr("-i", "-", "-o", "out")
+    assert r.rc == 2 and "-i - (standard input) needs --output" in r.err
+
+
+def test_an_output_naming_its_input_is_refused(rtsr, tmp_path: Path) -> None:
+    src = put(tmp_path / "in.wav", tone(16000), 16000)
+    r = rtsr("-i", src, "--output", tmp_path / "." / "in.wav", "--overwrite")
+    assert r.rc == 2 and "is the input itself" in r.err
+    assert read_audio(src)[1] == 16000  # untouched
