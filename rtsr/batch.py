@@ -4,7 +4,7 @@ Streams take their input with `push`; `step` gathers every stream's ready hop, r
 once over all of them (their caches side by side in the model's bank, rtsr.bank) and
 hands each stream its part. The output equals running each stream alone.
 
-A stream whose part of a round fails (its request or its `complete`) is marked failed and the
+A stream whose part of a round fails (its request, its merge or its overlap-add) is marked failed and the
 round goes on for the others; then `StepFailed` names it, and the others' finished samples wait in
 them (`Stream.hold`) for their next `feed` or `step`, so none is short or shifted. If the model
 call itself fails, no stream's state has moved past its last completed hop.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rtsr.engine import Stream
+from rtsr.engine import HopRequest, Stream, analyse, model_inputs, synthesise
 
 
 def batchable(stream: Stream) -> bool:
@@ -52,6 +52,7 @@ def step(streams: list[Stream]) -> list[np.ndarray]:
 def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
     """Hops of the streams not failed, round after round, until none is ready; a stream's own
     failure is recorded in `failed` (and the stream marked), a model call's is raised."""
+    analyse(s for i, s in enumerate(streams) if i not in failed)
     while True:
         ready = [(i, r) for i, s in enumerate(streams) if i not in failed
                  and (r := _guarded(s, i, failed, s.next_request)) is not None]
@@ -62,14 +63,26 @@ def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: 
             group = [(i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id]
             if not batchable(streams[group[0][0]]):
                 raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
-            gen = model.run_slots([streams[i].slot for i, _ in group],
-                                  torch.cat([r.cond for _, r in group]), torch.cat([r.low for _, r in group]),
-                                  torch.cat([r.cutoff.expand(streams[i].channels, -1) for i, r in group]),
-                                  torch.cat([r.noise for _, r in group]))
-            for (i, r), g in zip(group, gen.split([streams[i].channels for i, _ in group]), strict=True):
-                y = _guarded(streams[i], i, failed, streams[i].complete, r, g)
-                if i not in failed:
-                    out[i].append(y)
+            gen = model.run_slots([streams[i].slot for i, _ in group], *model_inputs([r for _, r in group]))
+            _complete(streams, group, gen, out, failed)
+
+
+def _complete(streams: list[Stream], group: list[tuple[int, HopRequest]], gen: torch.Tensor,
+              out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
+    """Each stream of the group takes its part of the model's output: merged and inverse
+    transformed for all at once, then overlap-added stream by stream. If the joint part fails,
+    each stream does all of its own, so that the culprit alone fails."""
+    members, sizes = [streams[i] for i, _ in group], [streams[i].channels for i, _ in group]
+    try:
+        frames = synthesise(members, [r for _, r in group], gen)
+        finishes = [(s.add_output, part) for s, part in zip(members, np.split(frames, np.cumsum(sizes)[:-1]),
+                                                                strict=True)]
+    except Exception:  # find the culprit: each alone
+        finishes = [(s.complete, part) for s, part in zip(members, gen.split(sizes), strict=True)]
+    for (i, r), (finish, part) in zip(group, finishes, strict=True):
+        y = _guarded(streams[i], i, failed, finish, r, part)
+        if i not in failed:
+            out[i].append(y)
 
 
 def _guarded(stream: Stream, i: int, failed: dict[int, Exception], fn, *args):

@@ -19,6 +19,7 @@ as soon as nothing later can change it, which is at most `latency_samples` after
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -79,13 +80,61 @@ def merge_low_band(lr: np.ndarray, gen: np.ndarray, w: np.ndarray, fill_holes: b
 
 @dataclass
 class HopRequest:
-    """What the model needs for one hop of one stream (see SuperResModel.run)."""
+    """What the model needs for one hop of one stream (see SuperResModel.run), as arrays: cond, low
+    and noise (channels, mels, n), cutoff (n,)."""
 
     n: int
-    cond: torch.Tensor
-    low: torch.Tensor
-    cutoff: torch.Tensor
-    noise: torch.Tensor
+    cond: np.ndarray
+    low: np.ndarray
+    cutoff: np.ndarray
+    noise: np.ndarray
+
+
+def model_inputs(requests: list[HopRequest]) -> tuple[torch.Tensor, ...]:
+    """The model inputs of hops of one length side by side, in order: cond, low, cutoff (a row
+    per channel) and noise, one array each."""
+    def rows(name: str) -> torch.Tensor:
+        parts = [getattr(r, name) for r in requests]
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
+
+    cutoff = np.concatenate([np.broadcast_to(r.cutoff, (len(r.cond), r.n)) for r in requests])
+    return rows("cond"), rows("low"), torch.from_numpy(cutoff), rows("noise")
+
+
+def synthesise(streams: list[Stream], requests: list[HopRequest], gen: torch.Tensor) -> np.ndarray:
+    """The output frames (rows, n, N_FFT) of hops of one length of several streams (the model's
+    spectra `gen` merged with each input's, `merge_low_band`, then the inverse FFT), one row per
+    channel in order: one call of each for all the streams. Nothing in them changes."""
+    n, gen = requests[0].n, gen.numpy()
+    channels = [s.channels for s in streams]
+    lr = np.concatenate([s._lr_spec[:, :n] for s in streams]) if len(streams) > 1 else streams[0]._lr_spec[:, :n]
+    weights = [s.merge_weights(n) for s in streams]
+    if any(len(w) > 1 for w in weights):
+        weights = [np.broadcast_to(w, (n, w.shape[1])) for w in weights]
+    w = np.repeat(np.stack(weights), channels, axis=0)
+    merged = merge_low_band(lr, gen, w)
+    fill = np.repeat([s.fill_holes for s in streams], channels)
+    if fill.any():
+        merged[fill] = merge_low_band(lr[fill], gen[fill], w[fill], fill_holes=True)
+    return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
+
+
+def analyse(streams: Iterable[Stream]) -> None:
+    """STFT, log-mel and band of every frame whose window has fully arrived, in each stream: one
+    STFT and one mel projection for all the streams with as many new frames (a server's streams at
+    one block size), each row computed as it would be alone."""
+    groups: dict[int, list[tuple[Stream, int, int, int]]] = {}
+    for s in streams:
+        if (span := s.new_frames()) is not None:
+            groups.setdefault(span[1] - span[0], []).append((s, *span))
+    for group in groups.values():
+        x = np.concatenate([s.x48[:, lo:hi] for s, lo, hi, _ in group])
+        spec = stft(torch.from_numpy(x))  # (rows, frames, bins)
+        mel = log_mel(spec).transpose(1, 2).numpy()
+        spec, row = spec.numpy(), 0
+        for s, _, _, t1 in group:
+            s.add_frames(spec[row:row + s.channels], mel[row:row + s.channels], t1)
+            row += s.channels
 
 
 class Stream:
@@ -118,7 +167,7 @@ class Stream:
         self._frames = 0  # LR frames analysed
         self._pos = 0  # output frames synthesised; the LR buffers below start at this frame
         self._lr_spec = np.zeros((channels, 0, N_FFT // 2 + 1), np.complex64)
-        self._lr_mel = torch.zeros(channels, N_MELS, 0)
+        self._lr_mel = np.zeros((channels, N_MELS, 0), np.float32)
         self._cut = np.zeros((0, 3), np.float32)  # per frame: cutoff, merge start, merge end (Hz)
         self._acc = np.zeros((channels, N_FFT), np.float32)  # overlap-add accumulator
         self._acc_base = -HALF
@@ -175,8 +224,7 @@ class Stream:
         if self.passthrough:
             self._ready.append(self.resampler.process(x))
             return
-        self._append48(self.resampler.process(x))
-        self._analyse()
+        self._append48(self.resampler.process(x))  # analysed when a hop is asked for (`analyse`)
 
     def push_end(self) -> None:
         """Mark the end of input: zeros after it let the last frames be analysed and finished."""
@@ -190,7 +238,6 @@ class Stream:
         self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
         need = (self._last + self.model.lookahead) * HOP + HALF
         self._append48(np.zeros((max(need - self._n_out, 0), self.channels), np.float32))
-        self._analyse()
 
     def next_request(self) -> HopRequest | None:
         """The model inputs of the next ready hop (nothing advances until `complete`)."""
@@ -198,6 +245,7 @@ class Stream:
             raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
         if self.passthrough:
             return None
+        analyse([self])
         la = self.model.lookahead
         ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
         n = min(self.hop_frames, ready)
@@ -207,14 +255,15 @@ class Stream:
             noise = frame_noise(self.seed, self._pos, n, N_MELS, self.channels)
         else:  # a one-pass regression starts from no noise
             noise = np.zeros((self.channels, N_MELS, n), np.float32)
-        return HopRequest(n, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n],
-                          torch.from_numpy(np.ascontiguousarray(self._cut[:n, 0])), torch.from_numpy(noise))
+        return HopRequest(n, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n], self._cut[:n, 0], noise)
 
     # --- stages -----------------------------------------------------------------------------
 
     @property
     def band(self) -> Band:
-        """The band in use for the latest analysed frame."""
+        """The band in use for the latest frame whose window has arrived."""
+        if not self.passthrough:
+            analyse([self])
         return self.cutoff.current
 
     def _append48(self, y: np.ndarray) -> None:
@@ -222,17 +271,25 @@ class Stream:
             self._x48 = np.concatenate([self._x48, y.T], axis=1)
             self.cutoff.feed(y)
 
-    def _analyse(self) -> None:
-        """STFT + log-mel + cutoff of every frame whose window has fully arrived."""
+    @property
+    def x48(self) -> np.ndarray:
+        """(channels, samples) of the 48 kHz signal not analysed yet (`new_frames` says where)."""
+        return self._x48
+
+    def new_frames(self) -> tuple[int, int, int] | None:
+        """Where the frames whose windows have fully arrived since the last analysis lie in `x48`
+        (first column, end column) and the frame count once they are analysed; None if none has."""
         end = self._x48_base + self._x48.shape[1]
         t1 = (end - HALF) // HOP + 1 if end >= HALF else 0
-        if t1 <= self._frames:
-            return
-        lo = self._frames * HOP - HALF - self._x48_base
-        hi = (t1 - 1) * HOP + HALF - self._x48_base
-        spec = stft(torch.from_numpy(self._x48[:, lo:hi]))  # (B, frames, bins)
-        self._lr_spec = np.concatenate([self._lr_spec, spec.numpy()], axis=1)
-        self._lr_mel = torch.cat([self._lr_mel, log_mel(spec).transpose(1, 2)], dim=2)
+        if self.passthrough or t1 <= self._frames:
+            return None
+        return self._frames * HOP - HALF - self._x48_base, (t1 - 1) * HOP + HALF - self._x48_base, t1
+
+    def add_frames(self, spec: np.ndarray, mel: np.ndarray, t1: int) -> None:
+        """Take the analysis of the frames up to t1: spectra (channels, frames, bins), log-mel
+        (channels, mels, frames); their band rows follow."""
+        self._lr_spec = np.concatenate([self._lr_spec, spec], axis=1)
+        self._lr_mel = np.concatenate([self._lr_mel, mel], axis=2)
         self._cut = np.concatenate([self._cut, self.cutoff.rows(self._frames, t1)])
         self._frames = t1
         keep_from = t1 * HOP - HALF - self._x48_base
@@ -263,19 +320,25 @@ class Stream:
         """Run the model hop by hop on every ready hop; return the finished samples."""
         out = self.take_ready()
         while (req := self.next_request()) is not None:
-            out.append(self.complete(req, self.model.run_slots([self.slot], req.cond, req.low,
-                                                               req.cutoff[None], req.noise)))
+            out.append(self.complete(req, self.model.run_slots([self.slot], *model_inputs([req]))))
         return np.concatenate(out) if out else np.zeros((0, self.channels), np.float32)
 
     def complete(self, req: HopRequest, gen: torch.Tensor) -> np.ndarray:
         """Merge the model's spectra for `req` with the input, overlap-add, return finished samples."""
-        n, cut, gen = req.n, self._cut[:req.n], gen.numpy()
-        if (cut[1:, 1:] == cut[0, 1:]).all():  # one band for the whole hop (nearly always): one row
-            w = _merge_row(float(cut[0, 1]), float(cut[0, 2]))[None]
-        else:  # (n, bins): weight of the input per frame
-            w = np.stack([_merge_row(float(lo), float(hi)) for _, lo, hi in cut])
-        merged = merge_low_band(self._lr_spec[:, :n], gen, w, self.fill_holes)
-        frames = np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
+        return self.add_output(req, synthesise([self], [req], gen))
+
+    def merge_weights(self, n: int) -> np.ndarray:
+        """The input's weight per bin in the next n frames' merge: (1, bins) for one band (nearly
+        always), else (n, bins)."""
+        cut = self._cut[:n]
+        if (cut[1:, 1:] == cut[0, 1:]).all():
+            return _merge_row(float(cut[0, 1]), float(cut[0, 2]))[None]
+        return np.stack([_merge_row(float(lo), float(hi)) for _, lo, hi in cut])
+
+    def add_output(self, req: HopRequest, frames: np.ndarray) -> np.ndarray:
+        """Overlap-add the hop's output frames (channels, n, N_FFT), see `synthesise`; return the
+        samples this finishes."""
+        n = req.n
         need = (self._pos + n - 1) * HOP + HALF - self._acc_base  # accumulator length needed
         if need > self._acc.shape[1]:
             self._acc = np.concatenate([self._acc, np.zeros((self.channels, need - self._acc.shape[1]),
