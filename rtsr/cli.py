@@ -3,35 +3,39 @@
     rtsr upscale -i talk.wav                           # -> talk_48k.wav next to it
     rtsr upscale -i album/ --glob '*.flac' -o out/ --format flac
 
-Subcommands register through `_SUBCOMMANDS`: each entry is an `add_parser(subparsers)` that adds
-its own parser and sets `func=<callable(args) -> exit status>` with `set_defaults`. Adding one
-(say rtsr/live.py) is two lines here: import the module, list its `add_parser`. Such modules
-must not import rtsr.cli (that would be circular); a command line error is reported by printing
-it and returning 2.
+Subcommands are listed in `COMMANDS` with the module that defines them and their line in `rtsr
+--help`; only the one being run is imported, so `rtsr --help`, a thin command (broker, filter,
+keygen) or a command line error loads no engine and no torch. Each module has an
+`add_parser(subparsers)` that adds its own parser and sets `func=<callable(args) -> exit status>`
+with `set_defaults`; adding one is one line in `COMMANDS`. A command line error is reported by
+printing it and returning 2 (or raising CliError).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from importlib import import_module
 from pathlib import Path
 
-import soundfile as sf
-from tqdm import tqdm
+from rtsr import __version__
+from rtsr.audio_io import FORMATS
 
-from rtsr import __version__, bench, broker, client, compare, curve, live, serve
-from rtsr.audio_io import FORMATS, STDIO
-from rtsr.backends import BACKENDS
-from rtsr.cutoff import cutoff_arg
-from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_file
-from rtsr.model import ModelError
-from rtsr.upscaler import Upscaler
-
+COMMANDS = {  # name: (the module that defines it, its line in `rtsr --help`)
+    "upscale": (__name__, "upscale audio files and folders to 48 kHz"),
+    "serve": ("rtsr.serve", "serve the streaming engine over ZeroMQ"),
+    "filter": ("rtsr.client", "stream a file through a running `rtsr serve` or `rtsr broker`"),
+    "broker": ("rtsr.broker", "load-balance streams over several `rtsr serve --connect-broker` workers"),
+    "keygen": ("rtsr.curve", "write CURVE keys for serve, broker, filter and clients (--curve-keys DIR)"),
+    "bench": ("rtsr.bench", "latency, throughput and quality on this machine"),
+    "compare": ("rtsr.compare", "before/after log spectrograms of an upscaled file"),
+    "live": ("rtsr.live", "microphone (or any input device) -> engine -> speakers and/or a file"),
+}
+# rtsr.backends.BACKENDS, named here so that `upscale --help` needs no torch (a test keeps them equal)
+BACKEND_NAMES = ("auto", "eager", "onnx", "compile", "cudagraph", "tensorrt")
 # what a folder is searched for: what libsndfile reads, and the audio files FFmpeg decodes (a video's
 # sound track is taken when the video is named, or with --glob)
 AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64", "m4a", "m4b", "aac", "mka")
@@ -45,11 +49,29 @@ class CliError(Exception):
 # --- arguments ------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    n = int(text)
+def positive_int(text: str) -> int:
+    """An argparse type whose refusal names the value, not this function."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return n
+
+
+def _cutoff(text: str) -> float | None:
+    from rtsr.cutoff import cutoff_arg  # numba and scipy: loaded only when --cutoff is given
+
+    return cutoff_arg(text)
+
+
+def _scheduler(text: str) -> str:
+    """A Dask scheduler's address, or local:N with N at least 1 (local:0 would wait for ever)."""
+    workers = text.removeprefix("local:")
+    if workers != text and not (workers.isdigit() and int(workers) >= 1):
+        raise argparse.ArgumentTypeError(f"local:N needs N, the worker processes to start, at least 1; got {text!r}")
+    return text
 
 
 def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -80,261 +102,67 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="wav: 32-bit float, never clips; flac: 24-bit, clips outside [-1, 1) "
                         "(default: from --output's suffix, else wav)")
     p.add_argument("--model", default="basic", help="bundled model name or model folder (default: basic)")
-    p.add_argument("--steps", type=_positive_int, metavar="N", help="sampler steps (default: the model's)")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="sampler steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="noise seed; same seed, same output (default: 0)")
-    p.add_argument("--cutoff", type=cutoff_arg, default=None, metavar="auto|HZ",
+    p.add_argument("--cutoff", type=_cutoff, default=None, metavar="auto|HZ",
                    help="where the input's real band ends, 1000..24000 Hz and at most the input's Nyquist "
                         "(default: auto, each file scanned for its band before it is upscaled)")
     p.add_argument("--keep-holes", action="store_true",
                    help="keep a lossy input's (MP3, Vorbis, Opus) codec holes: the bands its encoder zeroed "
                         "below the band edge (default: filled from the model, every other cell kept as it is)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="CPU threads for the model (default 1: its small matrices gain little from more, "
                         "and oversubscribed threads are many times slower)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: skip inputs whose output exists, so a "
                         "stopped batch resumes)")
-    p.add_argument("--scheduler", metavar="ADDRESS",
+    p.add_argument("--scheduler", type=_scheduler, metavar="ADDRESS",
                    help="run the files on a Dask cluster: a scheduler address (tcp://host:8786), or local:N "
                         "for N local worker processes; inputs are sent to the workers, outputs written here "
                         "(needs the cluster extra: pip install 'rtsr[cluster]')")
     p.add_argument("--json", action="store_true", help="print one JSON object with per-file results")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only failures")
-    p.set_defaults(func=run_upscale)
+    p.set_defaults(func=_run_upscale)
 
 
-# --- planning: which files, written where ------------------------------------------------------
+def _run_upscale(args: argparse.Namespace) -> int:
+    from rtsr.upscale_batch import run_upscale  # the engine and torch: loaded only to run
+
+    return run_upscale(args)
 
 
-def _read_list(path: Path) -> list[Path]:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CliError(f"cannot read input list {path}: {e}") from e
-    entries = (line.strip() for line in lines)
-    return [path.parent / e for e in entries if e and not e.startswith("#")]
-
-
-def _scan(folder: Path, pattern: str | None, outdir: Path | None) -> tuple[list[Path], list[Path]]:
-    """Files under a folder, recursively, minus hidden files, as (inputs, earlier outputs left out).
-
-    An earlier output is a file inside -o OUTDIR, or NAME_48k.* beside an input NAME.*: a run
-    writing next to its inputs must not take its own results as inputs the next time. Any other
-    name ending in _48k is an input like the rest.
-    """
-    if pattern:
-        found = folder.rglob(pattern)
-    else:
-        found = (f for f in folder.rglob("*") if f.suffix.lower().lstrip(".") in AUDIO_EXTS)
-    files = sorted(f for f in found if f.is_file() and not f.name.startswith("."))
-    out_root = outdir.resolve() if outdir is not None else None
-    stems = {(f.parent, f.stem) for f in files}
-    ours = [f for f in files if (out_root is not None and out_root in f.resolve().parents)
-            or (f.stem.endswith(OUT_SUFFIX) and (f.parent, f.stem[:-len(OUT_SUFFIX)]) in stems)]
-    return [f for f in files if f not in ours], ours
-
-
-def _sources(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
-    """Every input as (file, the folder it was found under or None); an empty folder is kept as
-    (folder, folder) so it gets its own failure line."""
-    paths = list(args.inputs)
-    for lst in args.lists:
-        paths += _read_list(lst)
-    if not paths:
-        raise CliError("no inputs: give -i FILE_OR_DIR or -il LIST")
-    out: list[tuple[Path, Path | None]] = []
-    for path in paths:
-        if path.is_dir():
-            found, ours = _scan(path, args.glob, args.outdir)
-            if ours:
-                print(f"note: {len(ours)} earlier output(s) under {path} not taken as inputs "
-                      f"(e.g. {ours[0]})", file=sys.stderr)
-            out += [(f, path) for f in found] or [(path, path)]
-        else:
-            out.append((path, None))
-    return out
-
-
-def _dest(src: Path, root: Path | None, args: argparse.Namespace, fmt: str, tag: bool = False) -> Path:
-    """Where an input's output goes; `tag` puts the input's extension in the name (song.mp3 ->
-    song_mp3_48k.wav), for inputs that would otherwise share one output."""
-    if args.output is not None:
-        return args.output
-    if src == STDIO:
-        raise CliError("-i - (standard input) needs --output FILE, or --output - for standard output")
-    stem = f"{src.stem}_{src.suffix.lstrip('.').lower()}" if tag and src.suffix else src.stem
-    name = f"{stem}{OUT_SUFFIX}.{fmt}"
-    if args.outdir is None:
-        return src.with_name(name)
-    return args.outdir / (src.parent.relative_to(root) if root else Path()) / name
-
-
-def plan(args: argparse.Namespace, fmt: str) -> list[Job]:
-    """Inputs in order, each file once, each with an output of its own: inputs that would share one
-    (song.mp3 and song.ogg) get their extension in the name; inputs that still share one are a
-    command-line error, before any work. An output that exists already is skipped (a batch
-    resumes where it stopped) unless --overwrite."""
-    jobs, seen = [], set()
-    for src, root in _sources(args):
-        if src == root:
-            pattern = args.glob or "audio files"
-            jobs.append(Job(src, error=f"folder has no {pattern} (searched recursively)"))
-        elif src.resolve() not in seen:
-            seen.add(src.resolve())
-            jobs.append(Job(src, _dest(src, root, args, fmt), root=root))
-    if args.output is not None and len(jobs) != 1:
-        raise CliError(f"--output needs exactly one input file, got {len(jobs)}; use -o OUTDIR")
-    if args.output is not None and args.output != STDIO and args.output.resolve() == jobs[0].src.resolve():
-        raise CliError(f"--output {args.output} is the input itself; write the upscale to another file")
-    by_dest: dict[Path, list[Job]] = {}
-    for job in jobs:
-        if job.dest is not None:
-            by_dest.setdefault(job.dest.resolve(), []).append(job)
-    for shared in (js for js in by_dest.values() if len(js) > 1):
-        for job in shared:
-            job.dest = _dest(job.src, job.root, args, fmt, tag=True)
-    final: dict[Path, Job] = {}
-    for job in (j for j in jobs if j.dest is not None):
-        if (other := final.setdefault(job.dest.resolve(), job)) is not job:
-            raise CliError(f"{other.src} and {job.src} would both be written to {job.dest}; "
-                           "rename one, or upscale them into different -o folders")
-        job.skip = job.dest != STDIO and job.dest.exists() and not args.overwrite
-    return jobs
-
-
-def _format(args: argparse.Namespace) -> str:
-    """--format, else --output's suffix, else wav; a contradiction between them is refused."""
-    if args.output is None or args.output == STDIO:
-        return args.format or "wav"
-    suffix = args.output.suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
-        raise CliError(f"--output {args.output} must end in {' or '.join('.' + f for f in FORMATS)}")
-    if args.format and args.format != suffix:
-        raise CliError(f"--output {args.output} does not match --format {args.format}")
-    return suffix
-
-
-# --- running ----------------------------------------------------------------------------------
-
-
-def _totals(results: list[Result]) -> dict[str, float | int]:
-    count = {s: sum(r.status == s for r in results) for s in ("upscaled", "resampled", "skipped", "failed")}
-    done = [r for r in results if r.status in ("upscaled", "resampled")]
-    return {"files": len(results), **count, "seconds": sum((r.seconds for r in done), 0.0),
-            "compute_s": sum((r.compute_s for r in done), 0.0)}
-
-
-def _summary(totals: dict[str, float | int]) -> str:
-    parts = [f"{totals['upscaled']} upscaled"]
-    for status in ("resampled", "skipped"):
-        if totals[status]:
-            parts.append(f"{totals[status]} {status}")
-    return ", ".join(parts + [f"{totals['failed']} failed"])
-
-
-def _load(args: argparse.Namespace) -> Upscaler:
-    try:
-        return load_upscaler(LoadOptions.of(args))
-    except ModelError as e:
-        raise CliError(str(e)) from e
-    except RuntimeError as e:  # e.g. --device cuda without a GPU
-        raise CliError(f"cannot load model {args.model!r} on {args.device}: {e}") from e
-
-
-def run_upscale(args: argparse.Namespace) -> int:
-    """The batch: plan every output first, load the model once (here, or once per Dask worker),
-    then file by file."""
-    fmt = _format(args)
-    if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
-        raise CliError(f"-o {args.outdir} is a file, not a folder")
-    jobs = plan(args, fmt)
-    chatty = not (args.quiet or args.json)
-    reports = sys.stderr if args.output == STDIO else sys.stdout  # standard output may be the audio
-    seconds = {str(j.src): _duration(j) for j in jobs}  # the bar moves by audio, inside long files too
-    bar = tqdm(total=round(sum(seconds.values()), 1), unit="s", unit_scale=True, file=sys.stderr,
-               disable=not chatty or not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio "
-                                                                        "[{elapsed}<{remaining}]")
-    shown: dict[str, float] = {}
-
-    def progress(src: str, s: float) -> None:
-        shown[src] = shown.get(src, 0.0) + s
-        bar.update(s)
-
-    def report(res: Result) -> None:
-        bar.update(max(seconds.get(res.input, 0.0) - shown.get(res.input, 0.0), 0.0))
-        if res.status == "failed":
-            tqdm.write(res.line(), file=sys.stderr)
-        elif chatty:
-            tqdm.write(res.line(), file=reports)
-
-    with bar:
-        if args.scheduler:
-            results = _on_cluster(args, jobs, fmt, report)
-            model, device = args.model, f"dask {args.scheduler}"
-        else:
-            up = _load(args)
-            results = []
-            for job in jobs:
-                results.append(upscale_file(up, job, fmt, BandChoice.of(args), args.overwrite,
-                                            lambda s, src=str(job.src): progress(src, s)))
-                report(results[-1])
-            model, device = up.model.name, up.model.device
-    totals = _totals(results)
-    if args.json:
-        report_ = {"model": model, "device": device, "format": fmt,
-                   "results": [asdict(r) for r in results], "totals": totals}
-        print(json.dumps(report_, indent=1), file=reports)
-    elif chatty or totals["failed"]:
-        print(_summary(totals), file=reports if chatty else sys.stderr)
-    return 1 if totals["failed"] else 0
-
-
-def _duration(job: Job) -> float:
-    """Seconds of audio a planned job will upscale, from the file's header (0 if it will not run)."""
-    if job.dest is None or job.skip or job.src == STDIO:  # libsndfile would read standard input
-        return 0.0
-    try:
-        info = sf.info(str(job.src))
-        return info.frames / info.samplerate
-    except (sf.SoundFileError, RuntimeError, OSError, ZeroDivisionError):
-        return 0.0
-
-
-def _on_cluster(args: argparse.Namespace, jobs: list[Job], fmt: str, report: Callable[[Result], None]) -> list[Result]:
-    try:
-        from rtsr.cluster import run_on_cluster
-    except ImportError as e:
-        raise CliError(f"--scheduler needs Dask's distributed package: pip install 'rtsr[cluster]' ({e})") from e
-    try:
-        return run_on_cluster(args.scheduler, jobs, LoadOptions.of(args), fmt, BandChoice.of(args), args.overwrite,
-                              report)
-    except (OSError, TimeoutError, ValueError) as e:
-        raise CliError(f"cannot use the Dask scheduler {args.scheduler}: {e}") from e
 
 
 # --- entry point ------------------------------------------------------------------------------
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_upscale_parser, serve.add_parser, client.add_parser, broker.add_parser, curve.add_parser, bench.add_parser,
-    compare.add_parser, live.add_parser]
+
+def _add_parser(name: str) -> Callable[[argparse._SubParsersAction], None]:
+    module = COMMANDS[name][0]
+    return add_upscale_parser if module == __name__ else import_module(module).add_parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line with `command`'s own parser (its module imported); every other command is
+    only listed, by name and line."""
     parser = argparse.ArgumentParser(prog="rtsr", description="Real-time audio super-resolution to 48 kHz.")
     parser.add_argument("--version", action="version", version=f"rtsr {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_parser in _SUBCOMMANDS:
-        add_parser(subparsers)
+    for name, (_, line) in COMMANDS.items():
+        if name == command:
+            _add_parser(name)(subparsers)
+        else:
+            subparsers.add_parser(name, help=line, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status instead of exiting, so tests can call it."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next(iter(argv), None))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or argparse's own usage error (status 2)
@@ -356,5 +184,5 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m rtsr.cli: run as rtsr.cli itself, whose CliError the batch raises
+    sys.exit(import_module("rtsr.cli").main())

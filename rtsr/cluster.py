@@ -24,7 +24,7 @@ from functools import cache
 
 import numpy as np
 
-from rtsr.audio_io import AudioError, decode_audio, write_audio
+from rtsr.audio_io import STDIO, AudioError, decode_audio, stdin_copy, write_audio
 from rtsr.features import SR
 from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_audio
 
@@ -89,7 +89,7 @@ def run_on_cluster(address: str, jobs: list[Job], opts: LoadOptions, fmt: str, c
             if i is None:
                 return
             try:
-                data = jobs[i].src.read_bytes()
+                data = (stdin_copy() if jobs[i].src == STDIO else jobs[i].src).read_bytes()
             except OSError as e:
                 results[i] = Result(str(jobs[i].src), str(jobs[i].dest), error=f"cannot read it: {e.strerror or e}")
                 report(results[i])

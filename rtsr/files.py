@@ -1,6 +1,6 @@
 """One file's upscale, wherever it runs: in the `rtsr upscale` process, or on a Dask worker.
 
-The batch around it (planning outputs, progress, the report) is `rtsr.cli`'s; distributing it is
+The batch around it (planning outputs, progress, the report) is `rtsr.upscale_batch`'s; distributing it is
 `rtsr.cluster`'s. Both call `upscale_audio` for the work itself, so a file upscaled on a cluster is
 the same as one upscaled locally.
 """

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -484,3 +485,35 @@ def test_an_output_naming_its_input_is_refused(rtsr, tmp_path: Path) -> None:
     r = rtsr("-i", src, "--output", tmp_path / "." / "in.wav", "--overwrite")
     assert r.rc == 2 and "is the input itself" in r.err
     assert read_audio(src)[1] == 16000  # untouched
+
+
+# --- start-up: help, version, argument errors and thin commands load no torch ------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["upscale", "--threads", "0", "-i", "x.wav"],
+                                  ["upscale", "--help"], ["broker", "--help"], ["filter", "--help"],
+                                  ["keygen", "--help"]])
+def test_help_version_argument_errors_and_thin_commands_import_no_torch(argv: list[str]) -> None:
+    script = f"import sys\nfrom rtsr.cli import main\nrc = main({argv!r})\nprint(rc, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    rc, torch_loaded = done.stdout.split()[-2:]
+    assert torch_loaded == "False", argv
+    assert rc == ("2" if "0" in argv else "0")
+
+
+def test_argument_errors_say_what_was_wrong_in_the_users_words(rtsr) -> None:
+    for args, words in ((["--steps", "x"], "argument --steps: expected a positive whole number, got 'x'"),
+                        (["--threads", "0"], "argument --threads: expected a positive whole number, got '0'"),
+                        (["--scheduler", "local:0"], "local:N needs N, the worker processes to start, at least 1")):
+        r = rtsr("-i", "x.wav", *args)
+        assert r.rc == 2 and words in r.err and "_positive_int" not in r.err, r.err
+
+
+def test_every_commands_line_in_help_is_its_own_and_backends_are_the_engines() -> None:
+    from rtsr.backends import BACKENDS
+    from rtsr.cli import BACKEND_NAMES, COMMANDS, build_parser
+
+    assert BACKEND_NAMES == BACKENDS
+    for name, (_, line) in COMMANDS.items():
+        listed = build_parser(name)._subparsers._group_actions[0]._choices_actions
+        assert [a.help for a in listed if a.dest == name] == [line], name
