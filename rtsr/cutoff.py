@@ -305,14 +305,19 @@ class CutoffTracker:
             self.spectrum.feed(x48)
 
     def rows(self, t0: int, t1: int) -> np.ndarray:
-        """(t1 - t0, 3) rows for engine frames t0..t1-1; frame t's window ends at t*HOP + N_FFT/2."""
+        """(t1 - t0, 3) rows for engine frames t0..t1-1; frame t's window ends at t*HOP + N_FFT/2.
+        The band can only move at a decision frame (a multiple of UPDATE_EVERY): the frames
+        between two are one row repeated."""
         out = np.empty((max(t1 - t0, 0), 3), np.float32)
-        for t in range(t0, t1):
+        t = t0
+        while t < t1:
             if self.deciding and t and t % UPDATE_EVERY == 0:
                 self.spectrum.commit(t * HOP + N_FFT // 2)
                 if self.spectrum.active >= DECIDE_AFTER:
                     self._decide()
-            out[t - t0] = self.current.row()
+            upto = min(t1, (t // UPDATE_EVERY + 1) * UPDATE_EVERY) if self.deciding else t1
+            out[t - t0:upto - t0] = self.current.row()
+            t = upto
         return out
 
     def _decide(self) -> None:

@@ -35,6 +35,7 @@ from rtsr.model import ModelState, SuperResModel
 from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
+ACC_SPARE_HOPS = 8  # the overlap-add accumulator grows by this many hops at a time
 
 
 # A lossy input's cell is a codec hole where its power, and its two neighbours', is under 1/10 (-10 dB)
@@ -97,7 +98,10 @@ def model_inputs(requests: list[HopRequest]) -> tuple[torch.Tensor, ...]:
         parts = [getattr(r, name) for r in requests]
         return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
 
-    cutoff = np.concatenate([np.broadcast_to(r.cutoff, (len(r.cond), r.n)) for r in requests])
+    channels = [len(r.cond) for r in requests]
+    cutoff = np.stack([r.cutoff for r in requests])
+    if max(channels) > 1:
+        cutoff = np.repeat(cutoff, channels, axis=0)
     return rows("cond"), rows("low"), torch.from_numpy(cutoff), rows("noise")
 
 
@@ -245,7 +249,8 @@ class Stream:
             raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
         if self.passthrough:
             return None
-        analyse([self])
+        if self.new_frames() is not None:
+            analyse([self])
         la = self.model.lookahead
         ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
         n = min(self.hop_frames, ready)
@@ -340,9 +345,10 @@ class Stream:
         samples this finishes."""
         n = req.n
         need = (self._pos + n - 1) * HOP + HALF - self._acc_base  # accumulator length needed
-        if need > self._acc.shape[1]:
-            self._acc = np.concatenate([self._acc, np.zeros((self.channels, need - self._acc.shape[1]),
-                                                            np.float32)], axis=1)
+        if need > self._acc.shape[1]:  # room for a few more hops: the emitted head is sliced off each hop
+            grown = np.zeros((self.channels, need + ACC_SPARE_HOPS * n * HOP), np.float32)
+            grown[:, :self._acc.shape[1]] = self._acc
+            self._acc = grown
         overlap_add(frames, window(), self._acc, self._pos * HOP - HALF - self._acc_base, HOP)
         self._pos += n
         self._lr_spec, self._lr_mel, self._cut = self._lr_spec[:, n:], self._lr_mel[:, :, n:], self._cut[n:]
