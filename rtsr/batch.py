@@ -19,7 +19,7 @@ from rtsr.engine import HopRequest, Stream, analyse, model_inputs, synthesise
 
 
 def batchable(stream: Stream) -> bool:
-    """run_batch needs guidance baked in (a distilled model, or the regression)."""
+    """Batching needs guidance baked in (a distilled model, or the regression)."""
     return not (stream.model.steps and stream.model.guidance != 1.0)
 
 

@@ -1,9 +1,10 @@
 """The model behind the engine: few-step sampler -> mel low-band replacement -> vocoder.
 
-The engine only needs `new_state()` and `run()`; which networks and how many steps sit behind
-them is the model's business (a distilled student, the teacher with guidance, or a test-sized
-random network of the same architecture). Weights load from safetensors only, after their sha256
-is checked against the config, so a corrupted or swapped file is refused before use.
+The engine only needs `bank` (every stream's state, rtsr.bank) and `run_slots()` (`run` on some
+streams' slots); which networks and how many steps sit behind them is the model's business (a
+distilled student, the teacher with guidance, or a test-sized random network of the same
+architecture). Weights load from safetensors only, after their sha256 is checked against the
+config, so a corrupted or swapped file is refused before use.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import rtsr.models
 from rtsr.bank import ModelState, Slot, StateBank
 from rtsr.features import HOP, N_FFT, N_MELS, SR, mel_centers
 from rtsr.models.diffusion import sample
-from rtsr.models.nets import Cache, Denoiser, Vocoder, init_cache, polar_parts
+from rtsr.models.nets import Denoiser, Vocoder, init_cache, polar_parts
 
 BUNDLED = Path(rtsr.models.__file__).resolve().parent  # the shipped weights live beside the code
 KNOWN_MODELS = ("basic", "speech")
@@ -109,24 +110,6 @@ class SuperResModel:
         with self.bank.state_of(slots) as state:
             return self.run(state, cond, low, cutoff, noise)
 
-    def run_batch(self, states: list[ModelState], cond: torch.Tensor, low: torch.Tensor,
-                  cutoff: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """`run` for several streams at once: their caches are stacked along the batch axis for
-        one network call per step and split back afterwards (output equals separate calls).
-
-        cutoff is (B, T) here, one row per channel of every stream, in the order of `states`.
-        """
-        if self.steps and self.guidance != 1.0:
-            raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
-        sizes = [next(iter(s.vocoder.values())).shape[0] for s in states]
-        merged = ModelState(steps=[_stack([s.steps[k] for s in states]) for k in range(len(states[0].steps))],
-                            vocoder=_stack([s.vocoder for s in states]), lossy=torch.cat([s.lossy for s in states]))
-        out = self.run(merged, cond, low, cutoff, noise)
-        for k in range(len(merged.steps)):
-            _unstack(merged.steps[k], [s.steps[k] for s in states], sizes)
-        _unstack(merged.vocoder, [s.vocoder for s in states], sizes)
-        return out
-
     @torch.inference_mode()
     def run(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
             noise: torch.Tensor) -> torch.Tensor:
@@ -163,16 +146,6 @@ class SuperResModel:
         keep = (centers[None, :, None] < 0.88 * cutoff).float()
         mel = keep * torch.maximum(low, mel) + (1 - keep) * mel
         return polar_parts(self.vocoder(mel, state.vocoder))
-
-
-def _stack(caches: list[Cache]) -> Cache:
-    return {k: torch.cat([c[k] for c in caches]) for k in caches[0]}
-
-
-def _unstack(merged: Cache, caches: list[Cache], sizes: list[int]) -> None:
-    for k, v in merged.items():
-        for c, part in zip(caches, v.split(sizes), strict=True):
-            c[k] = part
 
 
 def step_counts(cfg: dict) -> list[int]:

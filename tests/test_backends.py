@@ -139,7 +139,7 @@ def test_the_codec_flag_reaches_the_network_per_stream_on_every_backend(onnx_cac
     for f, ref in ((False, clean), (True, lossy)):
         got = onnx.run(onnx.new_state(1, lossy=f), cond, cond, cutoff, noise)
         assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max())
-    both = eager.run_batch([eager.new_state(1, lossy=True), eager.new_state(1)], torch.cat([cond, cond]),
+    both = eager.run_slots([eager.bank.join(1, lossy=True), eager.bank.join(1)], torch.cat([cond, cond]),
                            torch.cat([cond, cond]), cutoff.expand(2, -1), torch.cat([noise, noise]))
     torch.testing.assert_close(both, torch.cat([lossy, clean]))
     # an engine stream of a lossy file says so for each channel
