@@ -91,7 +91,6 @@ class Broker:
         self.routes: dict[tuple[bytes, P.StreamId], Route] = {}
         self.resend_from: dict[tuple[bytes, P.StreamId], int] = {}  # busy refusals: go-back-N per stream
         self.dropped: dict[tuple[bytes, P.StreamId], str] = {}  # streams of clients dropped for not reading
-        self.admins: set[bytes] = set()
         self._assigned = 0
 
     def run(self) -> None:
@@ -120,7 +119,6 @@ class Broker:
                         for m in drain(self.back):
                             self._guarded(self._from_worker, m)
                     msgs = drain(self.front) if self.front in ready else []
-                    self.admins.update(m[0].bytes for m in msgs if len(m) > 1 and peer_is_admin(m[1], self.t.curve))
                     for m in self.to_clients.admit([(m[0].bytes, m, nbytes(m)) for m in msgs]):
                         self._guarded(self._from_client, m)
                     self._expire_workers()
@@ -148,7 +146,7 @@ class Broker:
             h = P.decode_header(frames[0].buffer)
             key, kind = (client, h.get("stream")), h["type"]
             if kind == "stats":
-                if client not in self.admins:
+                if not peer_is_admin(frames[0], self.t.curve):
                     raise P.ProtocolError(P.FORBIDDEN, "stats are for an admin key (or loopback without CURVE)")
                 self._to_client(client, P.encode(self._stats()))
                 return
@@ -228,7 +226,8 @@ class Broker:
         for client, reason in self.to_clients.overdue():
             notices = {sid: P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid, closed=True)
                        for sid in self._release_client(client, reason)}
-            for sid, (first, last) in unanswered(self.to_clients.take_held(client), header_at=1).items():
+            for sid, (first, last) in unanswered([[b"", *r] for r in self.to_clients.unsent(client)] +
+                                                 self.to_clients.take_held(client)).items():
                 e = notices.setdefault(sid, P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid,
                                                             closed=True))
                 e.seq, e.extra["last_seq"] = first, last
@@ -238,7 +237,6 @@ class Broker:
 
     def _release_client(self, client: bytes, reason: str | None) -> list[P.StreamId]:
         """Unroute a client's streams and cancel them on their workers; with a reason, remember why."""
-        self.admins.discard(client)
         keys = [k for k in self.routes if k[0] == client]
         for key in keys:
             route = self._unroute(key)
@@ -324,7 +322,7 @@ class Broker:
         log.warning("worker %s lost with %d streams", worker.hex(), len(w.streams))
         self.to_workers.dropped(worker, [])
         for key in list(w.streams):
-            route = self.routes.pop(key)
+            route = self.routes.pop(key, None) or Route(worker)
             self.resend_from.pop(key, None)
             for seq in route.in_flight or [None]:
                 self._to_client(key[0], P.encode(P.ProtocolError(

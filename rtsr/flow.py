@@ -52,7 +52,7 @@ class _Peer:
     held: deque[tuple[Msg, int]] = field(default_factory=deque)  # (request, its bytes)
     bytes: int = 0  # replies + held requests
     stalled_since: float | None = None  # since when its first waiting reply has waited
-    dropped: bool = False  # only the notice of its drop is waiting
+    dropped: bool = False  # dropped: its notices wait for it to read, its requests are no longer held
 
 
 class FlowControl:
@@ -104,6 +104,11 @@ class FlowControl:
         """True while any reply is queued (the loop should come back soon to flush it)."""
         return any(p.replies for p in self.peers.values())
 
+    def unsent(self, peer: bytes) -> list[list]:
+        """The replies waiting for a peer (what a drop would leave it without)."""
+        p = self.peers.get(peer)
+        return list(p.replies) if p is not None else []
+
     def take_held(self, peer: bytes) -> list[Msg]:
         """A peer's held requests, forgotten here (the caller answers each, e.g. on its drop)."""
         p = self.peers.get(peer)
@@ -119,7 +124,9 @@ class FlowControl:
         """(peer, message, bytes) as received -> the messages to process now, in order.
 
         A peer with replies waiting has its messages held (in order); once its replies are out,
-        its held messages come back here first, before anything newer of its own.
+        its held messages come back here first, before anything newer of its own. A dropped
+        peer's are not held: answered at once (its streams are gone), the answers queue behind
+        the notices of its drop.
         """
         ready: list[Msg] = []
         for peer, p in list(self.peers.items()):
@@ -128,7 +135,7 @@ class FlowControl:
                 del self.peers[peer]
         for peer, msg, n in msgs:
             p = self.peers.get(peer)
-            if p is not None and (p.replies or p.held):
+            if p is not None and not p.dropped and (p.replies or p.held):
                 p.held.append((msg, n))
                 p.bytes += n
             else:
@@ -142,8 +149,8 @@ class FlowControl:
         calls `dropped` (which forgets what was queued for them)."""
         now, out = self.clock(), []
         for peer, p in list(self.peers.items()):
-            if p.dropped:  # its notice waited too: forget it for good
-                if now - p.stalled_since > self.limits.max_stall_s or p.bytes > self.limits.max_unsent_bytes:
+            if p.dropped:  # its notices wait until it reads or goes, unless it piles up answers past the bound
+                if p.bytes > self.limits.max_unsent_bytes:
                     del self.peers[peer]
             elif p.bytes > self.limits.max_unsent_bytes:
                 out.append((peer, f"{p.bytes / 2**20:.1f} MiB of replies and requests waiting for a client that "
@@ -155,7 +162,7 @@ class FlowControl:
 
     def dropped(self, peer: bytes, notices: list[list]) -> None:
         """Forget a dropped peer's queue and held requests; `notices` (messages saying why) wait
-        alone for it to read, as long as the bound allows."""
+        for it to read (or its connection to go)."""
         self.peers.pop(peer, None)
         if notices:
             p = self.peers[peer] = _Peer(stalled_since=self.clock(), dropped=True,

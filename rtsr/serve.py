@@ -46,6 +46,7 @@ from rtsr.transport import (
     POLL_S,
     Peer,
     Transport,
+    asks_stats,
     attach,
     buffers,
     dealer_sender,
@@ -420,8 +421,8 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
     ctx = zmq.Context()
     sock = t.socket(ctx, zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable client raises instead of silently dropping
-    fair, admins = FairShare(t.flow), set[Peer]()
-    flow = FlowControl(router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, fair, admins, peer))
+    fair = FairShare(t.flow)
+    flow = FlowControl(router_sender(sock), t.flow, on_gone=lambda peer: _gone(service, fair, peer))
     try:
         with t.authenticator(ctx):
             t.ready({"router": attach(sock, endpoint, True)})
@@ -429,16 +430,16 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
                 flow.flush()
                 wait = FLUSH_S if fair.waiting() else poll_s(flow)
                 msgs = drain(sock) if sock.poll(int(wait * 1000)) else []
-                admins.update(m[0].bytes for m in msgs if len(m) > 1 and peer_is_admin(m[1], t.curve))
                 ready = flow.admit([(m[0].bytes, m, nbytes(m)) for m in msgs])
                 for m in ready:
                     fair.add(m[0].bytes, m, nbytes(m), service.cost(m[0].bytes, buffers(m[1:])))
-                batch = [(m[0].bytes, buffers(m[1:])) for m in fair.take()]
+                taken = fair.take()
+                admins = {m[0].bytes for m in taken if asks_stats(m[1:]) and peer_is_admin(m[1], t.curve)}
+                batch = [(m[0].bytes, buffers(m[1:])) for m in taken]
                 for peer, frames in service.handle_batch(batch, admins) + service.expire():
                     flow.put(peer, frames)
                 for peer, reason in flow.overdue() + fair.overdue():
                     _drop_slow(service, flow, fair, peer, reason)
-                    admins.discard(peer)
     finally:
         sock.close(0)
         ctx.term()
@@ -448,16 +449,16 @@ def _drop_slow(service: Service, flow: FlowControl, fair: FairShare, peer: Peer,
     """Drop a client past the bound: each of its streams, and each block it will get no reply
     for (first and last seq, per stream), is told `not_reading` when it reads again."""
     notices = {e.stream: e for e in service.drop_peer(peer, reason)}
-    for sid, (first, last) in unanswered(flow.take_held(peer) + fair.take_all(peer)).items():
+    for sid, (first, last) in unanswered([[b"", *r] for r in flow.unsent(peer)] + flow.take_held(peer) +
+                                         fair.take_all(peer)).items():
         e = notices.setdefault(sid, P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid, closed=True))
         e.seq, e.extra["last_seq"] = first, last
     log.warning("client %r is past the bound (%s): dropped %d streams", peer, reason, len(notices))
     flow.dropped(peer, [P.encode(e.header()) for e in notices.values()])
 
 
-def _gone(service: Service, fair: FairShare, admins: set[Peer], peer: Peer) -> None:
+def _gone(service: Service, fair: FairShare, peer: Peer) -> None:
     fair.take_all(peer)
-    admins.discard(peer)
     if n := len(service.drop_peer(peer)):
         log.info("client %r went away: dropped %d streams", peer, n)
 

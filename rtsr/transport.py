@@ -174,15 +174,21 @@ def dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
     return send
 
 
-def unanswered(msgs: list[list[zmq.Frame]], header_at: int = 1) -> dict[P.StreamId, tuple[int, int]]:
-    """Held audio messages that will get no reply -> per stream, their first and last seq."""
+def asks_stats(frames: list[zmq.Frame]) -> bool:
+    """Might this message be a `stats` request? A cheap look before the (costlier) admin check."""
+    return bool(frames) and b'"stats"' in frames[0].bytes
+
+
+def unanswered(msgs: list[list], header_at: int = 1) -> dict[P.StreamId, tuple[int, int]]:
+    """Audio messages (requests held, or replies never sent) that leave a client without an answer
+    -> per stream, the first and last seq among them."""
     seqs: dict[P.StreamId, tuple[int, int]] = {}
     for m in msgs:
         try:
-            h = P.decode_header(m[header_at].buffer)
+            h = P.decode_header(m[header_at])
         except (P.ProtocolError, IndexError):
             continue
-        if h["type"] == "audio" and isinstance(h.get("seq"), int):
+        if h["type"] in ("audio", "error") and isinstance(h.get("seq"), int):
             first, _ = seqs.get(h.get("stream"), (h["seq"], 0))
             seqs[h.get("stream")] = (first, h["seq"])
     return seqs

@@ -78,6 +78,9 @@ def test_a_peer_that_does_not_read_is_dropped_past_the_bound_and_told_once():
     assert peer == b"slow" and "no reply taken for 5.1 s" in reason
     flow.dropped(b"slow", [[b"notice"]])
     assert flow.overdue() == []  # the notice waits; it is not re-reported
+    assert flow.admit([(b"slow", "late", 4)]) == ["late"]  # answered at once (with not_reading), not held
+    clock.t = 1000.0
+    assert flow.overdue() == [] and flow.waiting()  # the notice waits for it to read, however long
     sock.read(b"slow")
     flow.flush()
     sock.read(b"slow")

@@ -43,11 +43,12 @@ def noise(sr: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarr
 
 
 @contextmanager
-def running(loop: Callable[[Transport], None], curve: CurveKeys | None = None) -> Iterator[dict[str, str]]:
-    """Run a serving loop in a thread (with CURVE keys, if given); yields its bound endpoints;
-    always stops and joins it."""
+def running(loop: Callable[[Transport], None], curve: CurveKeys | None = None,
+            **transport) -> Iterator[dict[str, str]]:
+    """Run a serving loop in a thread (with CURVE keys, and other Transport settings, if given);
+    yields its bound endpoints; always stops and joins it."""
     ready: queue.Queue = queue.Queue()
-    t = Transport(on_ready=ready.put, curve=curve)
+    t = Transport(on_ready=ready.put, curve=curve, **transport)
     th = threading.Thread(target=loop, args=(t,), daemon=True)
     th.start()
     try:
