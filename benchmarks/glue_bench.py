@@ -10,13 +10,18 @@ the band tracker's first decision, ~1 s, as in a long live call) are timed; the 
 while the tracker still decides, are reported apart.
 
     python benchmarks/glue_bench.py --streams 256 --json
+    python benchmarks/glue_bench.py --streams 256 --versus /tmp/before   # another checkout beside this one
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +32,7 @@ from rtsr.features import N_BINS
 from rtsr.model import SuperResModel, bundled_path
 from rtsr.models.nets import Denoiser, Vocoder
 
+HERE = Path(__file__).resolve().parents[1]
 SR_IN = 16000
 BLOCK = SR_IN // 50  # 20 ms
 
@@ -67,8 +73,17 @@ def rounds(n_streams: int, n_rounds: int, warmup: int) -> dict:
     """Feed n_streams streams n_rounds + warmup blocks; time the last n_rounds (and the first warmup)."""
     model, timer = ShapeStub.like(), Timer()
     model.run_slots = timer.wrap("model_call", model.run_slots)
-    for stage in ("analyse", "synthesise"):  # the stages batch.step runs for all the streams at once
-        setattr(batch, stage, timer.wrap(stage, getattr(batch, stage)))
+    joint = {stage: getattr(batch, stage) for stage in ("analyse", "synthesise")}  # run for all streams at once
+    for stage, fn in joint.items():
+        setattr(batch, stage, timer.wrap(stage, fn))
+    try:
+        return _timed(model, timer, n_streams, n_rounds, warmup)
+    finally:
+        for stage, fn in joint.items():
+            setattr(batch, stage, fn)
+
+
+def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup: int) -> dict:
     streams = [Stream(model, SR_IN, 1, 20.0, seed=k) for k in range(n_streams)]
     for s in streams:
         s.add_output = timer.wrap("overlap_add", s.add_output)
@@ -96,14 +111,60 @@ def rounds(n_streams: int, n_rounds: int, warmup: int) -> dict:
             "stages_us_per_stream_round": stages}
 
 
+def load_package(root: Path) -> None:
+    """Import the rtsr package of the checkout at `root` in place of the one imported now (its
+    folders mapped as pyproject.toml maps them), so that two versions run in one process."""
+    for name in [m for m in sys.modules if m == "rtsr" or m.startswith("rtsr.")]:
+        del sys.modules[name]
+    made = []
+    for name, folder in (("rtsr", "rtsr"), ("rtsr.kernels", "kernels"), ("rtsr.models", "models")):
+        spec = importlib.util.spec_from_file_location(name, root / folder / "__init__.py",
+                                                      submodule_search_locations=[str(root / folder)])
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        made.append((spec, module))
+    for spec, module in made[1:]:
+        setattr(made[0][1], spec.name.split(".")[1], module)
+    for spec, module in reversed(made):
+        spec.loader.exec_module(module)
+
+
+def versus(old: Path, n_streams: int, n_rounds: int, warmup: int, repeats: int) -> dict:
+    """This checkout and the one at `old`, each with its own glue_bench, run after run in one
+    process (this VM's speed moves +-2x from minute to minute): the median of each, and of the
+    ratios of runs side by side."""
+    runs: dict[str, list[dict]] = {"new": [], "old": []}
+    for _ in range(repeats):
+        for label, root in (("old", old), ("new", HERE)):
+            load_package(root)
+            spec = importlib.util.spec_from_file_location(f"glue_bench_{label}", root / "benchmarks" / "glue_bench.py")
+            bench = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(bench)
+            runs[label].append(bench.rounds(n_streams, n_rounds, warmup))
+    us = {label: [r["us_per_stream_round"] for r in rs] for label, rs in runs.items()}
+    return {"streams": n_streams, "rounds": n_rounds, "us_per_stream_round": statistics.median(us["new"]),
+            "versus": str(old), "us_per_stream_round_versus": statistics.median(us["old"]),
+            "speedup_median": round(statistics.median(o / n for o, n in zip(us["old"], us["new"], strict=True)), 2),
+            "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--rounds", type=int, default=50, help="timed rounds of 20 ms")
     p.add_argument("--warmup", type=int, default=80, help="rounds before timing (the tracker decides in these)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--versus", type=Path, metavar="DIR",
+                   help="also time the checkout at DIR (e.g. `git worktree add DIR <commit>`), run after run")
+    p.add_argument("--repeats", type=int, default=3, help="with --versus: runs of each")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.versus:
+        r = versus(args.versus.resolve(), args.streams, args.rounds, args.warmup, args.repeats)
+        print(json.dumps(r) if args.json else
+              f"{r['streams']} streams: {r['us_per_stream_round']} us per stream per round here, "
+              f"{r['us_per_stream_round_versus']} at {r['versus']} (median of {args.repeats} runs each; "
+              f"{r['speedup_median']}x side by side)")
+        return
     r = rounds(args.streams, args.rounds, args.warmup)
     if args.json:
         print(json.dumps(r))

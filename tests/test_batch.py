@@ -62,12 +62,16 @@ def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
     assert sum(len(g) for g in got) > 40000
 
 
-def test_the_glue_benchmark_prints_its_per_stream_cost():
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "glue_bench.py"
-    r = subprocess.run([sys.executable, str(bench), "--streams", "2", "--rounds", "2", "--warmup", "1", "--json"],
-                       capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("versus", [False, True])
+def test_the_glue_benchmark_prints_its_per_stream_cost(versus):
+    """It runs (beside another checkout too, here this one again) and prints the key."""
+    root = Path(__file__).resolve().parents[1]
+    extra = ["--versus", str(root), "--repeats", "1"] if versus else []
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_bench.py"), "--streams", "2", "--rounds", "2",
+                        "--warmup", "1", "--json", *extra], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout)["us_per_stream_round"] > 0
+    out = json.loads(r.stdout)
+    assert out["us_per_stream_round"] > 0 and (not versus or out["us_per_stream_round_versus"] > 0)
 
 
 @pytest.mark.parametrize("fail_in", ["add_output", "merge_weights", "next_request"])
