@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import signal
 
 from rtsr import batch
 from rtsr.bench import speech_like
@@ -70,21 +72,24 @@ class Timer:
         return timed
 
 
-def rounds(n_streams: int, n_rounds: int, warmup: int) -> dict:
-    """Feed n_streams streams n_rounds + warmup blocks; time the last n_rounds (and the first warmup)."""
+def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = None) -> dict:
+    """Feed n_streams streams n_rounds + warmup blocks; time the last n_rounds (and the first warmup).
+    band_hz: the test signal low-passed there, so the band tracker lowers the band and keeps
+    watching the spectrum (a phone call, a codec-limited stream)."""
     model, timer = ShapeStub.like(), Timer()
     model.run_slots = timer.wrap("model_call", model.run_slots)
     joint = {stage: getattr(batch, stage) for stage in ("analyse", "synthesise")}  # run for all streams at once
     for stage, fn in joint.items():
         setattr(batch, stage, timer.wrap(stage, fn))
     try:
-        return _timed(model, timer, n_streams, n_rounds, warmup)
+        return _timed(model, timer, n_streams, n_rounds, warmup, band_hz)
     finally:
         for stage, fn in joint.items():
             setattr(batch, stage, fn)
 
 
-def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup: int) -> dict:
+def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup: int,
+           band_hz: float | None) -> dict:
     primer = Stream(model, SR_IN, 1, 20.0)  # one-off loading (compiled kernels, lazy imports) goes first
     primer.push(speech_like(SR_IN, 0.1))
     batch.step([primer])
@@ -92,6 +97,8 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
     for s in streams:
         s.add_output = timer.wrap("overlap_add", s.add_output)
     x = speech_like(SR_IN, (n_rounds + warmup) * BLOCK / SR_IN + 0.1)
+    if band_hz:
+        x = signal.sosfilt(signal.butter(12, band_hz, fs=SR_IN, output="sos"), x, axis=0).astype(np.float32)
     warm_s = timed_s = 0.0
     for r in range(warmup + n_rounds):
         timer.on = r >= warmup
@@ -157,19 +164,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=50, help="timed rounds of 20 ms")
     p.add_argument("--warmup", type=int, default=80, help="rounds before timing (the tracker decides in these)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--band-limited", type=float, metavar="HZ",
+                   help="low-pass the test signal at HZ: the tracker lowers the band and keeps deciding")
     p.add_argument("--versus", type=Path, metavar="DIR",
                    help="also time the checkout at DIR (e.g. `git worktree add DIR <commit>`), run after run")
     p.add_argument("--repeats", type=int, default=3, help="with --versus: runs of each")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.versus:
+        if args.band_limited:
+            p.error("--band-limited is not timed --versus (an older glue_bench has no such signal)")
         r = versus(args.versus.resolve(), args.streams, args.rounds, args.warmup, args.repeats)
         print(json.dumps(r) if args.json else
               f"{r['streams']} streams: {r['us_per_stream_round']} us per stream per round here, "
               f"{r['us_per_stream_round_versus']} at {r['versus']} (median of {args.repeats} runs each; "
               f"{r['speedup_median']}x side by side)")
         return
-    r = rounds(args.streams, args.rounds, args.warmup)
+    r = rounds(args.streams, args.rounds, args.warmup, args.band_limited)
     if args.json:
         print(json.dumps(r))
         return
