@@ -228,7 +228,8 @@ def _cliff_edge(power: np.ndarray, top_hz: float) -> float | None:
         return None
     b = cand[hits[0]]
     pos = np.arange(b - below_n, min(b + steep_n, top - step_n) + 1)  # the steepest point of the fall
-    fall = [level[i - step_n:i].mean() - level[i:i + step_n].mean() for i in pos]
+    means = np.lib.stride_tricks.sliding_window_view(level, step_n).mean(axis=1)  # means[i]: level[i:i + step_n]
+    fall = means[pos - step_n] - means[pos]
     steepest = pos[int(np.argmax(fall))]
     plateau = np.median(level[steepest - 4 * below_n:steepest - 2 * below_n])
     kept = np.nonzero(level[steepest - 2 * below_n:steepest] >= plateau - TOP_DB)[0]  # the cliff's top
