@@ -569,6 +569,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--max-streams", type=int, default=Limits.max_streams, help="(default: %(default)s)")
+    p.add_argument("--max-streams-per-peer", type=int, default=Limits.max_streams_per_peer, metavar="N",
+                   help="streams one client connection may have open (default: %(default)s)")
+    p.add_argument("--max-block-s", type=float, default=Limits.max_block_s, metavar="S",
+                   help="audio one message may carry, gap silence included, in seconds summed over its channels "
+                        "(more is refused: too_big or a seq error; default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout, metavar="S",
                    help="drop a stream after this many seconds without a message (default: %(default)s)")
     p.add_argument("--max-frame-bytes", type=int, default=Limits.max_frame_bytes,
@@ -615,8 +620,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ModelError, RuntimeError) as e:
         print(f"rtsr serve: {e}", file=sys.stderr)
         return 2
-    limits = Limits(max_streams=args.max_streams, max_frame_bytes=args.max_frame_bytes,
-                    idle_timeout=args.idle_timeout, max_speed=args.max_speed)
+    limits = Limits(max_streams=args.max_streams, max_streams_per_peer=args.max_streams_per_peer,
+                    max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout, max_speed=args.max_speed,
+                    max_block_s=args.max_block_s)
     service = Service(ups, names[0], limits)
     t = Transport(hwm=args.hwm, max_frame_bytes=args.max_frame_bytes, curve=keys)
     try:
