@@ -172,7 +172,7 @@ class Client:
         if h["type"] == "audio":
             channels = self._streams.get(sid, (1, ""))[0]
             audio = P.pcm_to_array(frames[1] if len(frames) > 1 else b"", channels)
-        if h["type"] == "closed" or h.get("closed"):
+        if (h["type"] == "closed" or h.get("closed")) and h.get("token") in (None, self._tokens.get(sid)):
             self._streams.pop(sid, None)
         return Reply(h, audio)
 
