@@ -45,19 +45,19 @@ def step(streams: list[Stream]) -> list[np.ndarray]:
     if failed:
         _hold(streams, out, failed)
         raise StepFailed(failed)
-    empty = [np.zeros((0, s.channels), np.float32) for s in streams]
-    return [np.concatenate(o) if o else e for o, e in zip(out, empty, strict=True)]
+    return [np.concatenate(o) if len(o) > 1 else o[0] if o else np.zeros((0, s.channels), np.float32)
+            for o, s in zip(out, streams, strict=True)]
 
 
 def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
     """Hops of the streams not failed, round after round, until none is ready; a stream's own
     failure is recorded in `failed` (and the stream marked), a model call's is raised."""
-    analyse(s for i, s in enumerate(streams) if i not in failed)
-    while True:
-        ready = [(i, r) for i, s in enumerate(streams) if i not in failed
-                 and (r := _guarded(s, i, failed, s.next_request)) is not None]
-        if not ready:
-            return
+    analyse(streams)
+    asking = range(len(streams))
+    while asking:
+        ready = [(i, r) for i in asking if i not in failed
+                 and (r := _guarded(streams[i], i, failed, streams[i].next_request)) is not None]
+        asking = [i for i, _ in ready]  # only a stream that ran a hop can have another ready
         keys = {(id(streams[i].model), r.n): streams[i].model for i, r in ready}
         for (model_id, n), model in keys.items():  # one call per model and hop length
             group = [(i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id]

@@ -286,7 +286,7 @@ class Stream:
         (first column, end column) and the frame count once they are analysed; None if none has."""
         end = self._x48_base + self._x48.shape[1]
         t1 = (end - HALF) // HOP + 1 if end >= HALF else 0
-        if self.passthrough or t1 <= self._frames:
+        if self.passthrough or self._failed is not None or t1 <= self._frames:
             return None
         return self._frames * HOP - HALF - self._x48_base, (t1 - 1) * HOP + HALF - self._x48_base, t1
 
