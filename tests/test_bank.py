@@ -70,6 +70,19 @@ def test_slots_in_any_order_equal_separate_calls():
         assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_a_guided_teachers_slots_keep_both_branches_apart():
+    """Its step caches hold a conditional and an unconditional branch per row, gathered
+    branch-major as the sampler stacks them: slots of several streams still equal separate runs."""
+    model = SuperResModel.random(steps=2, seed=1)
+    model.guidance = 2.0
+    slots, own = [model.bank.join(ch) for ch in (1, 2, 1)], [model.new_state(ch) for ch in (1, 2, 1)]
+    for hop in range(3):
+        inputs = [hop_inputs(ch, 4, 10 * hop + k) for k, ch in enumerate((1, 2, 1))]
+        got = model.run_slots(slots, *(torch.cat(parts) for parts in zip(*inputs, strict=True)))
+        ref = torch.cat([model.run(state, *x) for state, x in zip(own, inputs, strict=True)])
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def run_mixed(model: SuperResModel, specs: list[tuple[int, int]], seconds: float, seed: int,
               join_at: int | None = None, leave: int | None = None) -> dict[int, np.ndarray]:
     """Streams of `specs` stepped together in random blocks (the same span of time for each per
