@@ -6,7 +6,9 @@
 Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs the CPU eager output
 (relative error), offline throughput (x real time) for one file and for a batch of files, and
 live-style per-hop latency p50/p99 at 20 ms hops for 1, 16, 64 and 256 concurrent streams batched
-into one model call per hop, with the largest count whose p99 stays under the hop.
+into one model call per hop, with the largest count whose p99 stays under the hop. First, the
+host's glue per stream per 20 ms round with the model stubbed (benchmarks/glue_bench.py), the
+part of a live round that no device removes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import sys
 import time
 
+import glue_bench  # beside this script
 import numpy as np
 import torch
 
@@ -86,6 +89,8 @@ def main() -> None:
     hops, secs, files = (12, 2.0, 2) if a.quick else (60, 30.0, 16)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"device {name}, torch {torch.__version__}", flush=True)
+    glue = {n: glue_bench.rounds(n, 10 if a.quick else 50, 80) for n in ((2,) if a.quick else (32, 256))}
+    print(json.dumps({"glue": glue}), flush=True)
     x = signal_(3.0, 1)
     ref = Upscaler(load_model(a.model, "cpu")).upscale(x, SR_IN)
     rows = []
@@ -118,6 +123,9 @@ def main() -> None:
               *(("{:.2f} / {:.2f}".format(*r[f"live_{n}"])) if f"live_{n}" in r else "-" for n in counts),
               str(r.get("streams_p99_under_20ms", "-"))] for r in rows]
     print("\n" + "\n".join(markdown_table(header, table)))
+    print("\nhost glue, model stubbed: " + "; ".join(
+        f"{n} streams {g['us_per_stream_round']} us per stream per round ("
+        + ", ".join(f"{k} {v}" for k, v in g["stages_us_per_stream_round"].items()) + ")" for n, g in glue.items()))
     print(f"\ntotal {time.time() - start:.0f} s", file=sys.stderr)
 
 
