@@ -42,6 +42,15 @@ def test_slots_are_contiguous_reused_and_survive_growth():
     assert all(torch.equal(t, before.vocoder[k]) for k, t in bank.view([a]).vocoder.items())
 
 
+def test_a_stream_leaves_its_slot_when_it_is_gone():
+    model = SuperResModel.random(steps=1)
+    streams = [Stream(model, 16000, ch) for ch in (1, 2, 1)]
+    freed = streams[1].slot
+    del streams[1]
+    gc.collect()
+    assert Stream(model, 8000, 2).slot == freed
+
+
 def test_a_failed_call_writes_nothing_back_and_reset_starts_a_slot_again():
     model = SuperResModel.random(steps=1)
     slot = model.bank.join(1)
