@@ -135,9 +135,6 @@ class Service:
 
     # --- entry points -----------------------------------------------------------------------
 
-    def handle(self, peer: Peer, frames: list, admin: bool = False) -> list[Reply]:
-        return self.handle_batch([(peer, frames)], {peer} if admin else set())
-
     def handle_batch(self, msgs: Iterable[tuple[Peer, list]], admins: Collection[Peer] = ()) -> list[Reply]:
         """Replies to every message, in order; consecutive audio messages become one batch of jobs.
         `admins`: the peers allowed `stats` (an admin key, or loopback without CURVE)."""
