@@ -49,7 +49,7 @@ def dealer(endpoint: str, routing_id: bytes | None = None, rcvhwm: int = 1000) -
     return ctx, s
 
 
-def opened(s: zmq.Socket, stream: str, sr: int, dtype: str = "float32") -> str:
+def opened(s: zmq.Socket, stream: P.StreamId, sr: int, dtype: str = "float32") -> str:
     s.send_multipart(P.encode({"type": "open", "stream": stream, "sr": sr, "dtype": dtype}))
     while s.poll(10_000):
         h = json.loads(s.recv_multipart()[0])
@@ -63,32 +63,36 @@ def drain(s: zmq.Socket) -> None:
         s.recv_multipart()
 
 
-def heavy(endpoint: str, stop: threading.Event) -> None:
-    """Blocks of the largest legal size (2 s of 8 kHz int16), as fast as they are answered."""
+def repeat(endpoint: str, stop: threading.Event, message: Callable[[zmq.Socket, int], list[bytes]],
+           wait_ms: int) -> None:
+    """Send message(socket, i) for i = 0, 1, ... until stopped, reading (and dropping) the replies."""
     ctx, s = dealer(endpoint)
-    token, seq, block = opened(s, "h", 8000, "int16"), 0, np.zeros(16000, "<i2").tobytes()
+    i = 0
     while not stop.is_set():
-        s.send_multipart(P.encode({"type": "audio", "stream": "h", "token": token, "seq": seq}, block))
-        seq += 1
-        s.poll(200)
+        s.send_multipart(message(s, i))
+        i += 1
+        s.poll(wait_ms)
         drain(s)
     s.close(0)
     ctx.term()
+
+
+def heavy(endpoint: str, stop: threading.Event) -> None:
+    """Blocks of the largest legal size (2 s of 8 kHz int16), as fast as they are answered."""
+    block, token = np.zeros(16000, "<i2").tobytes(), {}
+
+    def message(s: zmq.Socket, seq: int) -> list[bytes]:
+        token.setdefault("h", opened(s, "h", 8000, "int16"))
+        return P.encode({"type": "audio", "stream": "h", "token": token["h"], "seq": seq}, block)
+    repeat(endpoint, stop, message, 200)
 
 
 def seq_jumps(endpoint: str, stop: threading.Event) -> None:
-    """384 kHz, 16 channels, seq jumping ahead each message (a gap of silence to fill, or a refusal)."""
-    ctx, s = dealer(endpoint)
-    seq = 0
-    while not stop.is_set():
-        token = opened(s, f"j{seq}", 384000)
-        s.send_multipart(P.encode({"type": "audio", "stream": f"j{seq}", "token": token, "seq": 1_919_999},
-                                  np.zeros(16, np.float32).tobytes()))
-        seq += 1
-        s.poll(50)
-        drain(s)
-    s.close(0)
-    ctx.term()
+    """A new 384 kHz stream per message whose first seq is 1,919,999 (a gap of silence to fill, or a refusal)."""
+    def message(s: zmq.Socket, i: int) -> list[bytes]:
+        return P.encode({"type": "audio", "stream": i, "token": opened(s, i, 384000), "seq": 1_919_999},
+                        np.zeros(16, np.float32).tobytes())
+    repeat(endpoint, stop, message, 50)
 
 
 def oversized(endpoint: str, stop: threading.Event) -> None:
@@ -131,14 +135,8 @@ def squatter(endpoint: str, stop: threading.Event) -> None:
 
 
 def deep_json(endpoint: str, stop: threading.Event) -> None:
-    ctx, s = dealer(endpoint)
     deep = b'{"type":"stats","x":' + b"[" * 1000 + b"]" * 1000 + b"}"
-    while not stop.is_set():
-        s.send_multipart([deep])
-        s.poll(20)
-        drain(s)
-    s.close(0)
-    ctx.term()
+    repeat(endpoint, stop, lambda s, i: [deep], 20)
 
 
 ATTACKS: dict[str, Callable[[str, threading.Event], None] | None] = {

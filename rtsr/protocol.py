@@ -29,6 +29,7 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024  # default PCM limit: 65 s of 16 kHz mono floa
 MAX_CHANNELS = 16
 MAX_STREAM_ID = 256  # characters of a string stream id
 MAX_JSON_DEPTH = 4  # headers are flat objects; deeper nesting is refused before anything walks it
+MAX_JSON_BRACKETS = 64  # more opening brackets than this is refused unparsed (a nest of them costs the GC)
 MAX_TOKEN = 64  # characters of a stream token
 DEFAULT_HOP_MS = 20.0
 
@@ -99,12 +100,13 @@ def check_sizes(frames: list, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
 
 def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     """Frame 0 -> a header dict with a known version; stream id and seq type-checked."""
+    raw = bytes(frame)
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_BRACKETS:
+        raise ProtocolError(BAD_JSON, f"header has more than {MAX_JSON_BRACKETS} brackets (headers are flat objects)")
     try:
-        h = json.loads(bytes(frame).decode("utf-8"))
+        h = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(BAD_JSON, f"header is not UTF-8 JSON: {e}") from None
-    except RecursionError:
-        raise ProtocolError(BAD_JSON, "header is nested too deeply") from None
     if not isinstance(h, dict):
         raise ProtocolError(BAD_JSON, f"header must be a JSON object, got {type(h).__name__}")
     if _depth(h) > MAX_JSON_DEPTH:

@@ -18,6 +18,7 @@ waves of one block per stream, every stream's ready hop goes into one model call
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -617,6 +618,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ModelError, RuntimeError) as e:
         print(f"rtsr serve: {e}", file=sys.stderr)
         return 2
+    gc.freeze()  # the models' objects stay: no full collection walks them again, so none stalls a round
     limits = Limits(max_streams=args.max_streams, max_streams_per_peer=args.max_streams_per_peer,
                     max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout, max_speed=args.max_speed,
                     max_block_s=args.max_block_s)
