@@ -436,7 +436,7 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
                 batch = [(m[0].bytes, buffers(m[1:])) for m in taken]
                 for peer, frames in service.handle_batch(batch, admins) + service.expire():
                     flow.put(peer, frames)
-                for peer, reason in flow.overdue() + fair.overdue():
+                for peer, reason in dict(fair.overdue() + flow.overdue()).items():  # once per peer
                     _drop_slow(service, flow, fair, peer, reason)
     finally:
         sock.close(0)
