@@ -60,8 +60,9 @@ def positive_int(text: str) -> int:
     return n
 
 
-def _cutoff(text: str) -> float | None:
-    from rtsr.cutoff import cutoff_arg  # numba and scipy: loaded only when --cutoff is given
+def cutoff_hz(text: str) -> float | None:
+    """rtsr.cutoff's --cutoff type, whose module (numba, scipy) is loaded only when it is given."""
+    from rtsr.cutoff import cutoff_arg
 
     return cutoff_arg(text)
 
@@ -105,7 +106,7 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, metavar="N", help="sampler steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="noise seed; same seed, same output (default: 0)")
-    p.add_argument("--cutoff", type=_cutoff, default=None, metavar="auto|HZ",
+    p.add_argument("--cutoff", type=cutoff_hz, default=None, metavar="auto|HZ",
                    help="where the input's real band ends, 1000..24000 Hz and at most the input's Nyquist "
                         "(default: auto, each file scanned for its band before it is upscaled)")
     p.add_argument("--keep-holes", action="store_true",
@@ -161,7 +162,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status instead of exiting, so tests can call it."""
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # also while a command's module is still being imported
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `rtsr ... --json | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(next(iter(argv), None))
     try:
         args = parser.parse_args(argv)
@@ -175,13 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"rtsr {args.command}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `rtsr ... --json | head`: the reader left; say nothing more
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141
 
 
 if __name__ == "__main__":  # python -m rtsr.cli: run as rtsr.cli itself, whose CliError the batch raises

@@ -14,6 +14,10 @@ When the worker falls behind, the output callback plays silence for what is miss
 underrun: counted, never a stop), waits to refill to its target before playing again, and later
 drops what was generated beyond the target, so the latency returns to where it was.
 
+Ctrl-C and SIGTERM only ask the run to stop (`stop_signals`): it stops at its next check,
+whatever the main thread was in (torch's import, a model load, PortAudio), closes its devices and
+keeps its recording. Module imports are light, so that holds from the command's first moment.
+
 `LiveEngine` has no PortAudio in it: tests drive its callbacks with a fake device.
 """
 
@@ -21,28 +25,54 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from rtsr.audio_io import AudioError, AudioWriter, check_writable
-from rtsr.backends import BACKENDS
-from rtsr.cutoff import Band, cutoff_arg
-from rtsr.features import SR
-from rtsr.resample import StreamingResampler
+from rtsr.audio_spec import SR
+from rtsr.cli import BACKEND_NAMES, cutoff_hz
+
+if TYPE_CHECKING:
+    from rtsr.cutoff import Band
 
 PORTAUDIO_HINT = "PortAudio library not found: install it (Debian/Ubuntu: apt-get install libportaudio2)"
 
 
 class LiveError(Exception):
     """A problem with devices or setup: printed as one line, exit status 2."""
+
+
+class StoppedEarly(Exception):
+    """Ctrl-C or SIGTERM before the run began: nothing to keep, exit status 130."""
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[threading.Event]:
+    """SIGINT (Ctrl-C) and SIGTERM set the event instead of raising wherever the main thread is: an
+    exception thrown into a model load or a PortAudio call could crash the process, and SIGTERM's
+    default ends it with the recording left a hidden temporary. A second Ctrl-C raises as usual."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Ring:
@@ -109,6 +139,8 @@ class Passthrough:
     """
 
     def __init__(self, input_sr: int, channels: int, latency_samples: int):
+        from rtsr.resample import StreamingResampler
+
         self.resampler = StreamingResampler(input_sr, SR, channels)
         self.input_sr, self.latency_samples = input_sr, latency_samples
         self._held = np.zeros((0, channels), np.float32)
@@ -300,7 +332,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-sr", type=int,
                    help="input rate (default: the input device's default rate); a device that cannot run at it "
                         "is opened at its default rate, with the band ending at half this rate")
-    p.add_argument("--cutoff", type=cutoff_arg, default=None, metavar="auto|HZ",
+    p.add_argument("--cutoff", type=cutoff_hz, default=None, metavar="auto|HZ",
                    help="where the input's real band ends (default: auto, found within ~1 s of sound)")
     p.add_argument("--channels", type=int, default=1, help="input channels (default: %(default)s)")
     p.add_argument("--hop-ms", type=float, default=20.0, help="engine hop, a multiple of 5 (default: %(default)s)")
@@ -309,7 +341,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--model", default="basic", help="model name or folder (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--passthrough", action="store_true",
                    help="play the plain resampled input with the same latency (for A/B listening)")
@@ -321,13 +353,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_live(args: argparse.Namespace) -> int:
     try:
-        return _run_live(args)
+        with stop_signals() as stop:
+            return _run_live(args, stop)
+    except StoppedEarly:
+        print("rtsr live: stopped before the run began", file=sys.stderr)
+        return 130
     except (LiveError, AudioError) as e:
         print(f"rtsr live: {e}", file=sys.stderr)
         return 2
 
 
-def _run_live(args: argparse.Namespace) -> int:
+def _go_on(stop: threading.Event) -> None:
+    """Between set-up steps: a stop asked for meanwhile ends the run here."""
+    if stop.is_set():
+        raise StoppedEarly
+
+
+def _run_live(args: argparse.Namespace, stop: threading.Event) -> int:
     sd = import_sounddevice()
     if args.list_devices:
         print(sd.query_devices())
@@ -354,16 +396,20 @@ def _run_live(args: argparse.Namespace) -> int:
         print(f"rtsr live: {note}", file=sys.stderr)
 
 
+    _go_on(stop)
     from rtsr.model import ModelError
     from rtsr.upscaler import Upscaler
 
+    _go_on(stop)
     try:
         up = Upscaler.load(args.model, args.device, backend=args.backend, threads=1)
         stream = up.stream(input_sr, args.channels, args.hop_ms, cutoff)
     except (ModelError, ValueError, RuntimeError) as e:
         raise LiveError(str(e)) from e
+    _go_on(stop)
     if not args.passthrough:  # first calls are slow (allocation, caches): not on the live stream's time
         up.warm_up(input_sr, args.channels, args.hop_ms)
+    _go_on(stop)
     proc: Processor = Passthrough(input_sr, args.channels, stream.latency_samples) if args.passthrough else stream
     hop_in = max(round(input_sr * args.hop_ms / 1000), 1)
     live = LiveEngine(proc, input_sr, args.channels, hop_in, max(round(SR * args.buffer_ms / 1000), 1),
@@ -387,16 +433,13 @@ def _run_live(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         with ins, (outs or contextlib.nullcontext()):
-            while args.duration is None or time.monotonic() - t0 < args.duration:
-                time.sleep(0.25)
+            while (args.duration is None or time.monotonic() - t0 < args.duration) and not stop.wait(0.25):
                 if live.error:
                     raise LiveError(f"engine failed: {live.error}")
                 if stream.band != band:
                     band = stream.band
                     print(f"\n{band_line(band)}", file=sys.stderr)
                 print("\r" + live.status(device_s), end="", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        pass
     finally:
         live.stop()
         print("\n" + live.summary(device_s), file=sys.stderr)
