@@ -9,7 +9,12 @@ first 10 s. They are reimplemented here because users do not have the scorer; a 
 that both give the same numbers on a dev clip. "sinc" is the scorer's own baseline: the input
 brought to 48 kHz by scipy's resample_poly.
 
-    rtsr bench quality --eval ../shared/eval-dev --model basic
+`--visqol` adds ViSQOL v3 (audio mode, MOS-LQO 1-5), the perceptual measure AP-BWE and FLowHigh
+report beside LSD, computed as score.py's `visqol_moslqo` does with visqol-python (the `eval`
+extra). It is a flag because it roughly doubles the run (about 1 s of compute per 8 s clip and
+system here, on top of loading its model once).
+
+    rtsr bench quality --eval ../shared/eval-dev --model basic [--visqol]
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from math import gcd
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -177,6 +184,26 @@ def score_realism(ref: np.ndarray, est: np.ndarray, cutoff: float) -> dict[str, 
     return {"hf_envelope_corr": corr, "hf_flatness_ratio": flatness(g) / flatness(r)}
 
 
+@cache
+def _visqol() -> Any:
+    """One ViSQOL instance per process: its SVR model is loaded once."""
+    try:
+        from visqol import VisqolApi
+    except ImportError as e:
+        raise RuntimeError("ViSQOL needs visqol-python: pip install 'rtsr[eval]'") from e
+    api = VisqolApi()
+    api.create(mode="audio")
+    return api
+
+
+def visqol_moslqo(ref: np.ndarray, est: np.ndarray) -> float:
+    """ViSQOL v3 audio-mode MOS-LQO (1-5) of a 48 kHz mono estimate against its reference, both cut
+    to the shorter: what LSD misses (it rewards a smooth mean band; ViSQOL hears its texture)."""
+    n = min(len(ref), len(est))
+    got = _visqol().measure_from_arrays(np.asarray(ref[:n], np.float64), np.asarray(est[:n], np.float64), SR)
+    return float(got.moslqo)
+
+
 def scoring_cutoff(input_sr: int) -> float:
     return input_sr / 2 * HF_FROM
 
@@ -228,9 +255,10 @@ def systems(ups: list[Upscaler], slope_db: float) -> dict[str, System]:
 
 
 def run_system(label: str, fn: System, items: list[Clip], refs: dict[Path, np.ndarray],
-               out_dir: Path | None) -> tuple[list[dict], float]:
-    """Upscale and score every clip with one system; returns per-clip rows and compute seconds
-    (after a short warm-up, so one-off kernel loading is not charged to the first clip)."""
+               out_dir: Path | None, visqol: bool = False) -> tuple[list[dict], float]:
+    """Upscale and score every clip with one system (with ViSQOL when asked); returns per-clip rows
+    and compute seconds (after a short warm-up, so one-off kernel loading is not charged to the
+    first clip)."""
     rows, compute = [], 0.0
     x, sr = read_audio(items[0].lr)
     fn(x[: sr // 2], sr)
@@ -248,6 +276,8 @@ def run_system(label: str, fn: System, items: list[Clip], refs: dict[Path, np.nd
                      **score(refs[c.hr], est, scoring_cutoff(sr)),
                      **score_inband(refs[c.hr], est, scoring_cutoff(sr)),
                      **score_realism(refs[c.hr], est, scoring_cutoff(sr))})
+        if visqol:
+            rows[-1]["visqol"] = visqol_moslqo(refs[c.hr], est)
     return rows, compute
 
 
@@ -261,11 +291,12 @@ def summarise(per_clip: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in per_clip:
         groups[(r["kind"], r["sr"], r["system"])].append(r)
+    metrics = METRICS + ("visqol",) * ("visqol" in per_clip[0])
     rows = []
     for (kind, sr, system), v in groups.items():
         row = {"kind": kind, "sr": sr, "system": system, "n": len(v),
                **{m: float(np.nanmean([r[m] for r in v])) if any(np.isfinite(r[m]) for r in v) else float("nan")
-                  for m in METRICS},
+                  for m in metrics},
                "max_abs_lag": max(abs(r["lag_samples"]) for r in v)}
         rows.append(row)
     sinc = {(r["kind"], r["sr"]): r for r in rows if r["system"] == "sinc"}
@@ -279,19 +310,20 @@ def summarise(per_clip: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """The summary as Markdown, one row per (kind, rate, system)."""
+    """The summary as Markdown, one row per (kind, rate, system); ViSQOL after in-band LSD when scored."""
+    vq = "visqol" in rows[0]
     return "\n".join(markdown_table(
-        ["kind", "input Hz", "system", "in-band LSD", "in-band / sinc", "LSD", "LSD / sinc", "LSD HF / sinc",
-         "LSD LF", "low-band SNR dB (steep)", "HF envelope corr", "HF flatness / ref", "max lag"],
+        ["kind", "input Hz", "system", "in-band LSD", "in-band / sinc", *["ViSQOL"] * vq, "LSD", "LSD / sinc",
+         "LSD HF / sinc", "LSD LF", "low-band SNR dB (steep)", "HF envelope corr", "HF flatness / ref", "max lag"],
         [[r["kind"], r["sr"], r["system"], f"{r['lsd_inband']:.3f}", f"{r['lsd_inband_vs_sinc']:.3f}",
-          f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf_vs_sinc']:.3f}", f"{r['lsd_lf']:.3f}",
-          f"{r['snr_lowband_steep_db']:.1f}", f"{r['hf_envelope_corr']:.2f}", f"{r['hf_flatness_ratio']:.2f}",
-          r["max_abs_lag"]]
+          *[f"{r['visqol']:.2f}"] * vq, f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf_vs_sinc']:.3f}",
+          f"{r['lsd_lf']:.3f}", f"{r['snr_lowband_steep_db']:.1f}", f"{r['hf_envelope_corr']:.2f}",
+          f"{r['hf_flatness_ratio']:.2f}", r["max_abs_lag"]]
          for r in rows]))
 
 
 def mean_ratios(rows: list[dict], key: str = "lsd_vs_sinc") -> dict[str, float]:
-    """Each system's LSD / sinc (or another ratio) averaged over the (kind, rate) groups."""
+    """Each system's LSD / sinc (or another column) averaged over the (kind, rate) groups."""
     by: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         by[r["system"]].append(r[key])
@@ -315,23 +347,29 @@ def add_quality_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help=f"the naive baseline's slope above the cutoff, dB/octave (default {SLOPE_DB_PER_OCTAVE:g})")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="also write every output as DIR/<system>/NAME_SR.wav (scorable by score.py)")
+    p.add_argument("--visqol", action="store_true",
+                   help="also score ViSQOL v3 audio-mode MOS-LQO (needs the eval extra: pip install 'rtsr[eval]'; "
+                        "about 1 s per clip and system)")
     return p
 
 
 def quality_report(args: argparse.Namespace) -> dict:
     """Every system on every clip: summary rows, per-clip scores and offline compute per system."""
     items = clips(args.eval)
+    if args.visqol:
+        _visqol()  # a missing visqol-python is reported now, not after the upscaling
     ups = [Upscaler.load(args.model, args.device, k, args.seed, args.backend) for k in args.steps or [None]]
     refs = {c.hr: load_for_scoring(c.hr) for c in items}
     per_clip, compute = [], {}
     audio_s = sum(sf.info(c.lr).duration for c in items)
     for label, fn in systems(ups, args.slope).items():
-        rows, compute[label] = run_system(label, fn, items, refs, args.out)
+        rows, compute[label] = run_system(label, fn, items, refs, args.out, args.visqol)
         per_clip += rows
     rows = summarise(per_clip)
+    means = {"mean_visqol": mean_ratios(rows, "visqol")} if args.visqol else {}
     return {"eval": str(args.eval), "clips": len(items), "audio_s": audio_s, "rows": rows,
             "mean_lsd_inband_vs_sinc": mean_ratios(rows, "lsd_inband_vs_sinc"),
-            "mean_lsd_vs_sinc": mean_ratios(rows),
+            "mean_lsd_vs_sinc": mean_ratios(rows), **means,
             "rtf": {k: v / audio_s for k, v in compute.items()}, "per_clip": per_clip}
 
 
@@ -340,6 +378,7 @@ def render_quality(report: dict) -> str:
     lines = [f"{report['clips']} clips, {report['audio_s']:.0f} s of input from {report['eval']}", "",
              table(report["rows"]), ""]
     for system, ratio in report["mean_lsd_inband_vs_sinc"].items():
+        vq = f", mean ViSQOL {report['mean_visqol'][system]:.2f}" if "mean_visqol" in report else ""
         lines.append(f"- {system}: mean in-band LSD / sinc {ratio:.3f} (full band "
-                     f"{report['mean_lsd_vs_sinc'][system]:.3f}), offline RTF {report['rtf'][system]:.3f}")
+                     f"{report['mean_lsd_vs_sinc'][system]:.3f}){vq}, offline RTF {report['rtf'][system]:.3f}")
     return "\n".join(lines)

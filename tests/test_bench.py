@@ -23,6 +23,7 @@ from rtsr.bench_quality import (
     score_realism,
     scoring_cutoff,
     to_scoring_rate,
+    visqol_moslqo,
 )
 from rtsr.cli import main
 from rtsr.naive import extend
@@ -115,6 +116,22 @@ def test_metrics_match_the_reference_scorer():
 
 
 @pytest.mark.skipif(not (EVAL / "score.py").exists(), reason="no shared/eval-dev beside the repo")
+def test_visqol_matches_the_reference_scorer():
+    """score.py's ViSQOL on the first second of a dev clip (naive output): the same MOS-LQO; a copy of
+    the reference scores near the top of the scale."""
+    pytest.importorskip("visqol")
+    spec = importlib.util.spec_from_file_location("eval_dev_score", EVAL / "score.py")
+    ref_scorer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref_scorer)
+    ref = load_for_scoring(EVAL / "hr" / "speech_tux-dev_0.flac")[:48000]
+    x, sr = sf.read(EVAL / "lr" / "speech_tux-dev_0_8000.wav", dtype="float32")
+    est = to_scoring_rate(extend(x[:sr], sr), 48000)
+    ours = visqol_moslqo(ref, est)
+    assert ours == pytest.approx(ref_scorer.visqol_moslqo(ref, est), rel=1e-9)
+    assert 1 <= ours < visqol_moslqo(ref, ref.copy()) and visqol_moslqo(ref, ref.copy()) > 4
+
+
+@pytest.mark.skipif(not (EVAL / "score.py").exists(), reason="no shared/eval-dev beside the repo")
 def test_band_edge_matches_the_reference_scorer_on_every_dev_reference():
     """Full-band references and those under a codec cliff: the same edge bin as score.py's."""
     spec = importlib.util.spec_from_file_location("eval_dev_score", EVAL / "score.py")
@@ -160,19 +177,37 @@ def test_bench_throughput_json(capsys, tiny_model_dir):
     assert r["audio_s"] == pytest.approx(0.5) and r["x_real_time"] > 0 and r["peak_rss_mib"] > 0
 
 
-def test_bench_quality_on_a_small_eval_folder(capsys, tiny_model_dir, tmp_path):
+def small_eval_folder(root: Path) -> Path:
+    """One 1 s clip: hr/speech_a.flac (48 kHz) and lr/speech_a_8000.wav."""
     hr = signal.sosfilt(signal.butter(2, 3000, fs=48000, output="sos"), white(48000, 1.0))
-    ev = tmp_path / "eval"
+    ev = root / "eval"
     (ev / "hr").mkdir(parents=True)
     (ev / "lr").mkdir()
     sf.write(ev / "hr" / "speech_a.flac", hr, 48000, subtype="PCM_24")
     sf.write(ev / "lr" / "speech_a_8000.wav", signal.resample_poly(hr, 1, 6), 8000, subtype="FLOAT")
+    return ev
+
+
+def test_bench_quality_on_a_small_eval_folder(capsys, tiny_model_dir, tmp_path):
+    ev = small_eval_folder(tmp_path)
     r = run_json(capsys, "bench", "quality", "--eval", str(ev), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "out"), "--json")
+    assert "visqol" not in r["rows"][0] and "mean_visqol" not in r  # only when asked: it is slow
     assert [row["system"] for row in r["rows"]] == ["sinc", "naive (-12 dB/oct)", "tiny (2 steps)"]
     assert r["rows"][0]["lsd_vs_sinc"] == 1.0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["naive-12-db-oct", "sinc", "tiny-2-steps"]
     assert sf.info(tmp_path / "out" / "tiny-2-steps" / "speech_a_8000.wav").samplerate == 48000
+
+
+def test_bench_quality_visqol(capsys, tiny_model_dir, tmp_path):
+    """--visqol: a MOS-LQO per clip and per row, a mean per system, and a column in the table."""
+    pytest.importorskip("visqol")
+    ev = small_eval_folder(tmp_path)
+    r = run_json(capsys, "bench", "quality", "--eval", str(ev), "--model", str(tiny_model_dir), "--visqol", "--json")
+    assert all(1 <= row["visqol"] <= 5 for row in r["rows"] + r["per_clip"])
+    assert r["mean_visqol"]["sinc"] == r["rows"][0]["visqol"]
+    assert main(["bench", "quality", "--eval", str(ev), "--model", str(tiny_model_dir), "--visqol"]) == 0
+    assert "| ViSQOL |" in capsys.readouterr().out
 
 
 def test_bench_refuses_a_missing_model_or_folder(tmp_path):
