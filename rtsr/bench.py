@@ -289,7 +289,10 @@ def model_line(m: dict) -> str:
 
 
 def _positive_int(text: str) -> int:
-    n = int(text)
+    try:
+        n = int(text)
+    except ValueError:  # refused below, in words that name the value (argparse's own name this function)
+        n = 0
     if not 1 <= n <= MAX_STREAMS:
         raise argparse.ArgumentTypeError(f"expected 1..{MAX_STREAMS}, got {text!r}")
     return n

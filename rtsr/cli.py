@@ -79,7 +79,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "upscale", help="upscale audio files and folders to 48 kHz",
         description="Upscale audio files to 48 kHz: same length in time, same channels, zero lag, "
-                    "loudness untouched. Inputs at 48 kHz or more are only resampled to 48 kHz.",
+                    "loudness untouched. Each file is scanned for where its real band ends, at any rate, and "
+                    "extended above it; only a full band (no low-pass edge below ~20 kHz) at 48 kHz or more "
+                    "is just resampled.",
         epilog="exit status: 0 all files done, 1 some files failed, 2 bad command line or model")
     p.add_argument("-i", "--input", dest="inputs", action="append", default=[], type=Path,
                    metavar="FILE_OR_DIR",
@@ -98,7 +100,8 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
                           "reports go to standard error)")
     p.add_argument("--glob", metavar="PATTERN",
                    help=f"which files to take from folders (default: *.{{{','.join(AUDIO_EXTS)}}}); "
-                        f"names ending in {OUT_SUFFIX} (earlier outputs) and hidden files are skipped")
+                        f"hidden files and earlier outputs are skipped: NAME{OUT_SUFFIX}.* beside an input NAME.*, "
+                        "and files inside -o OUTDIR")
     p.add_argument("--format", choices=tuple(FORMATS),
                    help="wav: 32-bit float, never clips; flac: 24-bit, clips outside [-1, 1) "
                         "(default: from --output's suffix, else wav)")

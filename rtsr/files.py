@@ -151,8 +151,18 @@ def upscale_file(up: Upscaler, job: Job, fmt: str, choice: BandChoice, overwrite
     except AudioError as e:
         res.status, res.error = "failed", e.reason if e.path == job.src else str(e)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # engine refusals, CUDA OOM, disk errors
-        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+        res.status, res.error = "failed", in_words(e)
     return res
+
+
+def in_words(e: Exception) -> str:
+    """A failure as its user reads it: the engine's refusals are written for them ("cutoff 8001 Hz
+    is above the input's Nyquist"); a class name ("ValueError: ...") says nothing more to them."""
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
 
 
 def check_destination(dest: Path, overwrite: bool) -> None:
@@ -185,7 +195,7 @@ def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, lossy: bool, choice: Ban
         y = up.upscale(x, sr, cutoff=band, fill_holes=fill)
         res.compute_s = perf_counter() - t0
     except (ValueError, RuntimeError, MemoryError) as e:
-        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+        res.status, res.error = "failed", in_words(e)
         return None
     level = Level()
     level.input(x)

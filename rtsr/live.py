@@ -39,7 +39,7 @@ import numpy as np
 
 from rtsr.audio_io import AudioError, AudioWriter, check_writable
 from rtsr.audio_spec import SR
-from rtsr.cli import BACKEND_NAMES, cutoff_hz
+from rtsr.cli import BACKEND_NAMES, cutoff_hz, positive_int
 
 if TYPE_CHECKING:
     from rtsr.cutoff import Band
@@ -334,7 +334,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "is opened at its default rate, with the band ending at half this rate")
     p.add_argument("--cutoff", type=cutoff_hz, default=None, metavar="auto|HZ",
                    help="where the input's real band ends (default: auto, found within ~1 s of sound)")
-    p.add_argument("--channels", type=int, default=1, help="input channels (default: %(default)s)")
+    p.add_argument("--channels", type=positive_int, default=1, help="input channels (default: %(default)s)")
     p.add_argument("--hop-ms", type=float, default=20.0, help="engine hop, a multiple of 5 (default: %(default)s)")
     p.add_argument("--buffer-ms", type=float, default=20.0,
                    help="output kept buffered against compute jitter (default: %(default)s)")

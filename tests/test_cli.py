@@ -182,6 +182,7 @@ def test_cutoff_is_passed_to_the_engine(rtsr, tmp_path: Path, tiny_model_dir: Pa
 def test_cutoff_above_the_inputs_nyquist_fails_that_file(rtsr, tmp_path: Path) -> None:
     r = rtsr("-i", put(tmp_path / "a.wav", tone(16000, 0.2), 16000), "--cutoff", "9000")
     assert r.rc == 1 and "outside 1000..8000 Hz" in r.err and not (tmp_path / "a_48k.wav").exists()
+    assert "Error" not in r.err  # in the user's words, not a class name ("ValueError: ...")
 
 
 def test_empty_folder_is_one_failure(rtsr, tmp_path: Path) -> None:
