@@ -78,8 +78,8 @@ def repeat(endpoint: str, stop: threading.Event, message: Callable[[zmq.Socket, 
 
 
 def heavy(endpoint: str, stop: threading.Event) -> None:
-    """Blocks of the largest legal size (2 s of 8 kHz int16), as fast as they are answered."""
-    block, token = np.zeros(16000, "<i2").tobytes(), {}
+    """Blocks of the largest legal size (1 s of 8 kHz int16), as fast as they are answered."""
+    block, token = np.zeros(8000, "<i2").tobytes(), {}
 
     def message(s: zmq.Socket, seq: int) -> list[bytes]:
         token.setdefault("h", opened(s, "h", 8000, "int16"))

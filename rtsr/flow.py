@@ -39,7 +39,7 @@ class FlowLimits:
 
     max_unsent_bytes: int = 64 * 1024 * 1024  # unsent replies + held requests, per peer
     max_stall_s: float = 10.0  # a peer with waiting replies that takes none for this long
-    share_s: float = 0.5  # audio seconds (summed over channels) of one peer's requests run per round
+    share_s: float = 0.25  # audio seconds (summed over channels) of one peer's requests run per round
 
 
 def _size(frames: list) -> int:

@@ -79,7 +79,7 @@ class Limits:
     burst_s: float = 2.0  # audio a rate-limited stream may be ahead of real time
     # audio one message may make the engine run, in seconds summed over channels, gap silence
     # included: what bounds the time one message holds everyone else's streams
-    max_block_s: float = 2.0
+    max_block_s: float = 1.0
 
 
 @dataclass
