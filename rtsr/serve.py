@@ -33,7 +33,7 @@ import zmq
 
 from rtsr import protocol as P
 from rtsr.backends import BACKENDS
-from rtsr.batch import batchable
+from rtsr.batch import StepFailed, batchable
 from rtsr.batch import step as batch_step
 from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, peer_is_admin, warn_if_open
 from rtsr.cutoff import Band
@@ -373,11 +373,16 @@ class Service:
             return False
 
     def _step(self, jobs: list[Job], replies: dict[int, Reply], ids: list[int]) -> list[np.ndarray | None]:
+        """Every job's stream one round further, batched; a stream whose part fails gets an error
+        and is dropped, the others get their samples as if alone (rtsr.batch holds them)."""
         engines = [job.session.engine for job in jobs]
         if all(batchable(e) for e in engines):
             try:
                 return batch_step(engines)
-            except Exception:  # find the culprit: each alone, below
+            except StepFailed as failure:
+                return [self._failed_or_held(job, i, failure.failed.get(k), replies)
+                        for k, (job, i) in enumerate(zip(jobs, ids, strict=True))]
+            except Exception:  # the model call itself: no stream moved; each alone finds the culprit
                 log.exception("batched step failed; running the wave's streams one by one")
         outs: list[np.ndarray | None] = []
         for job, i in zip(jobs, ids, strict=True):
@@ -387,6 +392,14 @@ class Service:
                 replies[i] = self._engine_failed(job, e)
                 outs.append(None)
         return outs
+
+    def _failed_or_held(self, job: Job, i: int, error: Exception | None,
+                        replies: dict[int, Reply]) -> np.ndarray | None:
+        if error is not None:
+            replies[i] = self._engine_failed(job, error)
+            return None
+        held = job.session.engine.take_ready()
+        return np.concatenate(held) if held else np.zeros((0, job.session.spec.channels), np.float32)
 
     def _engine_failed(self, job: Job, e: Exception) -> Reply:
         log.error("engine failed for %r: %s", job.key, e)

@@ -312,3 +312,41 @@ def test_the_broker_answers_an_unknown_type_as_such_and_shows_no_worker_ids(up):
         c.send_raw({"type": "dance"})
         assert c.recv().header["code"] == P.UNKNOWN_TYPE
         assert all(set(w) == {"streams", "capacity"} for w in c.stats()["workers"])
+
+
+# --- an engine failure stays its stream's own ------------------------------------------------------
+
+
+def test_a_stream_failing_in_a_batched_round_ends_alone_and_the_others_are_whole(up):
+    """Socket-free: four streams' audio in each batch; one stream's overlap-add fails from its
+    third call on. It gets `internal` (closed) with its seq; the others equal offline upscaling."""
+    svc = service(up)
+    peer, xs, tokens = b"p", {i: noise(16000, 0.6, seed=i) for i in range(4)}, {}
+    for i in xs:
+        (_, frames), = svc.handle_batch([(peer, P.encode({"type": "open", "stream": i, "sr": 16000}))])
+        tokens[i] = json.loads(frames[0])["token"]
+    engine = svc.sessions[(peer, 1)].engine
+    real, calls = engine.add_output, {"n": 0}
+
+    def breaks_from_the_third_call(*args):
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            raise ValueError("injected")
+        return real(*args)
+    engine.add_output = breaks_from_the_third_call
+    outs: dict[int, list[np.ndarray]] = {i: [] for i in xs}
+    errors = []
+    for seq, pos in enumerate(range(0, 9600, 960)):
+        msgs = [(peer, P.encode({"type": "audio", "stream": i, "token": tokens[i], "seq": seq}, x[pos:pos + 960]))
+                for i, x in xs.items() if (peer, i) in svc.sessions]
+        for _, (head, *pcm) in svc.handle_batch(msgs):
+            h = json.loads(head)
+            if h["type"] == "error":
+                errors.append(h)
+            else:
+                outs[h["stream"]].append(P.pcm_to_array(pcm[0], 1))
+    assert [(e["stream"], e["code"], e["closed"]) for e in errors] == [(1, P.INTERNAL, True)]
+    for i in (0, 2, 3):
+        (_, (head, tail)), _ = svc.handle_batch([(peer, P.encode({"type": "close", "stream": i, "token": tokens[i]}))])
+        y, ref = np.concatenate(outs[i] + [P.pcm_to_array(tail, 1)]), up.upscale(xs[i], 16000)
+        assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
