@@ -1,9 +1,11 @@
 """`rtsr compare IN OUT --plot spec.png [--ref HR.flac]`: see what the upscaler added.
 
-Log spectrograms of the input (brought to 48 kHz), the output and, if given, the reference, stacked
-on one frequency axis in kHz, with the cutoff the engine detects in the input marked: below it the
+Log spectrograms of the input (brought to 48 kHz by rtsr's own resampler: what the upscale keeps
+of it, nothing above its Nyquist), the output and, if given, the reference, stacked on one
+frequency axis in kHz, with the cutoff the engine detects in the input marked: below it the
 output should be the input, above it is what the model made. The spectrograms are the dev-eval
 scorer's (2048-point Hann power STFT), so what is shown is what the LSD in the title measures.
+Files whose lengths do not match (an output that is not this input's upscale) are warned about.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rtsr.audio_io import AudioError, read_audio
 from rtsr.bench_quality import SCORE_HOP, power_spec, score, scoring_cutoff, to_scoring_rate
 from rtsr.features import SR
 from rtsr.naive import detect_cutoff
+from rtsr.resample import resample
 
 DYNAMIC_RANGE_DB = 100.0
 PLOT_HINT = "--plot needs matplotlib: pip install 'rtsr[plot]'"
@@ -38,13 +41,17 @@ def run_compare(args: argparse.Namespace) -> int:
     try:
         x, sr = read_audio(args.input)
         y, out_sr = read_audio(args.output)
-        panels = {"input": to_scoring_rate(x, sr), "output": to_scoring_rate(y, out_sr)}
+        panels = {"input": to_scoring_rate(resample(x, sr), SR), "output": to_scoring_rate(y, out_sr)}
         if args.ref is not None:
             r, ref_sr = read_audio(args.ref)
             panels["reference"] = to_scoring_rate(r, ref_sr)
     except AudioError as e:
         print(f"rtsr compare: {e}", file=sys.stderr)
         return 2
+    for name, sig in panels.items():
+        if len(sig) != len(panels["input"]):
+            print(f"rtsr compare: warning: the {name} is {len(sig) / SR:.3f} s, the input {len(x) / sr:.3f} s; "
+                  "spectra and LSD compare them as they are", file=sys.stderr)
     cutoff = detect_cutoff(x, sr)
     lsds = _lsds(panels, sr) if args.ref is not None else {}
     title = f"{args.input.name} ({sr} Hz) -> {args.output.name}"

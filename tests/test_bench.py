@@ -226,3 +226,22 @@ def test_compare_writes_a_png(tmp_path, capsys):
                  "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "LSD" in capsys.readouterr().out
+
+
+def test_compares_input_panel_is_what_rtsr_keeps_and_a_length_mismatch_is_warned(tmp_path, capsys, monkeypatch):
+    """The input panel is rtsr's own resampling (scipy's left content above a 22.05 kHz input's
+    Nyquist: -17 dB of white noise at 11.5-12.5 kHz); an output not of the input's length is named."""
+    from rtsr import compare
+    from rtsr.bench_quality import power_spec
+
+    shown = {}
+    monkeypatch.setattr(compare, "plot", lambda panels, *rest: shown.update(panels))
+    sf.write(tmp_path / "in.wav", 3 * white(22050, 1.0), 22050, subtype="FLOAT")  # loud: over the scorer's floor
+    sf.write(tmp_path / "out.wav", np.zeros(48000 + 4800), 48000)
+    files = [str(tmp_path / name) for name in ("in.wav", "out.wav")]
+    assert main(["compare", *files, "--plot", str(tmp_path / "p.png")]) == 0
+    spec = power_spec(shown["input"])
+    bins = np.fft.rfftfreq(2 * (spec.shape[0] - 1), 1 / 48000)
+    above = 10 * np.log10(spec[bins > 11600].mean() / spec[(bins > 1000) & (bins < 10000)].mean())
+    assert above < -90  # the scorer's floor
+    assert "the output is 1.100 s, the input 1.000 s" in capsys.readouterr().err
