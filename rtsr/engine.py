@@ -1,12 +1,14 @@
 """The streaming engine: one object per stream, one method per stage of the data path.
 
-    feed(block) = push (validation -> resampler to 48 kHz -> _analyse: STFT frames, log-mel,
-    cutoff) + per ready hop: next_request -> model.run (few-step sampler -> mel low-band
-    replacement -> vocoder) -> complete (STFT low-band merge -> overlap-add crossfade) ->
+    feed(block) = push (validation; the input waits) + per ready hop: next_request (`analyse`:
+    resampler to 48 kHz, STFT frames, log-mel, cutoff) -> model.run_slots (few-step sampler ->
+    mel low-band replacement -> vocoder; the stream's state in the model's bank) -> complete
+    (`synthesise`: STFT low-band merge, inverse FFT -> `add_output`: overlap-add crossfade) ->
     finished samples out.
 
-A server can instead `push` many streams and batch their `next_request`s into one model call
-(rtsr.batch), then `complete` each.
+A server instead `push`es many streams and runs their stages for all of them at once (rtsr.batch):
+resampling, analysis, one model call, merge and inverse FFT, each stream then overlap-adding its
+own rows; each stream's output is the one it gets alone.
 
 Every stage works on absolute frame/sample indices and keeps only the state it still needs, so
 feeding a signal in any block sizes gives the same output as feeding it at once; the offline
@@ -32,7 +34,7 @@ from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, 
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.ola import overlap_add
 from rtsr.model import ModelState, SuperResModel
-from rtsr.resample import StreamingResampler
+from rtsr.resample import StreamingResampler, process_many
 
 HALF = N_FFT // 2
 ACC_SPARE_HOPS = 8  # the overlap-add accumulator grows by this many hops at a time
@@ -123,10 +125,27 @@ def synthesise(streams: list[Stream], requests: list[HopRequest], gen: torch.Ten
     return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
 
 
+def resample_input(streams: Iterable[Stream]) -> None:
+    """Resample every stream's input pushed since the last time to 48 kHz: the streams of one rate
+    and channel count together (`rtsr.resample.process_many`: one kernel call per thread, each
+    stream's samples the bits it gets alone)."""
+    groups: dict[tuple, list[tuple[Stream, np.ndarray]]] = {}
+    for s in streams:
+        if (x := s.take_input()) is not None:
+            groups.setdefault(s.resampler.kind, []).append((s, x))
+    for group in groups.values():
+        out = process_many([s.resampler for s, _ in group], [x for _, x in group])
+        for (s, _), y in zip(group, out, strict=True):
+            s.add_resampled(y)
+
+
 def analyse(streams: Iterable[Stream]) -> None:
-    """STFT, log-mel and band of every frame whose window has fully arrived, in each stream: one
-    STFT and one mel projection for all the streams with as many new frames (a server's streams at
-    one block size), each row computed as it would be alone."""
+    """STFT, log-mel and band of every frame whose window has fully arrived, in each stream (its
+    input resampled first, `resample_input`): one STFT and one mel projection for all the streams
+    with as many new frames (a server's streams at one block size), each row computed as it would
+    be alone."""
+    streams = list(streams)
+    resample_input(streams)
     groups: dict[int, list[tuple[Stream, int, int, int]]] = {}
     for s in streams:
         if (span := s.new_frames()) is not None:
@@ -181,6 +200,7 @@ class Stream:
         # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
         self.passthrough = band is not None and band.full
         self._ready: list[np.ndarray] = []  # finished samples not handed out yet
+        self._pending: list[np.ndarray] = []  # input not resampled yet
         self._failed: Exception | None = None
         self._mono = False  # fed 1-D blocks: hand out 1-D samples
 
@@ -228,7 +248,7 @@ class Stream:
         if self.passthrough:
             self._ready.append(self.resampler.process(x))
             return
-        self._append48(self.resampler.process(x))  # analysed when a hop is asked for (`analyse`)
+        self._pending.append(np.array(x))  # a copy: resampled and analysed when a hop is asked for (`analyse`)
 
     def push_end(self) -> None:
         """Mark the end of input: zeros after it let the last frames be analysed and finished."""
@@ -237,6 +257,7 @@ class Stream:
         if self.passthrough:
             self._ready.append(self.resampler.flush())
             return
+        resample_input([self])
         self._append48(self.resampler.flush())
         self._n_out = self._x48_base + self._x48.shape[1]
         self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
@@ -249,7 +270,7 @@ class Stream:
             raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
         if self.passthrough:
             return None
-        if self.new_frames() is not None:
+        if self._pending or self.new_frames() is not None:
             analyse([self])
         la = self.model.lookahead
         ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
@@ -270,6 +291,18 @@ class Stream:
         if not self.passthrough:
             analyse([self])
         return self.cutoff.current
+
+    def take_input(self) -> np.ndarray | None:
+        """The input pushed since the last call, (frames, channels), to be resampled; None if none."""
+        if not self._pending or self._failed is not None:
+            return None
+        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = []
+        return x
+
+    def add_resampled(self, y: np.ndarray) -> None:
+        """Take the resampler's output for `take_input`'s input."""
+        self._append48(y)
 
     def _append48(self, y: np.ndarray) -> None:
         if len(y):

@@ -5,15 +5,19 @@ same samples as the whole signal: each output is emitted only once every input i
 arrived, and is then computed by the same kernel over the same taps in the same order.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from functools import cache
 from math import ceil, gcd, pi
 from typing import Literal
 
 import numpy as np
 
-from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample
+from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample, polyphase_resample_many
 
 Quality = Literal["medium", "high", "very_high"]
+STREAMS_PER_THREAD = 32  # process_many hands a thread at least this many streams (~0.8 ms of kernel)
 
 # quality -> (cutoff as a fraction of the lower Nyquist, nominal stopband attenuation in dB). The
 # transition band is centred on the cutoff and ends at the lower Nyquist, so nothing at or above it
@@ -76,13 +80,7 @@ class StreamingResampler:
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Feed (frames, channels) input; return every output whose inputs have all arrived."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.channels:
-            raise ValueError(f"expected (frames, {self.channels}) input, got shape {x.shape}")
-        self._n_in += len(x)
-        self._hist = np.concatenate([self._hist, x])
-        # Output m needs inputs up to (m*down + D) // up, i.e. m*down + D < n_in*up.
-        return self._emit(max(self._m_next, -(-(self._n_in * self.up - self._d) // self.down)))
+        return self._emit(self._take(x))
 
     def flush(self) -> np.ndarray:
         """End the stream (zeros after the last input) and return the rest, then reset for reuse.
@@ -95,16 +93,73 @@ class StreamingResampler:
         self.reset()
         return y
 
+    @property
+    def kind(self) -> tuple:
+        """Resamplers of one kind share their filter: `process_many` runs them together."""
+        return self.sr_in, self.sr_out, self.channels, len(self.h)
+
+    def _take(self, x: np.ndarray) -> int:
+        """Append input; the end of the outputs whose inputs have now all arrived."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.channels:
+            raise ValueError(f"expected (frames, {self.channels}) input, got shape {x.shape}")
+        self._n_in += len(x)
+        self._hist = np.concatenate([self._hist, x])
+        # Output m needs inputs up to (m*down + D) // up, i.e. m*down + D < n_in*up.
+        return max(self._m_next, -(-(self._n_in * self.up - self._d) // self.down))
+
+    @property
+    def _base(self) -> int:
+        """Absolute index of self._hist[0]."""
+        return self._n_in - len(self._hist)
+
     def _emit(self, m_end: int) -> np.ndarray:
         """Compute outputs [m_next, m_end) and drop the history no later output can touch."""
-        base = self._n_in - len(self._hist)  # absolute index of self._hist[0]
-        y = polyphase_resample(self._bank, self.up, self.down, self._d, self._hist, base, self._m_next, m_end)
-        self._m_next = m_end
+        y = polyphase_resample(self._bank, self.up, self.down, self._d, self._hist, self._base, self._m_next, m_end)
+        self._advance(m_end)
+        return y
+
+    def _advance(self, m_end: int) -> None:
         # Keep the whole bank row span of output m_end (not just its nonzero taps): the kernel's
         # summation order follows the span length, and it must match the whole-signal run.
+        base = self._base
+        self._m_next = m_end
         oldest = (m_end * self.down + self._d) // self.up - self._bank.shape[1] + 1
         self._hist = self._hist[min(max(oldest - base, 0), len(self._hist)) :]
-        return y
+
+
+def process_many(resamplers: list[StreamingResampler], blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """`process` for many streams of one kind (`StreamingResampler.kind`) at once: their kernels run
+    in one call per thread, with the GIL released, the streams split over the machine's cores
+    when there are enough of them. Each stream gets the very bits `process` would give it."""
+    first = resamplers[0]
+    if any(r.kind != first.kind for r in resamplers):
+        raise ValueError("process_many runs resamplers of one kind (rates, channels, filter)")
+    ends = np.array([r._take(x) for r, x in zip(resamplers, blocks, strict=True)])
+    starts = np.array([r._m_next for r in resamplers])
+    x0 = np.array([r._base for r in resamplers])
+    bounds = np.cumsum([0, *(len(r._hist) for r in resamplers)])
+    packed = np.concatenate([r._hist for r in resamplers])
+
+    def run(lo: int, hi: int) -> np.ndarray:
+        return polyphase_resample_many(first._bank, first.up, first.down, first._d, packed, bounds[lo:hi + 1],
+                                       x0[lo:hi], starts[lo:hi], ends[lo:hi])
+
+    cuts = np.linspace(0, len(resamplers), _threads(len(resamplers)) + 1).astype(int)
+    parts = list(_pool().map(run, cuts[:-1], cuts[1:])) if len(cuts) > 2 else [run(0, len(resamplers))]
+    y = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    for r, m_end in zip(resamplers, ends, strict=True):
+        r._advance(int(m_end))
+    return np.split(y, np.cumsum(ends - starts)[:-1])
+
+
+def _threads(streams: int) -> int:
+    return max(1, min(os.cpu_count() or 1, streams // STREAMS_PER_THREAD))
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="rtsr-resample")
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int = 48000) -> np.ndarray:

@@ -149,3 +149,21 @@ def test_a_failed_model_call_moves_no_stream():
         got = np.concatenate(o + [s.flush()])
         assert got.shape == alone.shape
         assert np.abs(got - alone).max() <= 1e-5 * np.abs(alone).max()
+
+
+def test_a_block_reused_by_its_caller_after_push_changes_nothing():
+    """Input waits for the round to be resampled, so push keeps a copy: a caller that refills its
+    buffer (an audio callback's) does not change what was pushed."""
+    model = SuperResModel.random(steps=1)
+    x = (0.05 * np.random.default_rng(8).standard_normal((4800, 1))).astype(np.float32)
+    s = Stream(model, 16000, 1, 20.0)
+    buf, out = np.empty((320, 1), np.float32), []
+    for i in range(0, 4800, 320):
+        buf[:] = x[i:i + 320]
+        s.push(buf)
+        buf[:] = 1.0
+        out.append(step([s])[0])
+    s.push_end()
+    out.append(step([s])[0])
+    alone = Upscaler(model).upscale(x, 16000)
+    assert np.abs(np.concatenate(out) - alone).max() <= 1e-5 * np.abs(alone).max()

@@ -132,3 +132,27 @@ def test_history_stays_bounded_and_reset_restarts() -> None:
 def test_rejects_wrong_channel_count() -> None:
     with pytest.raises(ValueError):
         StreamingResampler(16000, channels=2).process(np.zeros((10, 1), np.float32))
+
+
+@pytest.mark.parametrize("per_thread", [1, 1000])
+def test_many_streams_at_once_are_the_bits_of_each_alone(monkeypatch, per_thread: int) -> None:
+    """process_many (on threads of their own, or all in one call) == process, stream by stream."""
+    import rtsr.resample as rs
+
+    monkeypatch.setattr(rs, "STREAMS_PER_THREAD", per_thread)
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((8000, 2)).astype(np.float32) for _ in range(5)]
+    together = [StreamingResampler(16000, 48000, 2) for _ in xs]
+    alone = [StreamingResampler(16000, 48000, 2) for _ in xs]
+    pos = [0] * len(xs)
+    for _ in range(12):
+        blocks = []
+        for k, x in enumerate(xs):
+            n = int(rng.choice([0, 1, int(rng.integers(2, 900))]))
+            blocks.append(x[pos[k]:pos[k] + n])
+            pos[k] += n
+        got = rs.process_many(together, blocks)
+        for a, b, y in zip(alone, blocks, got, strict=True):
+            np.testing.assert_array_equal(y, a.process(b))
+    with pytest.raises(ValueError, match="one kind"):
+        rs.process_many([StreamingResampler(16000), StreamingResampler(8000)], [xs[0][:10, :1]] * 2)
