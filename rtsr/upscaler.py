@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from rtsr.audio_spec import as_frames, check_rate
+from rtsr.audio_spec import SR, as_frames, check_rate
 from rtsr.backends import apply_backend
 from rtsr.cutoff import Band, as_band, scan_band
 from rtsr.engine import Stream
@@ -93,11 +93,32 @@ class Upscaler:
     def upscale_blocks(self, blocks: Iterable[np.ndarray], sr: int, channels: int, band: Band,
                        fill_holes: bool = False) -> Iterator[np.ndarray]:
         """(frames, channels) blocks of one signal -> its 48 kHz output in blocks, with the band fixed:
-        a file of any length in bounded memory (concatenated, it is `upscale` with that band)."""
+        a file of any length in bounded memory (concatenated, it is `upscale` with that band).
+
+        Digital silence (a signal of zeros only) comes out as zeros, not as the faint hiss
+        (~-113 dBFS) the model paints over it: leading zeros are held back (counted, not stored)
+        until a sound comes, then fed as they were; a signal that ends silent is all zeros."""
         s = self.stream(sr, channels, OFFLINE_HOP_MS, band, fill_holes)
+        held: int | None = 0  # leading zero frames not fed yet; None once a sound came
         for b in blocks:
+            if held is not None and not b.any():
+                held += len(b)
+                continue
+            if held:
+                yield from (s.feed(z) for z in _zeros(held, channels, OFFLINE_BLOCK))
+            held = None
             yield s.feed(b)
-        yield s.flush()
+        if held is None:
+            yield s.flush()
+        else:
+            yield from _zeros(round(held * SR / sr), channels, OFFLINE_BLOCK)
+
+
+def _zeros(frames: int, channels: int, block: int) -> Iterator[np.ndarray]:
+    """`frames` zero frames in blocks of at most `block`: a long silence in bounded memory (and
+    one empty block for none, so that a signal always has a block)."""
+    for i in range(0, max(frames, 1), block):
+        yield np.zeros((min(block, frames - i), channels), np.float32)
 
 
 def _as_frames(x: np.ndarray) -> np.ndarray:

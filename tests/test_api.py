@@ -63,3 +63,19 @@ def test_integer_pcm_is_scaled_to_full_scale() -> None:
     np.testing.assert_allclose(got, [-1.0, 0.0, 127 / 128])
     np.testing.assert_allclose(as_frames(np.array([-32768, 0, 16384], np.int16), 1)[:, 0], [-1.0, 0.0, 0.5])
     np.testing.assert_allclose(as_frames(np.array([0, 2**15], np.uint16), 1)[:, 0], [-1.0, 0.0])
+
+
+def test_leading_silence_is_held_back_and_fed_as_it_was(loaded: Upscaler) -> None:
+    """Zeros before a sound are counted, not fed, until the sound comes: the output is the same
+    bits as a stream fed everything at once; zeros only are zeros out."""
+    from rtsr.cutoff import rate_band
+
+    x = np.zeros((40000, 1), np.float32)
+    x[30000:] = 0.1 * np.random.default_rng(2).standard_normal((10000, 1))
+    band = rate_band(16000)
+    got = np.concatenate(list(loaded.upscale_blocks([x[:10000], x[10000:20000], x[20000:]], 16000, 1, band)))
+    s = loaded.stream(16000, 1, 500.0, band)
+    np.testing.assert_array_equal(got, np.concatenate([s.feed(x), s.flush()]))
+    silent = loaded.upscale(np.zeros(16000, np.float32), 16000)
+    assert silent.shape == (48000,) and not silent.any()
+    assert loaded.upscale(np.zeros(0, np.float32), 16000).shape == (0,)

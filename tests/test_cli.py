@@ -268,16 +268,13 @@ def test_one_sample(rtsr, tmp_path: Path, sr: int) -> None:
     assert sf.info(tmp_path / "one_48k.wav").frames == round(SR / sr)
 
 
-def test_silence(rtsr, tmp_path: Path) -> None:
-    """Silence in, finite and quiet out. The untrained model still paints its own band (about
-    -30 dBFS) over silence, and a little of it leaks below the cutoff; the input's band stays
-    below -50 dBFS RMS."""
+def test_digital_silence_in_is_zeros_out(rtsr, tmp_path: Path) -> None:
+    """The model (this untrained one at about -30 dBFS, the shipped ones at about -113) would
+    paint its own band over silence."""
     r = rtsr("-i", put(tmp_path / "s.wav", np.zeros((3200, 2), np.float32), 16000))
     assert r.rc == 0, r.err
     y, _ = sf.read(tmp_path / "s_48k.wav", dtype="float32")
-    assert y.shape == (9600, 2) and np.isfinite(y).all()
-    assert np.abs(y).max() < 0.5
-    assert np.sqrt(np.mean(low_band(y, SR, 4800) ** 2)) < 3e-3
+    assert y.shape == (9600, 2) and not y.any()
 
 
 def test_the_level_warning_flags_a_jump_but_not_a_silent_files_hiss() -> None:
