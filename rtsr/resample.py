@@ -18,6 +18,9 @@ from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample, polyphase
 
 Quality = Literal["medium", "high", "very_high"]
 STREAMS_PER_THREAD = 32  # process_many hands a thread at least this many streams (~0.8 ms of kernel)
+# threads process_many may use: a core is left to the rest of the process (on 2 cores shared with a
+# model and other work, a second thread measured 0.82x: slower, not faster)
+THREADS = max((os.cpu_count() or 1) - 1, 1)
 
 # quality -> (cutoff as a fraction of the lower Nyquist, nominal stopband attenuation in dB). The
 # transition band is centred on the cutoff and ends at the lower Nyquist, so nothing at or above it
@@ -154,12 +157,12 @@ def process_many(resamplers: list[StreamingResampler], blocks: list[np.ndarray])
 
 
 def _threads(streams: int) -> int:
-    return max(1, min(os.cpu_count() or 1, streams // STREAMS_PER_THREAD))
+    return max(1, min(THREADS, streams // STREAMS_PER_THREAD))
 
 
 @cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="rtsr-resample")
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="rtsr-resample")
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int = 48000) -> np.ndarray:
