@@ -198,6 +198,7 @@ class LiveEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.shown: list[float] = []  # the latencies the status lines showed (ms)
 
     # --- device callbacks: copies and counters only ------------------------------------------
 
@@ -272,12 +273,16 @@ class LiveEngine:
 
     def status(self, device_s: float = 0.0) -> str:
         c = self.c
-        return (f"latency {self.latency_ms(device_s):6.1f} ms | RTF {c.rtf:5.3f} | xruns {c.xruns} "
+        self.shown.append(self.latency_ms(device_s))
+        return (f"latency {self.shown[-1]:6.1f} ms | RTF {c.rtf:5.3f} | xruns {c.xruns} "
                 f"(underruns {c.underruns}, overflows {c.overflows}, device {c.device_xruns})")
 
     def summary(self, device_s: float = 0.0) -> str:
+        """The run's figures; its latency is the median of the status lines' (after a stop the
+        rings hold what was left, which is no one's latency)."""
         c = self.c
-        return (f"{c.audio_s:.1f} s processed, RTF {c.rtf:.3f}, latency {self.latency_ms(device_s):.1f} ms; "
+        latency = float(np.median(self.shown)) if self.shown else self.latency_ms(device_s)
+        return (f"{c.audio_s:.1f} s processed, RTF {c.rtf:.3f}, latency {latency:.1f} ms (median); "
                 f"xruns {c.xruns}: {c.underruns} underruns ({c.padded / SR * 1000:.0f} ms of silence), "
                 f"{c.overflows} overflows ({c.dropped_in} input frames dropped), {c.device_xruns} device, "
                 f"{c.skipped} output frames dropped to recover latency")
@@ -371,6 +376,11 @@ def _go_on(stop: threading.Event) -> None:
 
 def _run_live(args: argparse.Namespace, stop: threading.Event) -> int:
     sd = import_sounddevice()
+    if not sd.query_devices():
+        apis = ", ".join(api["name"] for api in sd.query_hostapis())
+        raise LiveError(f"no audio devices found (PortAudio looked through {apis or 'no host API'}): "
+                        "is the sound server running? (JACK: jackd; to test without sound hardware: "
+                        "jackd -d dummy)")
     if args.list_devices:
         print(sd.query_devices())
         return 0
@@ -382,6 +392,9 @@ def _run_live(args: argparse.Namespace, stop: threading.Event) -> int:
     try:
         info = sd.query_devices(in_dev, "input")
     except (ValueError, sd.PortAudioError) as e:
+        if in_dev is None:
+            raise LiveError(f"no default input device ({e}); name one with --input-device "
+                            "(rtsr live --list-devices)") from e
         raise LiveError(f"no such input device {args.input_device!r}: {e}") from e
 
     def can_open(sr: int) -> bool:

@@ -143,6 +143,18 @@ def test_device_status_flags_are_counted(model):
     assert eng.c.device_xruns == 2 and eng.c.xruns == 2
 
 
+def test_the_summarys_latency_is_the_runs_not_what_the_stop_left_in_the_rings():
+    """It said 151.3 ms while the status lines had said 71-91 ms."""
+    eng = LiveEngine(Passthrough(SR_IN, 1, 0), SR_IN, 1, HOP_IN, TARGET)
+    for _ in range(3):
+        eng.input_callback(signal(0.01), TICK_IN, None, None)
+        eng.status()
+    shown = sorted(eng.shown)
+    for _ in range(10):  # the input device ran on after the worker stopped
+        eng.input_callback(signal(0.01), TICK_IN, None, None)
+    assert f"latency {shown[1]:.1f} ms (median)" in eng.summary()
+
+
 def test_worker_thread_recovers_from_an_injected_stall(model):
     """The real worker thread, a fake device paced at 10 ms, one 150 ms hang in the processor."""
     class Stalling(Passthrough):
@@ -227,6 +239,19 @@ def test_ctrl_c_and_sigterm_ask_the_run_to_stop_instead_of_raising_wherever_it_i
             os.kill(os.getpid(), signals.SIGINT)
             time.sleep(0.05)
     assert (signals.getsignal(signals.SIGINT), signals.getsignal(signals.SIGTERM)) == before
+
+
+def test_no_audio_devices_is_said_plainly(monkeypatch, capsys):
+    """No sound server: PortAudio lists nothing; --list-devices printed an empty line and exited 0,
+    a run said "no such input device None: Error querying device -1"."""
+    import types
+
+    fake = types.SimpleNamespace(query_devices=lambda *a, **k: [], query_hostapis=lambda: [{"name": "ALSA"}])
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    for argv in (["live", "--list-devices"], ["live", "--no-play", "--record", "x.wav"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no audio devices found (PortAudio looked through ALSA)" in err and "None" not in err
 
 
 def test_live_is_registered():
