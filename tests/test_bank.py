@@ -151,3 +151,11 @@ def test_onnx_backend_runs_the_bank(tmp_path, monkeypatch):
     got, inputs = run_mixed(model, specs, 0.4, 7)
     eager = SuperResModel.random(steps=0, seed=4)
     assert_offline(eager, got, inputs, specs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_bank_on_a_cuda_device_equals_the_cpu():
+    """The bank lives on the model's device: gathers by slice and by index, writes back there."""
+    specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 1)]
+    got, inputs = run_mixed(SuperResModel.random(steps=1, seed=2, device="cuda"), specs, 0.4, 3, leave=1)
+    assert_offline(SuperResModel.random(steps=1, seed=2), got, inputs, specs)
