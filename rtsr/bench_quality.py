@@ -250,8 +250,13 @@ def systems(ups: list[Upscaler], slope_db: float) -> dict[str, System]:
     out: dict[str, System] = {"sinc": to_scoring_rate,
                               f"naive ({slope_db:g} dB/oct)": lambda x, sr: extend(x, sr, slope_db)}
     for up in ups:
-        out[f"{up.model.name} ({up.model.steps} step{'s' * (up.model.steps != 1)})"] = up.upscale
+        out[f"{up.model.name} ({_passes(up.model.steps)})"] = up.upscale
     return out
+
+
+def _passes(steps: int) -> str:
+    """How a model runs, for its label: a regression network (0 sampler steps) runs one pass."""
+    return "one pass" if steps == 0 else f"{steps} step{'s' * (steps != 1)}"
 
 
 def run_system(label: str, fn: System, items: list[Clip], refs: dict[Path, np.ndarray],

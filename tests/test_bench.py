@@ -15,6 +15,7 @@ from scipy import signal
 from rtsr import SuperResModel, Upscaler
 from rtsr.bench import measure_latency
 from rtsr.bench_quality import (
+    _passes,
     band_edge_bin,
     load_for_scoring,
     power_spec,
@@ -193,6 +194,7 @@ def test_bench_quality_on_a_small_eval_folder(capsys, tiny_model_dir, tmp_path):
     r = run_json(capsys, "bench", "quality", "--eval", str(ev), "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "out"), "--json")
     assert "visqol" not in r["rows"][0] and "mean_visqol" not in r  # only when asked: it is slow
+    assert _passes(0) == "one pass" and _passes(1) == "1 step"  # a regression network has no steps
     assert [row["system"] for row in r["rows"]] == ["sinc", "naive (-12 dB/oct)", "tiny (2 steps)"]
     assert r["rows"][0]["lsd_vs_sinc"] == 1.0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["naive-12-db-oct", "sinc", "tiny-2-steps"]
