@@ -113,7 +113,7 @@ def synthesise(streams: list[Stream], requests: list[HopRequest], gen: torch.Ten
     channel in order: one call of each for all the streams. Nothing in them changes."""
     n, gen = requests[0].n, gen.numpy()
     channels = [s.channels for s in streams]
-    lr = np.concatenate([s._lr_spec[:, :n] for s in streams]) if len(streams) > 1 else streams[0]._lr_spec[:, :n]
+    lr = np.concatenate([s.input_spectra(n) for s in streams]) if len(streams) > 1 else streams[0].input_spectra(n)
     weights = [s.merge_weights(n) for s in streams]
     if any(len(w) > 1 for w in weights):
         weights = [np.broadcast_to(w, (n, w.shape[1])) for w in weights]
@@ -364,6 +364,10 @@ class Stream:
     def complete(self, req: HopRequest, gen: torch.Tensor) -> np.ndarray:
         """Merge the model's spectra for `req` with the input, overlap-add, return finished samples."""
         return self.add_output(req, synthesise([self], [req], gen))
+
+    def input_spectra(self, n: int) -> np.ndarray:
+        """The input's spectra of the next n output frames, (channels, n, bins)."""
+        return self._lr_spec[:, :n]
 
     def merge_weights(self, n: int) -> np.ndarray:
         """The input's weight per bin in the next n frames' merge: (1, bins) for one band (nearly
