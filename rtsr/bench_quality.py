@@ -11,8 +11,8 @@ brought to 48 kHz by scipy's resample_poly.
 
 `--visqol` adds ViSQOL v3 (audio mode, MOS-LQO 1-5), the perceptual measure AP-BWE and FLowHigh
 report beside LSD, computed as score.py's `visqol_moslqo` does with visqol-python (the `eval`
-extra). It is a flag because it roughly doubles the run (about 1 s of compute per 8 s clip and
-system here, on top of loading its model once).
+extra). It is a flag because it makes the run several times longer (the dev set on 2 cores: 41 s
+without it, 3 min 39 s with it, about 1 s per 8 s clip and system).
 
     rtsr bench quality --eval ../shared/eval-dev --model basic [--visqol]
 """
@@ -354,7 +354,7 @@ def add_quality_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                    help="also write every output as DIR/<system>/NAME_SR.wav (scorable by score.py)")
     p.add_argument("--visqol", action="store_true",
                    help="also score ViSQOL v3 audio-mode MOS-LQO (needs the eval extra: pip install 'rtsr[eval]'; "
-                        "about 1 s per clip and system)")
+                        "several times slower: about 1 s per 8 s clip and system)")
     return p
 
 
