@@ -258,6 +258,7 @@ class LiveEngine:
     def _run(self) -> None:
         idle = self.hop_in / self.input_sr / 4
         try:
+            torch_threads_as_set()
             while not self._stop.is_set():
                 if not self.step():
                     time.sleep(idle)
@@ -286,6 +287,16 @@ class LiveEngine:
                 f"xruns {c.xruns}: {c.underruns} underruns ({c.padded / SR * 1000:.0f} ms of silence), "
                 f"{c.overflows} overflows ({c.dropped_in} input frames dropped), {c.device_xruns} device, "
                 f"{c.skipped} output frames dropped to recover latency")
+
+
+def torch_threads_as_set() -> None:
+    """Give this thread torch's CPU thread count as the process set it (Upscaler.load: one).
+    OpenMP's and MKL's counts are per thread, so a thread of its own ran the engine's FFTs and
+    logs with a team of every core's threads, which spun against each other and everything else:
+    live's RTF was 0.8-0.95 where `rtsr bench latency` (one thread, the main one) gave 0.2."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
 
 
 def band_line(band: Band) -> str:

@@ -155,6 +155,32 @@ def test_the_summarys_latency_is_the_runs_not_what_the_stop_left_in_the_rings():
     assert f"latency {shown[1]:.1f} ms (median)" in eng.summary()
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2 cores, Linux")
+def test_the_worker_runs_torch_with_the_processs_thread_count():
+    """OpenMP's thread count is per thread: the worker ran torch with a team of every core's
+    threads (a new OS thread here) despite one set for the process, live at 4x bench's RTF."""
+    torch.set_num_threads(1)
+    started = []
+
+    class TorchFFT:
+        latency_samples = 0
+
+        def feed(self, block: np.ndarray) -> np.ndarray:
+            before = len(os.listdir("/proc/self/task"))
+            torch.fft.rfft(torch.ones(4, 480))  # the engine's analysis: a few frames of 10 ms
+            started.append(len(os.listdir("/proc/self/task")) - before)
+            return block
+
+    eng = LiveEngine(TorchFFT(), SR_IN, 1, HOP_IN, TARGET, play=False)
+    eng.start()
+    eng.input_callback(signal(0.1), round(0.1 * SR_IN), None, None)
+    deadline = time.monotonic() + 10
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    eng.stop()
+    assert started and started[0] == 0
+
+
 def test_worker_thread_recovers_from_an_injected_stall(model):
     """The real worker thread, a fake device paced at 10 ms, one 150 ms hang in the processor."""
     class Stalling(Passthrough):
