@@ -130,6 +130,8 @@ class Processor(Protocol):
 
     def feed(self, block: np.ndarray) -> np.ndarray: ...
 
+    def flush(self) -> np.ndarray: ...
+
 
 class Passthrough:
     """The input resampled to 48 kHz and held back to the engine's latency: the "before" of an A/B.
@@ -152,6 +154,12 @@ class Passthrough:
         n = min(max(self._n_in * SR // self.input_sr - self.latency_samples - self._n_out, 0), len(self._held))
         y, self._held = self._held[:n], self._held[n:]
         self._n_out += n
+        return y
+
+    def flush(self) -> np.ndarray:
+        """End of input: what is held back, and the resampler's last samples."""
+        y, self._held = np.concatenate([self._held, self.resampler.flush()]), self._held[:0]
+        self._n_out += len(y)
         return y
 
 
@@ -254,6 +262,15 @@ class LiveEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
+
+    def finish(self) -> None:
+        """After stop(): the input left in the ring (less than a hop) and what the processor holds
+        back (its latency) go to the recording, so it is as long as the input processed."""
+        if self.record is None or self.error is not None or (self._thread and self._thread.is_alive()):
+            return
+        left = self._block[:self.inp.read(self._block[:self.inp.readable])]
+        self.c.audio_s += len(left) / self.input_sr
+        self.record(np.concatenate([self.proc.feed(left), self.proc.flush()]))
 
     def _run(self) -> None:
         idle = self.hop_in / self.input_sr / 4
@@ -466,6 +483,7 @@ def _run_live(args: argparse.Namespace, stop: threading.Event) -> int:
                 print("\r" + live.status(device_s), end="", file=sys.stderr, flush=True)
     finally:
         live.stop()
+        live.finish()
         print("\n" + live.summary(device_s), file=sys.stderr)
         if recording is not None:  # what was recorded is kept, whatever stopped the run
             recording.close()

@@ -134,6 +134,8 @@ def test_recording_without_playback_drops_nothing_and_adds_no_latency(model):
     recorded, whole = sum(len(y) for y in got), len(x) * 48000 // SR_IN
     assert whole - eng.proc.latency_samples - 960 <= recorded <= whole  # all but the engine's delay (+ a hop)
     assert eng.latency_ms() == pytest.approx(1000 * eng.proc.latency_samples / 48000, abs=1000 * HOP_IN / SR_IN)
+    eng.finish()  # the end of the run: the rest of the input, and what the engine holds back
+    assert sum(len(y) for y in got) == whole and eng.c.audio_s == pytest.approx(3.0)
 
 
 def test_device_status_flags_are_counted(model):
@@ -222,6 +224,8 @@ def test_passthrough_is_the_resampled_input_at_the_engine_latency(model):
     y = np.concatenate([p.feed(x[i:i + HOP_IN]) for i in range(0, len(x), HOP_IN)])
     assert len(y) == len(x) * 3 - s.latency_samples  # handed out exactly `latency` after its input
     np.testing.assert_allclose(y, resample(x, SR_IN)[:len(y)], atol=1e-6)
+    whole = np.concatenate([y, p.flush()])  # the end: what it held back
+    np.testing.assert_allclose(whole, resample(x, SR_IN), atol=1e-6)
 
 
 def test_passthrough_is_heard_as_late_as_the_engine(model):
