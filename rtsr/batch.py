@@ -6,7 +6,7 @@ hands each stream its part. The output equals running each stream alone.
 
 A stream whose part of a round fails (its request, its merge or its overlap-add) is marked failed and the
 round goes on for the others; then `StepFailed` names it, and the others' finished samples wait in
-them (`Stream.hold`) for their next `feed` or `step`, so none is short or shifted. If the model
+them (`Stream.hold`) for their next `feed`, `step` or `take_ready`, so none is short or shifted. If the model
 call itself fails, no stream's state has moved past its last completed hop.
 """
 
@@ -25,7 +25,7 @@ def batchable(stream: Stream) -> bool:
 
 class StepFailed(RuntimeError):
     """Some streams' parts of a batched round failed (`failed`: index in the list -> error); every
-    other stream's round completed, its samples held for its next `feed` or `step`."""
+    other stream's round completed, its samples held for its next `feed`, `step` or `take_ready`."""
 
     def __init__(self, failed: dict[int, Exception]):
         super().__init__(f"{len(failed)} stream(s) failed in a batched round: "
