@@ -52,6 +52,20 @@ def decode(source: Path | BinaryIO) -> Decoded:
         raise DecodeError(str(getattr(e, "strerror", None) or e).strip().rstrip(".")) from e
 
 
+def duration_s(path: Path) -> float:
+    """The first audio track's length as its container states it, without decoding (0 if unknown)."""
+    import av
+
+    try:
+        with av.open(str(path), "r") as container:
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            return (container.duration or 0) / av.time_base
+    except (av.FFmpegError, IndexError):
+        return 0.0
+
+
 def _decode_track(container, stream) -> Decoded:
     import av
 

@@ -16,6 +16,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from rtsr.audio_io import FORMATS, STDIO
+from rtsr.av_decode import duration_s
 from rtsr.cli import AUDIO_EXTS, OUT_SUFFIX, CliError
 from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_file
 from rtsr.model import ModelError
@@ -214,7 +215,9 @@ def _duration(job: Job) -> float:
     try:
         info = sf.info(str(job.src))
         return info.frames / info.samplerate
-    except (sf.SoundFileError, RuntimeError, OSError, ZeroDivisionError):
+    except (sf.SoundFileError, RuntimeError, ZeroDivisionError):
+        return duration_s(job.src)  # what FFmpeg decodes: its container's header
+    except OSError:
         return 0.0
 
 

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 
 from rtsr.audio_io import AudioError, AudioReader, decode_audio
+from rtsr.av_decode import duration_s
 from rtsr.bench_band import music_like
 
 
@@ -80,6 +81,7 @@ def test_what_libsndfile_cannot_read_ffmpeg_decodes(tmp_path, name, codec, sr, l
     assert np.argmax(match) == reach  # aligned: the best match is at lag 0
     if not lossy:
         np.testing.assert_allclose(got[:n], x[:n], atol=1e-5)
+    assert duration_s(path) == pytest.approx(len(x) / sr, abs=0.05)  # for the progress bar, from the header
     whole, sr_, lossy_ = decode_audio(io.BytesIO(path.read_bytes()), name)  # bytes sent to a worker
     assert (sr_, lossy_) == (sr, lossy) and np.array_equal(whole, got)
 
