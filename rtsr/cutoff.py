@@ -36,7 +36,6 @@ from itertools import chain
 import numpy as np
 
 from rtsr.audio_spec import HOP, N_FFT, SR
-from rtsr.resample import StreamingResampler
 
 DETECT_FFT = 4096  # detector frame (85 ms at 48 kHz): 11.7 Hz bins
 DETECT_HOP = DETECT_FFT // 2
@@ -273,6 +272,8 @@ def scan_band(x: np.ndarray, input_sr: int, block: int = 1 << 16) -> Band:
 
 def scan_band_blocks(blocks: Iterable[np.ndarray], input_sr: int, channels: int) -> Band:
     """scan_band over (frames, channels) blocks as they are read: memory stays one block's worth."""
+    from rtsr.resample import StreamingResampler  # numba: not for the protocol's, broker's and client's imports
+
     rs = StreamingResampler(input_sr, SR, channels)
     at_48k = (rs.process(np.ascontiguousarray(b, dtype=np.float32)) for b in blocks)
     return band_of_48k(chain(at_48k, [rs.flush()]), channels, input_sr)
