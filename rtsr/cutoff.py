@@ -71,9 +71,10 @@ class Band:
     the edge itself changed the in-band LSD of the "untouched" band by 0.07-0.11, from 2.5 % above
     it by 0.01-0.055, from 3.5 % above it by 0.007-0.038). Fading over 0.92-0.98 ... 1.025-1.055 x
     the edge, or keeping the model whole across the fade, shrinks the seam the fade cuts into the
-    model's band (real-world dev cases with one over 6 dB: 44 -> 35-41 of 60), but each takes a
-    codec-cut full-band input or a no-room Vorbis case past the bandwidth bar (benchmarks/RESULTS.md,
-    2026-12-04).
+    model's band (real-world dev cases with one over 6 dB: 44 -> 35-41 of 60), and telling the model
+    a cutoff 3-6 % under the edge raises its band there (39-25 of 60), but each takes a codec-cut
+    full-band input, a no-room Vorbis or a with-room case past the bandwidth bar
+    (benchmarks/RESULTS.md, 2026-12-04).
     """
 
     hz: float
