@@ -241,7 +241,8 @@ class Stream:
         return y[:, 0] if self._mono else y
 
     def push(self, block: np.ndarray) -> None:
-        """Take input up to the model stage; `next_request`/`complete` (or `feed`) do the rest."""
+        """Take input; it is resampled and analysed when a hop is asked for (`next_request`, `feed`,
+        `rtsr.batch.step`), and `complete` does the rest."""
         self._check_open()
         x = as_frames(block, self.channels)
         self._n_in += len(x)
@@ -287,9 +288,8 @@ class Stream:
 
     @property
     def band(self) -> Band:
-        """The band in use for the latest frame whose window has arrived."""
-        if not self.passthrough:
-            analyse([self])
+        """The band in use for the latest analysed frame (analysis runs when a hop is asked for:
+        `feed`, `flush`, `rtsr.batch.step`). Only reads, so another thread may ask (rtsr live)."""
         return self.cutoff.current
 
     def take_input(self) -> np.ndarray | None:

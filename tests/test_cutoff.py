@@ -107,7 +107,7 @@ def test_a_stream_lowers_its_cutoff_after_a_second_then_restores_it(model):
     s = Stream(model, 48000, 1)
     frames = []
     for i in range(0, len(x), 4800):
-        s.push(x[i:i + 4800])
+        s.feed(x[i:i + 4800])
         frames.append((s._frames, s.band))
     bands = [b for _, b in frames]
     assert bands[0] == rate_band(48000)
@@ -140,9 +140,9 @@ def test_decision_waits_for_active_audio(model):
     """Silence first: nothing is decided until a second of signal has come."""
     x = np.concatenate([np.zeros((3 * 48000, 1), np.float32), phone_then_full(2.0, 0.0)])
     s = Stream(model, 48000, 1)
-    s.push(x[:3 * 48000])
+    s.feed(x[:3 * 48000])
     assert s.band == rate_band(48000)
-    s.push(x[3 * 48000:])
+    s.feed(x[3 * 48000:])
     assert s.band.source == "detected"
     assert DECIDE_AFTER * DETECT_HOP >= 48000  # "a second" is at least one
 
