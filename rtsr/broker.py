@@ -40,6 +40,7 @@ from rtsr.transport import (
     beyond_loopback,
     drain,
     nbytes,
+    own_routing_ids,
     router_sender,
     unanswered,
 )
@@ -118,7 +119,7 @@ class Broker:
                     if self.back in ready:  # replies first: they free capacity
                         for m in drain(self.back):
                             self._guarded(self._from_worker, m)
-                    msgs = drain(self.front) if self.front in ready else []
+                    msgs = own_routing_ids(drain(self.front) if self.front in ready else [], self._to_client)
                     for m in self.to_clients.admit([(m[0].bytes, m, nbytes(m)) for m in msgs]):
                         self._guarded(self._from_client, m)
                     self._expire_workers()

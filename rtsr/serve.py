@@ -53,6 +53,7 @@ from rtsr.transport import (
     dealer_sender,
     drain,
     nbytes,
+    own_routing_ids,
     pipeline_endpoint,
     poll_s,
     router_sender,
@@ -440,7 +441,7 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
             while not t.stop.is_set():
                 flow.flush()
                 wait = FLUSH_S if fair.waiting() else poll_s(flow)
-                msgs = drain(sock) if sock.poll(int(wait * 1000)) else []
+                msgs = own_routing_ids(drain(sock) if sock.poll(int(wait * 1000)) else [], flow.put)
                 ready = flow.admit([(m[0].bytes, m, nbytes(m)) for m in msgs])
                 for m in ready:
                     fair.add(m[0].bytes, m, nbytes(m), service.cost(m[0].bytes, buffers(m[1:])))

@@ -174,6 +174,21 @@ def dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
     return send
 
 
+def own_routing_ids(msgs: list[list[zmq.Frame]], refuse: Callable[[bytes, list], None]) -> list[list[zmq.Frame]]:
+    """The messages of peers under a routing id the ROUTER chose (5 bytes, the first 0); a peer that
+    set its own (ZMQ_ROUTING_ID) is refused each message, so no peer names itself after another."""
+    kept = []
+    for m in msgs:
+        peer = m[0].bytes
+        if len(peer) == 5 and peer[0] == 0:
+            kept.append(m)
+        else:
+            refuse(peer, P.encode(P.ProtocolError(P.FORBIDDEN, "this connection set its own routing id "
+                                                               "(ZMQ_ROUTING_ID): the service names connections, "
+                                                               "connect without one").header()))
+    return kept
+
+
 def asks_stats(frames: list[zmq.Frame]) -> bool:
     """Might this message be a `stats` request? A cheap look before the (costlier) admin check."""
     return bool(frames) and b'"stats"' in frames[0].bytes

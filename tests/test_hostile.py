@@ -138,9 +138,19 @@ def test_a_message_over_the_socket_limit_cuts_only_its_own_connection(up):
 # --- 2. a stream belongs to who opened it ---------------------------------------------------------
 
 
+def test_a_peer_that_names_its_own_connection_is_refused(up):
+    with router(service(up)) as ep, raw(ep, b"victim-id") as s:
+        assert ask(s, P.encode({"type": "open", "stream": "mic", "sr": 16000}))["code"] == P.FORBIDDEN
+        still_serves(ep)
+    with broker_with_worker(up) as (eps, _), raw(eps["frontend"], b"x" * 5) as s:
+        assert ask(s, P.encode({"type": "open", "stream": "mic", "sr": 16000}))["code"] == P.FORBIDDEN
+
+
 def test_a_peer_under_a_departed_clients_routing_id_gets_none_of_its_audio(up):
+    """Even one that guessed a routing id of the ROUTER's own form and took it after the victim left."""
+    victim_id = b"\x00vict"
     with router(service(up, idle_timeout=30)) as ep:
-        with raw(ep, b"victim-id") as v:
+        with raw(ep, victim_id) as v:
             opened = ask(v, P.encode({"type": "open", "stream": "mic", "sr": 16000}))
             assert len(opened["token"]) >= 16
             for seq in range(3):
@@ -149,7 +159,7 @@ def test_a_peer_under_a_departed_clients_routing_id_gets_none_of_its_audio(up):
             for _ in range(3):
                 assert recv(v)["type"] == "audio"
         time.sleep(0.3)
-        with raw(ep, b"victim-id") as thief:
+        with raw(ep, victim_id) as thief:
             for guess in (None, "", "x" * 22):
                 h = {"type": "audio", "stream": "mic", "seq": 3, **({} if guess is None else {"token": guess})}
                 r = ask(thief, P.encode(h, noise(16000, 0.1).tobytes()))
