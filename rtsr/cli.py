@@ -139,8 +139,6 @@ def _run_upscale(args: argparse.Namespace) -> int:
     return run_upscale(args)
 
 
-
-
 # --- entry point ------------------------------------------------------------------------------
 
 
