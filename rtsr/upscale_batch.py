@@ -166,6 +166,12 @@ def run_upscale(args: argparse.Namespace) -> int:
     fmt = _format(args)
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise CliError(f"-o {args.outdir} is a file, not a folder")
+    if STDIO in args.inputs and sys.stdin.isatty():  # it would wait for the keyboard
+        raise CliError("-i - reads audio from standard input, which is a terminal here: pipe a file in "
+                       "(cat in.wav | rtsr upscale -i - ...)")
+    if args.output == STDIO and sys.stdout.isatty():
+        raise CliError("--output - writes WAV to standard output, which is a terminal here: redirect it "
+                       "(> out.wav) or pipe it on")
     jobs = plan(args, fmt)
     chatty = not (args.quiet or args.json)
     reports = sys.stderr if args.output == STDIO else sys.stdout  # standard output may be the audio

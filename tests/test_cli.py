@@ -473,6 +473,18 @@ def test_a_pipeline_reads_standard_input_and_writes_standard_output(tmp_path: Pa
     assert sr == SR and np.array_equal(y, read_audio(tmp_path / "out.wav")[0]) and len(y) == 24000
 
 
+def test_a_terminal_is_no_standard_input_or_output_for_audio(rtsr, monkeypatch) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    r = rtsr("-i", "-", "--output", "x.wav")
+    assert r.rc == 2 and "standard input, which is a terminal here" in r.err
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    assert rtsr("-i", "x.wav", "--output", "-").rc == 2
+
+
 def test_standard_input_needs_an_output_named(rtsr) -> None:
     r = rtsr("-i", "-", "-o", "out")
     assert r.rc == 2 and "-i - (standard input) needs --output" in r.err
