@@ -1,14 +1,15 @@
 """Host time of the engine's glue per stream per 20 ms round, with the model's compute taken away.
 
 N live 16 kHz streams are fed one 20 ms block each per round and stepped together the way
-`rtsr serve` steps them (`rtsr.batch.step` over engine Streams); the model is the shipped model's
-networks' shapes only (`ShapeStub`: the same caches and outputs, no arithmetic), so what is timed
-is everything around the model call: resampling, STFT and log-mel, the band tracker, building the
-requests, stacking and splitting the conv caches, merge, inverse FFT and overlap-add. That is the
-per-stream cost that no accelerator removes (issue 28). Rounds after `--warmup` (by default past
-the band tracker's first decision, ~1 s, as in a long live call) are timed; the first rounds,
-while the tracker still decides (a 4096-point spectrum every 2048 samples, then the decision),
-are reported apart. One stream runs a few hops first, so one-off loading is in neither.
+`rtsr serve` steps them (`rtsr.batch.step` over engine Streams, in a new order every round, as
+their blocks come); the model is the shipped model's networks' shapes only (`ShapeStub`: the same
+caches and outputs, no arithmetic), so what is timed is everything around the model call:
+resampling, STFT and log-mel, the band tracker, building the requests, the conv caches' way in and
+out of the model call, merge, inverse FFT and overlap-add. That is the per-stream cost that no
+accelerator removes (issue 28). Rounds after `--warmup` (by default past the band tracker's first
+decision, ~1 s, as in a long live call) are timed; the first rounds, while the tracker still
+decides (a 4096-point spectrum every 2048 samples, then the decision), are reported apart. One
+stream runs a few hops first, so one-off loading is in neither.
 
     python benchmarks/glue_bench.py --streams 256 --json
     python benchmarks/glue_bench.py --streams 256 --versus /tmp/before   # another checkout beside this one
@@ -50,6 +51,9 @@ class ShapeStub(SuperResModel):
                    cfg["lookahead"], f"{name}-shapes")
 
     def hop(self, state, cond, low, cutoff, noise) -> tuple[torch.Tensor, torch.Tensor]:
+        for cache in (*state.steps, state.vocoder):  # new caches, as a real call returns (written back after)
+            for key, t in cache.items():
+                cache[key] = torch.empty_like(t)
         zeros = torch.zeros(cond.shape[0], cond.shape[2], N_BINS)
         return zeros, zeros
 
@@ -102,14 +106,16 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
     if band_hz:
         x = signal.sosfilt(signal.butter(12, band_hz, fs=SR_IN, output="sos"), x, axis=0).astype(np.float32)
     warm_s = timed_s = 0.0
+    order = np.random.default_rng(0)
     for r in range(warmup + n_rounds):
         timer.on = r >= warmup
         block = x[r * BLOCK:(r + 1) * BLOCK]
+        arrived = [streams[k] for k in order.permutation(n_streams)]  # a server's streams, as their blocks came
         t0 = time.perf_counter()
-        for s in streams:
+        for s in arrived:
             s.push(block)
         t1 = time.perf_counter()
-        batch.step(streams)
+        batch.step(arrived)
         t2 = time.perf_counter()
         if timer.on:
             timer.spent["push"] = timer.spent.get("push", 0.0) + t1 - t0

@@ -60,7 +60,8 @@ def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: 
         asking = [i for i, _ in ready]  # only a stream that ran a hop can have another ready
         keys = {(id(streams[i].model), r.n): streams[i].model for i, r in ready}
         for (model_id, n), model in keys.items():  # one call per model and hop length
-            group = [(i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id]
+            group = sorted(((i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id),
+                           key=lambda ir: streams[ir[0]].slot.start)  # in the bank's order: its rows are one slice
             if not batchable(streams[group[0][0]]):
                 raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
             gen = model.run_slots([streams[i].slot for i, _ in group], *model_inputs([r for _, r in group]))
