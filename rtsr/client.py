@@ -73,6 +73,9 @@ class Client:
         curve_role "admin" connects with the admin pair, which may also ask for `stats`."""
         self.endpoint, self.timeout = endpoint, timeout
         keys = load_curve_keys(curve_keys, server=False, role=curve_role)
+        self._why_silent = (f" (is {keys.folder}/server.key that service's, and this {curve_role} key in its "
+                            f"authorised folder? Its log names refused keys)" if keys else
+                            " (a service started with --curve-keys answers only clients with keys: --curve-keys DIR)")
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.DEALER)
         if keys is not None:
@@ -164,7 +167,7 @@ class Client:
 
     def _recv_socket(self, timeout: float) -> Reply:
         if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no reply from {self.endpoint} within {timeout:g} s")
+            raise TimeoutError(f"no reply from {self.endpoint} within {timeout:g} s{self._why_silent}")
         frames = self.sock.recv_multipart()
         h = P.decode_header(frames[0])
         sid = h.get("stream")

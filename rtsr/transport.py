@@ -87,7 +87,8 @@ class Transport:
         return stack
 
     def ready(self, endpoints: dict[str, str]) -> None:
-        log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in endpoints.items()))
+        security = f"CURVE on, keys {self.curve.folder}" if self.curve else "no CURVE (plain TCP)"
+        log.info("%s: %s (%s)", self.name, ", ".join(f"{k} {v}" for k, v in endpoints.items()), security)
         if self.on_ready:
             self.on_ready(endpoints)
 
