@@ -99,6 +99,7 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
     primer = Stream(model, SR_IN, 1, 20.0)  # one-off loading (compiled kernels, lazy imports) goes first
     primer.push(speech_like(SR_IN, 0.1))
     batch.step([primer])
+    del primer  # its slot is free again: the streams below take the bank's rows from the first
     streams = [Stream(model, SR_IN, 1, 20.0, seed=k) for k in range(n_streams)]
     for s in streams:
         s.add_output = timer.wrap("overlap_add", s.add_output)

@@ -56,7 +56,8 @@ class StateBank:
         self._steps: list[dict[str, torch.Tensor]] = []
         self._vocoder: dict[str, torch.Tensor] = {}
         self._lossy = torch.zeros(0)
-        self._grow(rows)
+        with self._held():
+            self._grow(rows)
 
     @property
     def capacity(self) -> int:
@@ -64,7 +65,7 @@ class StateBank:
 
     def join(self, channels: int, lossy: bool = False) -> Slot:
         """Zeroed rows for a new stream of `channels` channels (lossy: decoded from a lossy codec)."""
-        with self._lock:
+        with self._held():
             if self._free_run(channels) is None:
                 self._grow(max(2 * self.capacity, self.capacity + channels))
             start = self._free_run(channels)
@@ -76,17 +77,17 @@ class StateBank:
 
     def leave(self, slot: Slot) -> None:
         """The stream is gone: its rows may be given to another."""
-        with self._lock:
+        with self._held():
             self._used[slot.start:slot.start + slot.rows] = False
 
     def reset(self, slot: Slot) -> None:
         """Zero a stream's caches (its codec flag stays): the stream starts again from silence."""
-        with self._lock:
+        with self._held():
             self._zero(slot)
 
     def view(self, slots: list[Slot]) -> ModelState:
         """The slots' state as it is now, for reading (a copy where the rows are not contiguous)."""
-        with self._lock:
+        with self._held():
             return self._gather(_rows(slots, self._lossy.device))
 
     @contextmanager
@@ -94,14 +95,21 @@ class StateBank:
         """The slots' state, gathered for one model call (which may replace its tensors); written
         back into the bank when the block ends without an error, left as it was if it raises."""
         rows = _rows(slots, self._lossy.device)
-        with self._lock:
+        with self._held():
             state = self._gather(rows)
         gathered = _caches(state)
         yield state
-        with self._lock:
+        with self._held():
             self._scatter(rows, state, gathered)
 
     # --- storage --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        """The lock, in inference mode: the model's new caches, made in that mode, are taken into
+        the bank as they are (`_scatter`), and only that mode may change them in place."""
+        with self._lock, torch.inference_mode():
+            yield
 
     def _stored(self) -> Iterator[tuple[dict[str, torch.Tensor], str, int]]:
         """(cache dict, key, row axis) of every stored cache."""
@@ -148,16 +156,25 @@ class StateBank:
 
     def _scatter(self, rows: slice | torch.Tensor, state: ModelState,
                  gathered: dict[tuple[int, str], torch.Tensor]) -> None:
-        """Write back every cache the call replaced (one it left as gathered is already there)."""
+        """Write back every cache the call replaced (one it left as gathered is already there).
+        A call over every row in use, from the first (a server's steady round), gives its new
+        caches to the bank as they are, with no copy: the bank ends where they end."""
+        whole = isinstance(rows, slice) and rows.start == 0 and not self._used[rows.stop:].any()
         for (where, key), new in _caches(state).items():
             if new is gathered[where, key]:
                 continue
             t, axis = (self._vocoder[key], 0) if where < 0 else (self._steps[where][key], 1)
             new = new.view(self.branches, -1, *new.shape[1:]) if axis else new
-            if isinstance(rows, slice):
+            if whole:
+                (self._vocoder if where < 0 else self._steps[where])[key] = new
+            elif isinstance(rows, slice):
                 t[(slice(None),) * axis + (rows,)] = new
             else:
                 t.index_copy_(axis, rows, new)
+        if whole:  # the caches left as they were are cut to the same rows
+            for cache, key, axis in self._stored():
+                cache[key] = cache[key][(slice(None),) * axis + (rows,)]
+            self._used, self._lossy = self._used[:rows.stop], self._lossy[:rows.stop]
 
 
 def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
