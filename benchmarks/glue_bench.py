@@ -76,10 +76,11 @@ class Timer:
         return timed
 
 
-def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = None) -> dict:
+def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = None, waves: int = 1) -> dict:
     """Feed n_streams streams n_rounds + warmup blocks; time the last n_rounds (and the first warmup).
     band_hz: the test signal low-passed there, so the band tracker lowers the band and keeps
-    watching the spectrum (a phone call, a codec-limited stream)."""
+    watching the spectrum (a phone call, a codec-limited stream). waves: each round's streams are
+    stepped in this many random parts, as a server whose polls find some streams' blocks at a time."""
     model, timer = ShapeStub.like(), Timer()
     model.run_slots = timer.wrap("model_call", model.run_slots)
     # the stages run for all the streams at once; resampling is the first part of analysis
@@ -88,14 +89,14 @@ def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = N
     for (module, stage), fn in joint.items():
         setattr(module, stage, timer.wrap(stage, fn))
     try:
-        return _timed(model, timer, n_streams, n_rounds, warmup, band_hz)
+        return _timed(model, timer, n_streams, n_rounds, warmup, band_hz, waves)
     finally:
         for (module, stage), fn in joint.items():
             setattr(module, stage, fn)
 
 
 def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup: int,
-           band_hz: float | None) -> dict:
+           band_hz: float | None, waves: int) -> dict:
     primer = Stream(model, SR_IN, 1, 20.0)  # one-off loading (compiled kernels, lazy imports) goes first
     primer.push(speech_like(SR_IN, 0.1))
     batch.step([primer])
@@ -116,7 +117,8 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
         for s in arrived:
             s.push(block)
         t1 = time.perf_counter()
-        batch.step(arrived)
+        for wave in np.array_split(np.arange(n_streams), waves):
+            batch.step([arrived[k] for k in wave])
         t2 = time.perf_counter()
         if timer.on:
             timer.spent["push"] = timer.spent.get("push", 0.0) + t1 - t0
@@ -176,21 +178,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--band-limited", type=float, metavar="HZ",
                    help="low-pass the test signal at HZ: the tracker lowers the band and keeps deciding")
+    p.add_argument("--waves", type=int, default=1,
+                   help="step each round's streams in this many random parts (a server's polls)")
     p.add_argument("--versus", type=Path, metavar="DIR",
                    help="also time the checkout at DIR (e.g. `git worktree add DIR <commit>`), run after run")
     p.add_argument("--repeats", type=int, default=3, help="with --versus: runs of each")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.versus:
-        if args.band_limited:
-            p.error("--band-limited is not timed --versus (an older glue_bench has no such signal)")
+        if args.band_limited or args.waves != 1:
+            p.error("--band-limited and --waves are not timed --versus (an older glue_bench has neither)")
         r = versus(args.versus.resolve(), args.streams, args.rounds, args.warmup, args.repeats)
         print(json.dumps(r) if args.json else
               f"{r['streams']} streams: {r['us_per_stream_round']} us per stream per round here, "
               f"{r['us_per_stream_round_versus']} at {r['versus']} (median of {args.repeats} runs each; "
               f"{r['speedup_median']}x side by side)")
         return
-    r = rounds(args.streams, args.rounds, args.warmup, args.band_limited)
+    r = rounds(args.streams, args.rounds, args.warmup, args.band_limited, args.waves)
     if args.json:
         print(json.dumps(r))
         return

@@ -51,6 +51,7 @@ class StateBank:
         self._new_state = new_state
         first = new_state(1)
         self.branches = next(iter(first.steps[0].values())).shape[0] if first.steps[0] else 1
+        self._step_axis = 1 if self.branches > 1 else 0  # rows first (3x faster to gather), but for two branches
         self._lock = threading.Lock()  # join/leave and the gathers/write-backs of a live thread and a server
         self._used = np.zeros(0, bool)
         self._steps: list[dict[str, torch.Tensor]] = []
@@ -115,17 +116,18 @@ class StateBank:
         """(cache dict, key, row axis) of every stored cache."""
         for cache in self._steps:
             for key in cache:
-                yield cache, key, 1
+                yield cache, key, self._step_axis
         for key in self._vocoder:
             yield self._vocoder, key, 0
 
     def _grow(self, rows: int) -> None:
         fresh = self._new_state(rows)
-        steps = [{k: t.view(self.branches, rows, *t.shape[1:]) for k, t in cache.items()} for cache in fresh.steps]
-        n = self.capacity
+        steps = [{k: t.view(self.branches, rows, *t.shape[1:]) if self._step_axis else t for k, t in cache.items()}
+                 for cache in fresh.steps]
+        n, head = self.capacity, (slice(None),) * self._step_axis + (slice(0, self.capacity),)
         for old, new in zip(self._steps, steps, strict=False):
             for k, t in old.items():
-                new[k][:, :n] = t
+                new[k][head] = t
         for k, t in self._vocoder.items():
             fresh.vocoder[k][:n] = t
         fresh.lossy[:n] = self._lossy
@@ -150,7 +152,7 @@ class StateBank:
             part = t[(slice(None),) * axis + (rows,)] if isinstance(rows, slice) else t.index_select(axis, rows)
             return part.flatten(0, 1) if axis else part  # branch-major, as the sampler stacks them
 
-        return ModelState(steps=[{k: take(t, 1) for k, t in cache.items()} for cache in self._steps],
+        return ModelState(steps=[{k: take(t, self._step_axis) for k, t in cache.items()} for cache in self._steps],
                           vocoder={k: take(t, 0) for k, t in self._vocoder.items()},
                           lossy=take(self._lossy, 0))
 
@@ -163,7 +165,7 @@ class StateBank:
         for (where, key), new in _caches(state).items():
             if new is gathered[where, key]:
                 continue
-            t, axis = (self._vocoder[key], 0) if where < 0 else (self._steps[where][key], 1)
+            t, axis = (self._vocoder[key], 0) if where < 0 else (self._steps[where][key], self._step_axis)
             new = new.view(self.branches, -1, *new.shape[1:]) if axis else new
             if whole:
                 (self._vocoder if where < 0 else self._steps[where])[key] = new
