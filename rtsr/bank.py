@@ -160,7 +160,8 @@ class StateBank:
                  gathered: dict[tuple[int, str], torch.Tensor]) -> None:
         """Write back every cache the call replaced (one it left as gathered is already there).
         A call over every row in use, from the first (a server's steady round), gives its new
-        caches to the bank as they are, with no copy: the bank ends where they end."""
+        caches to the bank as they are, with no copy: the bank ends where they end (the next join
+        grows it again, one copy of every row, what one write-back of them all would cost)."""
         whole = isinstance(rows, slice) and rows.start == 0 and not self._used[rows.stop:].any()
         for (where, key), new in _caches(state).items():
             if new is gathered[where, key]:
