@@ -18,11 +18,6 @@ import torch
 from rtsr.engine import HopRequest, Stream, analyse, model_inputs, synthesise
 
 
-def batchable(stream: Stream) -> bool:
-    """Batching needs guidance baked in (a distilled model, or the regression)."""
-    return not (stream.model.steps and stream.model.guidance != 1.0)
-
-
 class StepFailed(RuntimeError):
     """Some streams' parts of a batched round failed (`failed`: index in the list -> error); every
     other stream's round completed, its samples held for its next `feed`, `step` or `take_ready`."""
@@ -62,8 +57,6 @@ def _run_ready_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: 
         for (model_id, n), model in keys.items():  # one call per model and hop length
             group = sorted(((i, r) for i, r in ready if r.n == n and id(streams[i].model) == model_id),
                            key=lambda ir: streams[ir[0]].slot.start)  # in the bank's order: its rows are one slice
-            if not batchable(streams[group[0][0]]):
-                raise ValueError("batching needs a distilled model (guidance baked in, guidance == 1)")
             gen = model.run_slots([streams[i].slot for i, _ in group], *model_inputs([r for _, r in group]))
             _complete(streams, group, gen, out, failed)
 

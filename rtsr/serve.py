@@ -33,7 +33,7 @@ import zmq
 
 from rtsr import protocol as P
 from rtsr.backends import BACKENDS
-from rtsr.batch import StepFailed, batchable
+from rtsr.batch import StepFailed
 from rtsr.batch import step as batch_step
 from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, peer_is_admin, warn_if_open
 from rtsr.cutoff import Band
@@ -376,15 +376,13 @@ class Service:
     def _step(self, jobs: list[Job], replies: dict[int, Reply], ids: list[int]) -> list[np.ndarray | None]:
         """Every job's stream one round further, batched; a stream whose part fails gets an error
         and is dropped, the others get their samples as if alone (rtsr.batch holds them)."""
-        engines = [job.session.engine for job in jobs]
-        if all(batchable(e) for e in engines):
-            try:
-                return batch_step(engines)
-            except StepFailed as failure:
-                return [self._failed_or_held(job, i, failure.failed.get(k), replies)
-                        for k, (job, i) in enumerate(zip(jobs, ids, strict=True))]
-            except Exception:  # the model call itself: no stream moved; each alone finds the culprit
-                log.exception("batched step failed; running the wave's streams one by one")
+        try:
+            return batch_step([job.session.engine for job in jobs])
+        except StepFailed as failure:
+            return [self._failed_or_held(job, i, failure.failed.get(k), replies)
+                    for k, (job, i) in enumerate(zip(jobs, ids, strict=True))]
+        except Exception:  # the model call itself: no stream moved; each alone finds the culprit
+            log.exception("batched step failed; running the wave's streams one by one")
         outs: list[np.ndarray | None] = []
         for job, i in zip(jobs, ids, strict=True):
             try:
