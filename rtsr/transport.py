@@ -197,7 +197,7 @@ def asks_stats(frames: list[zmq.Frame]) -> bool:
 
 def unanswered(msgs: list[list], header_at: int = 1) -> dict[P.StreamId, tuple[int, int]]:
     """Audio messages (requests held, or replies never sent) that leave a client without an answer
-    -> per stream, the first and last seq among them."""
+    -> per stream, the lowest and highest seq among them (they come from several queues)."""
     seqs: dict[P.StreamId, tuple[int, int]] = {}
     for m in msgs:
         try:
@@ -205,6 +205,6 @@ def unanswered(msgs: list[list], header_at: int = 1) -> dict[P.StreamId, tuple[i
         except (P.ProtocolError, IndexError):
             continue
         if h["type"] in ("audio", "error") and isinstance(h.get("seq"), int):
-            first, _ = seqs.get(h.get("stream"), (h["seq"], 0))
-            seqs[h.get("stream")] = (first, h["seq"])
+            first, last = seqs.get(h.get("stream"), (h["seq"], h["seq"]))
+            seqs[h.get("stream")] = (min(first, h["seq"]), max(last, h["seq"]))
     return seqs

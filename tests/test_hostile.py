@@ -309,7 +309,7 @@ def test_a_peer_that_stops_reading_is_told_which_blocks_get_no_reply(up):
 
 def test_unanswered_names_each_streams_first_and_last_seq():
     msgs = [[b"id", json.dumps({"type": "audio", "stream": sid, "seq": q}).encode()]
-            for sid, q in [("a", 4), ("b", 9), ("a", 5), ("a", 6)]]
+            for sid, q in [("a", 5), ("b", 9), ("a", 6), ("a", 4)]]
     msgs.append([b"id", b'{"type":"close","stream":"a"}'])
     assert unanswered(msgs) == {"a": (4, 6), "b": (9, 9)}
 
