@@ -4,6 +4,7 @@ progressive distillation (Salimans & Ho 2022), which halves the sampler's steps 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 
@@ -37,30 +38,50 @@ def step_times(steps: int) -> list[float]:
 
 def ddim_update(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float,
                 t_next: torch.Tensor | float) -> torch.Tensor:
-    """One deterministic DDIM step; times are scalars or one per batch item."""
-    a, s = (_bcast(u, z) for u in alpha_sigma(t))
-    an, sn = (_bcast(u, z) for u in alpha_sigma(t_next))
+    """One deterministic DDIM step; times are Python floats (the sampler's: its coefficients are
+    floats too, so no constant is copied to the device) or tensors, one per batch item."""
+    if isinstance(t, float) and isinstance(t_next, float):
+        a, s = _alpha_sigma_float(t)
+        an, sn = _alpha_sigma_float(t_next)
+    else:
+        a, s = (_bcast(u, z) for u in alpha_sigma(t))
+        an, sn = (_bcast(u, z) for u in alpha_sigma(t_next))
     v = v.to(z.dtype)
     x0 = a * z - s * v
     eps = s * z + a * v
     return an * x0 + sn * eps
 
 
+@cache
+def _alpha_sigma_float(t: float) -> tuple[float, float]:
+    """`alpha_sigma` as Python floats, computed once per time on the CPU exactly as the tensor
+    version does (float32), so the float sampler's steps equal the tensor one's bit for bit."""
+    a, s = alpha_sigma(t)
+    return float(a), float(s)
+
+
 def guided_v(net: Denoiser, z: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
              t: torch.Tensor | float, guidance: float, cache: Cache | None = None) -> torch.Tensor:
-    """Classifier-free guidance: the unconditional branch sees zeroed conditioning and mask."""
-    tt = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0])
+    """Classifier-free guidance: the unconditional branch sees zeroed conditioning and mask. A
+    float t (the sampler's) takes the network's remembered FiLM for that time, so the call
+    copies nothing to the device and reads nothing back."""
+    if isinstance(t, float):
+        tt, film = None, net.step_film(t)
+    else:
+        tt, film = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0]), None
     if guidance == 1.0:
-        return net(z, cond, mask, tt, cache)
+        return net(z, cond, mask, tt, cache, film=film)
     both = net(torch.cat([z, z]), torch.cat([cond, torch.zeros_like(cond)]),
-               torch.cat([mask, torch.zeros_like(mask)]), torch.cat([tt, tt]), cache)
+               torch.cat([mask, torch.zeros_like(mask)]), None if tt is None else torch.cat([tt, tt]), cache,
+               film=film)
     v_c, v_u = both.chunk(2)
     return v_u + guidance * (v_c - v_u)
 
 
 def sample(net: Denoiser, noise: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, steps: int,
            guidance: float = 1.0, caches: list[Cache] | None = None) -> torch.Tensor:
-    """DDIM from noise to a clean mel. With `caches` (one per step) it runs chunk by chunk."""
+    """DDIM from noise to a clean mel. With `caches` (one per step) it runs chunk by chunk. Times
+    are Python floats throughout: nothing in a step waits on the device."""
     z = noise
     times = step_times(steps)
     for k in range(steps):

@@ -94,7 +94,8 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Cache | None,
                 film: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """film: this block's (scale, shift), each (B, 1, C), from `Denoiser.modulations`."""
+        """film: this block's (scale, shift), each (B, 1, C) or (C,), from `Denoiser.modulations`
+        or `Denoiser.step_film`."""
         h = self.norm(self.dw(x, cache))
         if film is not None:
             h = torch.addcmul(film[1], h, film[0])
@@ -151,45 +152,54 @@ class Denoiser(nn.Module):
             for i in range(blocks))
         self.out_norm = ChannelNorm(channels)
         self.out = nn.Conv1d(channels, N_MELS, 1)
-        self._film_memo: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._film_memo: dict[float, torch.Tensor] = {}
+        self._film_weights: tuple[tuple[int, int], ...] = ()
         self._film_params = [*self.emb.parameters(), *(p for b in self.blocks for p in b.film.parameters())]
         _name_caches(self)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-                cache: Cache | None = None, lossy: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, t: torch.Tensor | None,
+                cache: Cache | None = None, lossy: torch.Tensor | None = None,
+                film: torch.Tensor | None = None) -> torch.Tensor:
         """x, cond: (B, N_MELS, T); mask: (B, N_MELS) or per frame (B, N_MELS, T); t: (B,) in
-        [0, 1]; lossy: (B,) 1 for a codec-decoded input (None: none is) -> v (B, N_MELS, T).
-        A network without the flag (`flags` = 0) ignores `lossy`."""
+        [0, 1], or None with `film`, one time's modulations from `step_film` (what a sampler
+        passes: no host sync and no data-dependent Python in here); lossy: (B,) 1 for a
+        codec-decoded input (None: none is) -> v (B, N_MELS, T). A network without the flag
+        (`flags` = 0) ignores `lossy`."""
         m = mask if mask.dim() == 3 else mask[:, :, None].expand(-1, -1, x.shape[-1])
         parts = [x, cond, m]
         if self.flags:
             flag = torch.zeros(x.shape[0], device=x.device) if lossy is None else lossy
             parts.append(flag.to(x.dtype)[:, None, None].expand(-1, 1, x.shape[-1]))
         h = pointwise(torch.cat(parts, dim=1).transpose(1, 2), self.inp)
-        for block, film in zip(self.blocks, self._films(t), strict=True):
-            h = block(h, cache, film)
+        films = self.modulations(t) if film is None else film
+        for i, block in enumerate(self.blocks):
+            h = block(h, cache, (films[i, 0], films[i, 1]))
         return pointwise(self.out_norm(h), self.out).transpose(1, 2)
 
-    def modulations(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each block's FiLM (1 + gain, shift) for times t (B,): a function of t alone."""
+    def modulations(self, t: torch.Tensor) -> torch.Tensor:
+        """Each block's FiLM for times t (B,): (blocks, 2, B, 1, C), 1 + gain and shift, a
+        function of t alone."""
         emb = self.emb(timestep_embedding(t, self.emb_dim))
-        return [(1 + gain, shift) for gain, shift in
-                (block.film(emb).unsqueeze(1).chunk(2, dim=-1) for block in self.blocks)]
+        gain, shift = torch.stack([block.film(emb) for block in self.blocks]).unsqueeze(2).chunk(2, dim=-1)
+        return torch.stack([1 + gain, shift], dim=1)
 
-    def _films(self, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`modulations`, remembered outside autograd: a few-step sampler asks for the same
-        times every hop, and recomputing them is ~10 of a hop's ~60 matrix products. The key
-        holds each parameter's storage and version, so changed weights are never served stale."""
-        if torch.is_grad_enabled():
-            return self.modulations(t)
-        key = (tuple(t.tolist()), t.device, tuple((p.data_ptr(), p._version) for p in self._film_params))
-        films = self._film_memo.get(key)
-        if films is None:
-            if len(self._film_memo) >= 16:
-                self._film_memo.clear()
-            films = self._film_memo[key] = self.modulations(t)
-        return films
-
+    def step_film(self, t: float) -> torch.Tensor:
+        """`modulations` of one sampler time, (blocks, 2, C), broadcast over any batch; computed
+        once outside autograd and any compiled graph, then served from memory: a few-step sampler
+        asks for the same times every hop (recomputing them is ~10 of a hop's ~60 matrix
+        products). Keyed by a float, so a hop never reads a tensor back to the host, and by each
+        parameter's storage and version, so changed or moved weights are never served stale. A
+        remembered tensor is never written again (a stale one is replaced, not overwritten), so
+        holding one across CUDA-graph replays is safe."""
+        weights = tuple((p.data_ptr(), p._version) for p in self._film_params)
+        if weights != self._film_weights:
+            self._film_memo, self._film_weights = {}, weights
+        film = self._film_memo.get(t)
+        if film is None:
+            with torch.no_grad():
+                times = torch.full((1,), t, device=self.out.weight.device)
+                film = self._film_memo[t] = self.modulations(times)[:, :, 0, 0].clone()
+        return film
 
 
 class Vocoder(nn.Module):

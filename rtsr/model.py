@@ -45,6 +45,8 @@ class SuperResModel:
         self.temperature = temperature
         self.name, self.device, self.info = name, device, info or {}
         self._bank: StateBank | None = None
+        # mel band centres on the device once, not uploaded from numpy every hop
+        self._centers = torch.from_numpy(mel_centers()).to(device)
 
     @property
     def bank(self) -> StateBank:
@@ -135,14 +137,14 @@ class SuperResModel:
         rendered them, and the engine's hole fill (`rtsr.engine.merge_low_band`) had nothing to
         take. Where the input is whole the merge keeps its spectrum anyway; only the vocoder's
         view of the band changes (measured with `basic`: no dev-set cell worse)."""
-        centers = torch.from_numpy(mel_centers()).to(cond.device)
+        centers = self._centers
         cutoff = cutoff.expand(cond.shape[0], -1)[:, None, :]  # (B, 1, T)
         mask = (centers[None, :, None] < cutoff).float()
         if self.steps:
             mel = sample(self.denoiser, noise * self.temperature, cond, mask, self.steps, self.guidance, state.steps)
         else:  # steps == 0: the one-step regression baseline predicts the mel directly
-            mel = self.denoiser(torch.zeros_like(cond), cond, mask, torch.zeros(cond.shape[0], device=cond.device),
-                                state.steps[0], lossy=state.lossy)
+            mel = self.denoiser(torch.zeros_like(cond), cond, mask, None, state.steps[0], lossy=state.lossy,
+                                film=self.denoiser.step_film(0.0))
         keep = (centers[None, :, None] < 0.88 * cutoff).float()
         mel = keep * torch.maximum(low, mel) + (1 - keep) * mel
         return polar_parts(self.vocoder(mel, state.vocoder))

@@ -193,3 +193,81 @@ def test_below_the_cutoff_the_vocoder_gets_the_inputs_mel_floored_at_the_models(
     whole = below & ~hole
     assert (holed[:, whole] >= low[:, whole]).all()
     torch.testing.assert_close(loud[:, below], cond[:, below] + 5.0)  # where the input is louder it is kept as is
+
+
+def _hops(model: SuperResModel) -> torch.Tensor:
+    """Three hops (4, 3 and 40 frames: gathered taps and conv1d) of three rows, fixed seed."""
+    g, state, outs = torch.Generator().manual_seed(5), model.new_state(3), []
+    for frames in (4, 3, 40):
+        cond, low, noise = (torch.randn(3, 80, frames, generator=g) for _ in range(3))
+        outs.append(model.run(state, cond, low, 2000 + 10000 * torch.rand(3, frames, generator=g), noise))
+    return torch.cat(outs, 1)
+
+
+# Computed by the code before issue 28 (FiLM from times as tensors, memoised by `tolist()`; DDIM
+# coefficients as tensors): |out| summed, then out at the entries of `_ENTRIES`.
+_ENTRIES = [(2, 21, 28), (0, 39, 72), (1, 44, 239), (0, 35, 231), (0, 22, 239), (2, 15, 20), (2, 17, 5), (2, 16, 210)]
+_BEFORE = {
+    (2, 1.0): (49979.591, [2.4248862266540527 - 0.14690428972244263j, 0.7023994326591492 + 0.33436208963394165j,
+                           0.26524126529693604 + 0.5460422039031982j, 0.6249625086784363 - 0.6801102757453918j,
+                           1.1126422882080078 + 0.7309137582778931j, 0.825770914554596 + 0.04347189888358116j,
+                           0.7122465968132019 + 0.6667172312736511j, 2.967024803161621 + 2.443939447402954j]),
+    (2, 2.0): (49608.358, [2.387373685836792 - 0.6300899982452393j, 0.6349747776985168 + 0.1855655461549759j,
+                           0.4984739124774933 + 0.6572304964065552j, 0.9412761330604553 - 0.8327621817588806j,
+                           0.9303627014160156 + 0.4151111841201782j, 0.8879579305648804 + 0.1417975127696991j,
+                           0.7084343433380127 + 0.7077407240867615j, 1.7055611610412598 + 2.200244665145874j]),
+    (0, 1.0): (52712.975, [0.7996379137039185 - 0.06291503459215164j, 1.651782512664795 + 0.50507652759552j,
+                           0.4931991696357727 - 0.6701333522796631j, 0.49997657537460327 - 0.19773533940315247j,
+                           1.3537677526474 - 0.14918768405914307j, 1.3134492635726929 + 0.10148954391479492j,
+                           0.3425302803516388 + 0.9104638695716858j, 3.436009168624878 + 0.7556488513946533j]),
+    (4, 1.0): (50072.122, [2.4667787551879883 - 0.18282704055309296j, 0.6754729151725769 + 0.360767126083374j,
+                           0.291751891374588 + 0.5542442202568054j, 0.6896982789039612 - 0.737315833568573j,
+                           1.0910664796829224 + 0.7092880606651306j, 0.7183820009231567 + 0.204245463013649j,
+                           0.7827970385551453 + 0.32519522309303284j, 2.685457468032837 + 2.95241379737854j]),
+}
+
+
+@pytest.mark.parametrize(("steps", "guidance"), list(_BEFORE))
+def test_a_hop_computes_what_it_did_before_it_stopped_syncing(steps, guidance, monkeypatch):
+    """The float sampler (remembered FiLM, float DDIM coefficients) equals the tensor-time one,
+    run here too, within 1e-6 of the peak (the FiLM's matrix product is one row now, not one per
+    batch row: the last bit may differ), and the numbers the code before it computed."""
+    import rtsr.models.diffusion as diffusion
+
+    out = _hops(_model(steps, guidance))
+    total, entries = _BEFORE[steps, guidance]
+    peak = out.abs().max().item()
+    assert abs(torch.view_as_real(out).double().abs().sum().item() - total) <= 1e-6 * total
+    np.testing.assert_allclose(np.array([complex(out[i]) for i in _ENTRIES]), entries, rtol=0, atol=1e-6 * peak)
+    if steps:  # the sampler with its times as tensors: the path before, still the training one
+        monkeypatch.setattr(diffusion, "step_times", lambda n: [torch.tensor(1.0 - k / n) for k in range(n + 1)])
+        torch.testing.assert_close(_hops(_model(steps, guidance)), out, rtol=0, atol=1e-6 * peak)
+
+
+def _model(steps: int, guidance: float) -> SuperResModel:
+    model = SuperResModel.random(seed=11, steps=steps)
+    model.guidance = guidance
+    return model
+
+
+@pytest.mark.parametrize(("steps", "guidance", "flags"), [(2, 1.0, 0), (2, 2.0, 0), (0, 1.0, 1)])
+def test_a_hop_never_reads_the_device_back_nor_uploads_a_constant(steps, guidance, flags, monkeypatch):
+    """After a first hop (which fills the FiLM memory), `hop` makes no host sync: nothing read
+    back (`tolist`, `item`, `cpu`, `numpy`, a tensor's truth or number value in Python) and no
+    tensor made from host data (each a blocking copy on a GPU, and either breaks a CUDA graph)."""
+    torch.manual_seed(0)
+    model = SuperResModel(Denoiser(32, 2, emb_dim=32, flags=flags), Vocoder(32, 2), steps, guidance)
+    state, x, cutoff = model.new_state(2), torch.randn(2, 80, 4), torch.full((2, 4), 6000.0)
+    model.hop(state, x, x, cutoff, x)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("a host sync inside a hop")
+
+    for name in ("tolist", "item", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, sync)
+    with torch.inference_mode():  # as `run` calls it
+        re, im = model.hop(state, x, x, cutoff, x)
+    monkeypatch.undo()
+    assert re.shape == im.shape == (2, 4, 241) and torch.isfinite(re).all()

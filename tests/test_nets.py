@@ -1,5 +1,6 @@
 """The networks' two evaluations agree: whole sequences (conv1d, training) and streaming calls
-(gathered taps with carried caches); remembered FiLM modulations follow changed weights."""
+(gathered taps with carried caches); remembered FiLM modulations equal computed ones
+and follow changed weights."""
 
 import torch
 
@@ -34,14 +35,21 @@ def test_streaming_calls_equal_the_whole_sequence():
 
 
 @torch.no_grad()
-def test_remembered_modulations_follow_weight_changes():
+def test_a_remembered_film_equals_the_computed_one_and_follows_weight_changes():
+    """The sampler's FiLM of a float time (`step_film`) gives the output of the times as a tensor;
+    it is remembered, and a weight change replaces it without writing into the one handed out
+    (a tensor kept across CUDA-graph replays must never change under its holder)."""
     torch.manual_seed(0)
     den = Denoiser(32, 2, emb_dim=16).eval()
-    x, cond, mask, t = torch.randn(1, 80, 5), torch.randn(1, 80, 5), torch.zeros(1, 80), torch.ones(1)
-    first = den(x, cond, mask, t)
-    torch.testing.assert_close(den(x, cond, mask, t), first)  # served from memory: same output
+    x, cond, mask = torch.randn(3, 80, 5), torch.randn(3, 80, 5), (torch.rand(3, 80) < 0.5).float()
+    film = den.step_film(0.5)
+    assert film.shape == (2, 2, 32) and den.step_film(0.5) is film  # served from memory
+    torch.testing.assert_close(den(x, cond, mask, None, film=film), den(x, cond, mask, torch.full((3,), 0.5)),
+                               atol=1e-6, rtol=1e-6)
+    kept = film.clone()
     den.blocks[1].film.weight.add_(0.5)
-    changed = den(x, cond, mask, t)
-    assert not torch.allclose(changed, first)
-    with torch.enable_grad():  # the autograd path never uses the memory
-        torch.testing.assert_close(den(x, cond, mask, t), changed)
+    changed = den.step_film(0.5)
+    assert changed is not film and not torch.allclose(changed, kept)
+    torch.testing.assert_close(film, kept, atol=0, rtol=0)  # the old one untouched
+    torch.testing.assert_close(den(x, cond, mask, None, film=changed), den(x, cond, mask, torch.full((3,), 0.5)),
+                               atol=1e-6, rtol=1e-6)
