@@ -50,13 +50,20 @@ class CausalDWConv(nn.Module):
         return (gathered * self.conv.weight[:, 0, :].T).sum(2).add_(self.conv.bias)
 
     def _tap_index(self, frames: int, device: torch.device) -> torch.Tensor:
-        """Input positions read by each output frame, flattened: frame t reads t, t+d, ..., t+(k-1)d."""
+        """Input positions read by each output frame, flattened: frame t reads t, t+d, ..., t+(k-1)d.
+        Remembered per frame count when eager; a compiled graph computes it inside (a memory keyed
+        by a symbolic size, changed as a side effect, would guard on it and recompile)."""
+        k, d = self.conv.kernel_size[0], self.conv.dilation[0]
+        if torch.compiler.is_compiling():
+            return _taps(frames, k, d, device)
         taps = self._taps.get(frames)
         if taps is None or taps.device != device:
-            k, d = self.conv.kernel_size[0], self.conv.dilation[0]
-            taps = (torch.arange(frames, device=device)[:, None] + torch.arange(k, device=device) * d).reshape(-1)
-            self._taps[frames] = taps
+            taps = self._taps[frames] = _taps(frames, k, d, device)
         return taps
+
+
+def _taps(frames: int, kernel: int, dilation: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(frames, device=device)[:, None] + torch.arange(kernel, device=device) * dilation).reshape(-1)
 
 
 class ChannelNorm(nn.Module):

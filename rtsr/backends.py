@@ -1,13 +1,18 @@
 """Execution backends for the model's networks, chosen with --backend.
 
     eager      plain PyTorch (any device)
-    compile    torch.compile (Inductor), dynamic shapes so any hop length reuses the kernels
-    cudagraph  torch.compile's reduce-overhead mode: the per-hop step replayed as CUDA graphs
+    compile    torch.compile (Inductor), dynamic shapes so any batch size and hop length reuse
+               one graph per network (no recompiles after warm-up)
+    cudagraph  torch.compile's reduce-overhead mode: the per-hop step replayed as CUDA graphs, what
+               a replay rewrites handed out as copies
     onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
                CPU the fastest, since a live hop's cost is per-operator dispatch
     tensorrt   torch-tensorrt (dynamo IR, fp16), an optional extra: pip install 'rtsr[tensorrt]';
                untested here (no GPU with it installed has run it)
-    auto       the fastest that is installed and works here, falling back with a logged reason
+    auto       only a candidate proven here: it runs a lone stream's and a batch's hops and matches
+               eager within 1e-4 of the peak (so fp16 TensorRT is not taken), else the next, with
+               a logged reason; on a CPU the first proven of onnx, eager; on CUDA every candidate is
+               timed and the fastest proven one is taken
 
 The inverse FFT and complex ops stay in PyTorch/numpy around the networks, so every backend
 compiles only real-valued convolutions. A backend never moves the model to another device.
@@ -16,8 +21,10 @@ compiles only real-valued convolutions. A backend never moves the model to anoth
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from rtsr.features import N_MELS
 from rtsr.model import SuperResModel
@@ -35,9 +42,40 @@ def _cuda_only(name: str, model: SuperResModel) -> None:
         raise BackendUnavailable(f"backend {name!r} needs a CUDA device (model is on {model.device})")
 
 
+class Compiled:
+    """A network under torch.compile that any batch size and hop length reuse after warm-up.
+
+    `dynamic=True` alone still specialises a size of 1 (one stream, a one-frame hop) and
+    recompiles at the next size; compiling with sizes treated size-obliviously makes one graph
+    for every size. Replayed as CUDA graphs (mode "reduce-overhead"), a call's output and the new
+    caches it leaves live in the graph's memory, which its next replay (the next sampler step,
+    the next hop) rewrites: they are handed out as copies. Other attributes (`step_film`,
+    `config`, the modules) are the network's own.
+    """
+
+    def __init__(self, net: torch.nn.Module, mode: str | None = None, **options):
+        self.net, self.replayed = net, mode == "reduce-overhead"
+        self.compiled = torch.compile(net, dynamic=True, mode=mode, **options)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        if self.replayed:  # a new generation: the previous call's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        with fx_config.patch(backed_size_oblivious=True):
+            out = self.compiled(*args, **kwargs)
+        if not self.replayed:
+            return out
+        for cache in (a for a in (*args, *kwargs.values()) if isinstance(a, dict)):
+            for key, t in cache.items():
+                cache[key] = t.clone()
+        return out.clone()
+
+    def __getattr__(self, name: str):
+        return getattr(self.net, name)
+
+
 def _compile(model: SuperResModel, mode: str | None) -> None:
-    model.denoiser = torch.compile(model.denoiser, dynamic=True, mode=mode)
-    model.vocoder = torch.compile(model.vocoder, dynamic=True, mode=mode)
+    model.denoiser = Compiled(model.denoiser, mode)
+    model.vocoder = Compiled(model.vocoder, mode)
 
 
 def _tensorrt(model: SuperResModel) -> None:
@@ -47,8 +85,8 @@ def _tensorrt(model: SuperResModel) -> None:
     except ImportError as e:
         raise BackendUnavailable(f"torch-tensorrt is not installed ({e}); pip install 'rtsr[tensorrt]'") from e
     opts = {"enabled_precisions": {torch.float16}}
-    model.denoiser = torch.compile(model.denoiser, backend="tensorrt", dynamic=True, options=opts)
-    model.vocoder = torch.compile(model.vocoder, backend="tensorrt", dynamic=True, options=opts)
+    model.denoiser = Compiled(model.denoiser, backend="tensorrt", options=opts)
+    model.vocoder = Compiled(model.vocoder, backend="tensorrt", options=opts)
 
 
 def _onnx(model: SuperResModel) -> None:
@@ -78,31 +116,84 @@ def _apply(model: SuperResModel, name: str) -> None:
 
 
 def auto_order(device: str) -> tuple[str, ...]:
-    """Fastest first. On a CPU the networks are too small for compilation to pay for itself, and
-    ONNX Runtime's lower per-operator overhead is what counts."""
+    """The candidates in the order tried, fastest expected first. On a CPU the networks are too
+    small for compilation to pay for itself, and ONNX Runtime's lower per-operator overhead is
+    what counts; on CUDA every candidate is timed anyway (`measures`)."""
     return ("tensorrt", "cudagraph", "compile", "eager") if str(device).startswith("cuda") else ("onnx", "eager")
 
 
+def measures(device: str) -> bool:
+    """Whether `auto` times every candidate that proves itself and takes the fastest, rather than
+    the first: on CUDA the order is not known in advance (on an H200 `compile` ran 10-25x slower
+    than eager); on a CPU it is (ONNX Runtime), and timing would cost a compile per candidate."""
+    return str(device).startswith("cuda")
+
+
 def apply_backend(model: SuperResModel, name: str = "auto") -> str:
-    """Prepare `model` to run on `name`; returns the backend in use. Explicit names fail loudly."""
+    """Prepare `model` to run on `name`; returns the backend in use. Explicit names fail loudly;
+    `auto` takes only a candidate that runs hops here and matches eager (`Proof`)."""
     if name != "auto":
         _apply(model, name)
         return name
+    proof, eager = Proof(model), (model.denoiser, model.vocoder)
+    proven: dict[str, tuple[float, tuple]] = {}
     for candidate in auto_order(model.device):
-        den, voc = model.denoiser, model.vocoder
         try:
             _apply(model, candidate)
-            _smoke_test(model)
-            return candidate
+            seconds = proof.check(model)
         except Exception as e:  # any failure of a candidate means: try the next one
-            model.denoiser, model.vocoder = den, voc
-            model.__dict__.pop("run", None)  # the class's own run again
             log.warning("backend %s unavailable, falling back: %s", candidate, e)
-    raise BackendUnavailable("no backend works")  # eager always works; kept for completeness
+        else:
+            if not measures(model.device):
+                return candidate
+            proven[candidate] = seconds, (model.denoiser, model.vocoder, model.__dict__.get("run"))
+        model.denoiser, model.vocoder = eager
+        model.__dict__.pop("run", None)  # the class's own run again
+    if not proven:
+        raise BackendUnavailable("no backend works")  # eager always works; kept for completeness
+    best = min(proven, key=lambda c: proven[c][0])
+    log.info("backend auto on %s: %s -> %s", model.device,
+             ", ".join(f"{c} {1e3 * t:.2f} ms" for c, (t, _) in proven.items()), best)
+    model.denoiser, model.vocoder, run = proven[best][1]
+    if run is not None:
+        model.run = run
+    return best
 
 
-def _smoke_test(model: SuperResModel) -> None:
-    """One tiny hop through the prepared networks, so 'auto' only picks what really runs."""
-    state = model.new_state(1)
-    x = torch.zeros(1, N_MELS, 4)
-    model.run(state, x, x, torch.full((4,), 4000.0), x)
+class Proof:
+    """Hops with fixed inputs and the eager model's outputs for them, which `auto` holds every
+    candidate to: a lone stream and a batch (sizes a compiled graph must not specialise on), a
+    few hops each with the state carried (a replayed graph that rewrites what an earlier hop
+    left is caught), each output within `TOLERANCE` of eager's peak."""
+
+    TOLERANCE = 1e-4
+    BATCHES = (1, 3)
+    HOPS = 3
+    FRAMES = 4  # a live 20 ms hop
+
+    def __init__(self, model: SuperResModel):
+        gen = torch.Generator().manual_seed(0)
+        self.inputs = [(batch, [(*(torch.randn(batch, N_MELS, self.FRAMES, generator=gen) for _ in range(3)),
+                                 2000 + 10000 * torch.rand(batch, self.FRAMES, generator=gen))
+                                for _ in range(self.HOPS)])
+                       for batch in self.BATCHES]
+        self.expected = self._run(model)
+
+    def _run(self, model: SuperResModel) -> list[torch.Tensor]:
+        outs = []
+        for batch, hops in self.inputs:
+            state = model.new_state(batch)
+            outs += [model.run(state, cond, low, cutoff, noise) for cond, low, noise, cutoff in hops]
+        return outs
+
+    def check(self, model: SuperResModel) -> float:
+        """Seconds per hop after a warm-up pass (compiles, captures); raises if any output is off."""
+        self._run(model)
+        start = time.perf_counter()
+        got = self._run(model)
+        seconds = (time.perf_counter() - start) / len(got)
+        for out, ref in zip(got, self.expected, strict=True):
+            err, peak = (out - ref).abs().max().item(), ref.abs().max().item()
+            if not err <= self.TOLERANCE * peak:
+                raise BackendUnavailable(f"differs from eager by {err:.3g} (peak {peak:.3g})")
+        return seconds

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +180,95 @@ def test_a_fixed_shape_session_that_cannot_be_made_leaves_the_dynamic_one(onnx_c
         for thread in list(run.making.values()):
             thread.join()
     assert not run.making and run.session_for(1, 4) is run.dynamic
+
+
+def _hop_inputs(batch: int, frames: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    cond, low, noise = (torch.randn(batch, N_MELS, frames, generator=g) for _ in range(3))
+    return cond, low, 2000 + 10000 * torch.rand(batch, frames, generator=g), noise
+
+
+def test_compile_reuses_one_graph_for_every_batch_size():
+    """Compiled at batch 1 (warm-up), batches 3, 5 and 1 again run without one recompile (on an
+    H200 the batch size changing hit dynamo's recompile limit) and equal eager within 1e-4."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, compiled = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
+    assert apply_backend(compiled, "compile") == "compile"
+    for i, batch in enumerate((1, 3, 5, 1)):
+        states = compiled.new_state(batch), eager.new_state(batch)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            for hop in range(2):  # the state carried from hop to hop
+                inputs = _hop_inputs(batch, seed=10 * i + hop)
+                got, ref = compiled.run(states[0], *inputs), eager.run(states[1], *inputs)
+                assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_a_replayed_graph_hands_out_copies_of_what_its_next_replay_rewrites(monkeypatch):
+    """`cudagraph`'s networks, with torch.compile replaced by a stand-in that does what a CUDA
+    graph replay does to memory (every output, new caches included, in one buffer per graph,
+    rewritten by the next call: the next sampler step's, the next hop's), still equal eager
+    over several hops (the FiLM memory and the caches kept across replays)."""
+    def graph(net, **options):
+        buffers: dict[str, torch.Tensor] = {}
+
+        def pinned(key: str, t: torch.Tensor) -> torch.Tensor:
+            buf = buffers.setdefault(key, torch.empty(0))
+            return buf.resize_(t.shape).copy_(t)
+
+        def replay(*args, **kwargs):
+            out = net(*args, **kwargs)
+            for cache in (a for a in args if isinstance(a, dict)):
+                cache.update({key: pinned(key, t) for key, t in cache.items()})
+            return pinned("out", out)
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", graph)
+    eager, replayed = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
+    replayed.denoiser = backends.Compiled(replayed.denoiser, "reduce-overhead")
+    replayed.vocoder = backends.Compiled(replayed.vocoder, "reduce-overhead")
+    states = replayed.new_state(2), eager.new_state(2)
+    for hop in range(3):
+        inputs = _hop_inputs(2, seed=hop)
+        torch.testing.assert_close(replayed.run(states[0], *inputs), eager.run(states[1], *inputs))
+
+
+def test_auto_on_cuda_takes_the_fastest_candidate_that_matches_eager(monkeypatch, caplog):
+    """Where candidates are timed (CUDA; mocked here), `auto` runs each, refuses one whose output
+    is off by 1 % or that fails, and takes the fastest of the rest, not the first in order."""
+    def fake_apply(model, name):
+        if name == "broken":
+            raise BackendUnavailable("no such device")
+        if name == "wrong":  # fastest, and 1 % off
+            model.vocoder = _Altered(model.vocoder, scale=1.01)
+        else:
+            model.denoiser = _Altered(model.denoiser, sleep={"fast": 0.001, "eager": 0.01}[name])
+
+    monkeypatch.setattr(backends, "measures", lambda device: True)
+    monkeypatch.setattr(backends, "auto_order", lambda device: ("broken", "wrong", "eager", "fast"))
+    monkeypatch.setattr(backends, "_apply", fake_apply)
+    model = SuperResModel.random()
+    with caplog.at_level(logging.INFO, logger="rtsr.backends"):
+        assert apply_backend(model, "auto") == "fast"
+    assert model.denoiser.sleep == 0.001
+    assert "broken unavailable" in caplog.text and "wrong unavailable" in caplog.text
+    assert "differs from eager" in caplog.text and "-> fast" in caplog.text
+    eager = SuperResModel.random()
+    inputs = _hop_inputs(2)
+    torch.testing.assert_close(model.run(model.new_state(2), *inputs), eager.run(eager.new_state(2), *inputs))
+
+
+class _Altered:
+    """A network as a backend stand-in: slower by `sleep` seconds a call, its output scaled."""
+
+    def __init__(self, net, sleep: float = 0.0, scale: float = 1.0):
+        self.net, self.sleep, self.scale = net, sleep, scale
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(self.sleep)
+        return self.net(*args, **kwargs) * self.scale
+
+    def __getattr__(self, name: str):
+        return getattr(self.net, name)
