@@ -90,6 +90,20 @@ def sample(net: Denoiser, noise: torch.Tensor, cond: torch.Tensor, mask: torch.T
     return z
 
 
+def prepare(net: Denoiser, steps: int) -> None:
+    """Make now (at load) what a sampler of `steps` steps computes once, each step's FiLM and
+    DDIM coefficients (the regression's FiLM at t=0 for `steps` = 0), so no hop computes them,
+    the first one included (a hop captured as a CUDA graph must not)."""
+    if not steps:
+        net.step_film(0.0)
+        return
+    times = step_times(steps)
+    for t in times:
+        _alpha_sigma_float(t)
+    for t in times[:-1]:
+        net.step_film(t)
+
+
 def distill_target(z: torch.Tensor, z_next2: torch.Tensor, t: torch.Tensor,
                    t_next2: torch.Tensor) -> torch.Tensor:
     """v that takes a student from z_t to the teacher's z after two of its steps, in one step."""

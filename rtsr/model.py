@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import rtsr.models
 from rtsr.bank import ModelState, Slot, StateBank
 from rtsr.features import HOP, N_FFT, N_MELS, SR, mel_centers
-from rtsr.models.diffusion import sample
+from rtsr.models.diffusion import prepare, sample
 from rtsr.models.nets import Denoiser, Vocoder, init_cache, polar_parts
 
 BUNDLED = Path(rtsr.models.__file__).resolve().parent  # the shipped weights live beside the code
@@ -47,6 +47,7 @@ class SuperResModel:
         self._bank: StateBank | None = None
         # mel band centres on the device once, not uploaded from numpy every hop
         self._centers = torch.from_numpy(mel_centers()).to(device)
+        prepare(self.denoiser, steps)
 
     @property
     def bank(self) -> StateBank:

@@ -75,7 +75,8 @@ def test_auto_falls_back_with_a_reason(monkeypatch, caplog):
     assert model.denoiser is den  # the failed candidate left nothing behind
 
 
-@pytest.mark.skipif(not os.environ.get("RTSR_SLOW"), reason="Inductor compiles for minutes on 2 cores; RTSR_SLOW=1")
+@pytest.mark.skipif(not os.environ.get("RTSR_SLOW"),
+                    reason="Inductor compiles offline hops' graphs too: ~45 s cold on 2 cores; RTSR_SLOW=1")
 def test_compile_matches_eager():
     x = (0.05 * np.random.default_rng(0).standard_normal(8000)).astype(np.float32)
     ref = Upscaler(SuperResModel.random()).upscale(x, 16000)
