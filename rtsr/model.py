@@ -120,7 +120,8 @@ class SuperResModel:
 
         cond: (B, mels, T) LR log-mel `lookahead` frames ahead of the output frames; low: the LR
         log-mel of the output frames themselves; cutoff: (T,) or (B, T) Hz per frame; noise:
-        (B, mels, T). Returns (B, T, bins) complex.
+        (B, mels, T). Returns (B, T, bins) complex, on the CPU: that copy is the hop's one host
+        sync (`hop` itself makes none).
         """
         dev = self.device
         re, im = self.hop(state, cond.to(dev), low.to(dev), cutoff.to(dev), noise.to(dev))
