@@ -199,6 +199,8 @@ def test_bench_quality_on_a_small_eval_folder(capsys, tiny_model_dir, tmp_path):
     assert r["rows"][0]["lsd_vs_sinc"] == 1.0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["naive-12-db-oct", "sinc", "tiny-2-steps"]
     assert sf.info(tmp_path / "out" / "tiny-2-steps" / "speech_a_8000.wav").samplerate == 48000
+    assert main(["bench", "quality", "--eval", str(ev), "--model", str(tiny_model_dir)]) == 0  # the table too
+    assert "| ViSQOL |" not in capsys.readouterr().out
 
 
 def test_bench_quality_visqol(capsys, tiny_model_dir, tmp_path):
