@@ -321,7 +321,8 @@ def table(rows: list[dict]) -> str:
         ["kind", "input Hz", "system", "in-band LSD", "in-band / sinc", *["ViSQOL"] * vq, "LSD", "LSD / sinc",
          "LSD HF / sinc", "LSD LF", "low-band SNR dB (steep)", "HF envelope corr", "HF flatness / ref", "max lag"],
         [[r["kind"], r["sr"], r["system"], f"{r['lsd_inband']:.3f}", f"{r['lsd_inband_vs_sinc']:.3f}",
-          *([f"{r['visqol']:.2f}"] if vq else []), f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}", f"{r['lsd_hf_vs_sinc']:.3f}",
+          *([f"{r['visqol']:.2f}"] if vq else []), f"{r['lsd']:.3f}", f"{r['lsd_vs_sinc']:.3f}",
+          f"{r['lsd_hf_vs_sinc']:.3f}",
           f"{r['lsd_lf']:.3f}", f"{r['snr_lowband_steep_db']:.1f}", f"{r['hf_envelope_corr']:.2f}",
           f"{r['hf_flatness_ratio']:.2f}", r["max_abs_lag"]]
          for r in rows]))
