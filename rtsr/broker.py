@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from rtsr import protocol as P
-from rtsr.curve import CurveKeyError, add_curve_argument, curve_keys, peer_is_admin, warn_if_open
+from rtsr.curve import CurveKeyError, add_curve_argument, beyond_loopback, curve_keys, peer_is_admin, warn_if_open
 from rtsr.flow import FlowControl
 from rtsr.transport import (
     FLUSH_S,
@@ -37,12 +37,11 @@ from rtsr.transport import (
     POLL_S,
     Transport,
     attach,
-    beyond_loopback,
     drain,
     nbytes,
+    not_reading_notices,
     own_routing_ids,
     router_sender,
-    unanswered,
 )
 
 log = logging.getLogger("rtsr.broker")
@@ -225,16 +224,12 @@ class Broker:
 
     def _drop_slow_clients(self) -> None:
         for client, reason in self.to_clients.overdue():
-            notices = {sid: P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid, closed=True)
-                       for sid in self._release_client(client, reason)}
-            for sid, (first, last) in unanswered([[b"", *r] for r in self.to_clients.unsent(client)] +
-                                                 self.to_clients.take_held(client)).items():
-                e = notices.setdefault(sid, P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid,
-                                                            closed=True))
-                e.seq, e.extra["last_seq"] = first, last
+            notices = not_reading_notices(dict.fromkeys(self._release_client(client, reason)),
+                                          self.to_clients.unsent(client),
+                                          self.to_clients.take_held(client), reason)
             log.warning("client %s is not reading its replies (%s): dropped %d streams", client.hex(), reason,
                         len(notices))
-            self.to_clients.dropped(client, [P.encode(e.header()) for e in notices.values()])
+            self.to_clients.dropped(client, notices)
 
     def _release_client(self, client: bytes, reason: str | None) -> list[P.StreamId]:
         """Unroute a client's streams and cancel them on their workers; with a reason, remember why."""

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
@@ -35,7 +34,6 @@ from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("rtsr.curve")
 AUTHORIZED, WORKERS, ADMINS = "authorized", "workers", "admins"
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 ServerRole = Literal["clients", "workers"]  # a server socket's ZAP domain
 ClientRole = Literal["client", "worker", "admin"]  # the pair a peer connects with
 LETS_IN: dict[str, tuple[str, ...]] = {"clients": (AUTHORIZED, ADMINS), "workers": (WORKERS,)}
@@ -242,13 +240,21 @@ def add_curve_argument(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"CURVE encryption and authentication with the keys `rtsr keygen DIR` wrote: {what}")
 
 
+def beyond_loopback(endpoint: str) -> bool:
+    """A TCP endpoint that other hosts can reach (ipc and inproc never are; `*` and 0.0.0.0 are)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
 def warn_if_open(endpoint: str, keys: CurveKeys | None, program: str) -> None:
     """A loud warning for a TCP endpoint bound beyond loopback with no keys: anyone who reaches the
     port can use the service, in clear text."""
-    if keys is not None or not endpoint.startswith("tcp://"):
-        return
-    host = urlsplit(endpoint).hostname or endpoint[len("tcp://"):].rsplit(":", 1)[0]
-    if host not in LOOPBACK:
+    if keys is None and beyond_loopback(endpoint):
         log.warning("WARNING: %s listens on %s without --curve-keys: anyone who can reach this port can use "
                     "it, unencrypted. Make keys with `rtsr keygen DIR` and pass --curve-keys DIR.", program, endpoint)
 

@@ -53,11 +53,11 @@ from rtsr.transport import (
     dealer_sender,
     drain,
     nbytes,
+    not_reading_notices,
     own_routing_ids,
     pipeline_endpoint,
     poll_s,
     router_sender,
-    unanswered,
 )
 from rtsr.upscaler import Upscaler
 
@@ -458,14 +458,10 @@ def serve_router(service: Service, endpoint: str = P.DEFAULT_ENDPOINT, t: Transp
 def _drop_slow(service: Service, flow: FlowControl, fair: FairShare, peer: Peer, reason: str) -> None:
     """Drop a client past the bound: each of its streams, and each block it will get no reply
     for (first and last seq, per stream), is told `not_reading` when it reads again."""
-    notices = {e.stream: e for e in service.drop_peer(peer, reason)}
-    for sid, (first, last) in unanswered([[b"", *r] for r in flow.unsent(peer)] + flow.take_held(peer) +
-                                         fair.take_all(peer)).items():
-        e = notices.setdefault(sid, P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid, closed=True))
-        e.seq, e.extra["last_seq"] = first, last
+    streams = {e.stream: e for e in service.drop_peer(peer, reason)}
+    notices = not_reading_notices(streams, flow.unsent(peer), flow.take_held(peer) + fair.take_all(peer), reason)
     log.warning("client %r is past the bound (%s): dropped %d streams", peer, reason, len(notices))
-    flow.dropped(peer, [P.encode(e.header()) for e in notices.values()])
-
+    flow.dropped(peer, notices)
 
 def _gone(service: Service, fair: FairShare, peer: Peer) -> None:
     fair.take_all(peer)

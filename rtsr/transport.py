@@ -26,7 +26,6 @@ MAX_BATCH = 64  # messages taken per poll round
 MAX_DROPPED_REMEMBERED = 4096  # streams whose drop is told on their next message
 RECV_BUDGET = 64 * 1024 * 1024  # bytes ZeroMQ may hold of one peer's unread requests (RCVHWM x largest message)
 _ids_lock = threading.Lock()
-LOOPBACK = {"localhost", "::1"}  # and 127.0.0.0/8
 
 
 @dataclass
@@ -111,14 +110,6 @@ def attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
     return endpoint
 
 
-def beyond_loopback(endpoint: str) -> bool:
-    """A TCP endpoint that other hosts can reach (ipc and inproc never are; `*` and 0.0.0.0 are)."""
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    return host not in LOOPBACK and not host.startswith("127.")
-
-
 def pipeline_endpoint(text: str) -> tuple[str, bool]:
     """'@tcp://...' binds, '>tcp://...' or plain connects (the CZMQ convention)."""
     if text.startswith("@"):
@@ -190,18 +181,33 @@ def own_routing_ids(msgs: list[list[zmq.Frame]], refuse: Callable[[bytes, list],
     return kept
 
 
+def not_reading_notices(streams: dict[P.StreamId, P.ProtocolError | None], unsent: list[list], held: list[list],
+                        reason: str) -> list[list[bytes]]:
+    """What a client dropped past the bound is told: one `not_reading` per stream (`streams`, its
+    notice or None for a plain one, and any other its waiting messages name), with seq..last_seq
+    its blocks among the replies never sent (`unsent`, header first) and the requests never run
+    (`held`, routing id first)."""
+    def plain(sid: P.StreamId) -> P.ProtocolError:
+        return P.ProtocolError(P.NOT_READING, f"stream dropped: {reason}", sid, closed=True)
+    notices = {sid: e or plain(sid) for sid, e in streams.items()}
+    for sid, (first, last) in unanswered([[b"", *r] for r in unsent] + held).items():
+        e = notices.setdefault(sid, plain(sid))
+        e.seq, e.extra["last_seq"] = first, last
+    return [P.encode(e.header()) for e in notices.values()]
+
+
 def asks_stats(frames: list[zmq.Frame]) -> bool:
     """Might this message be a `stats` request? A cheap look before the (costlier) admin check."""
     return bool(frames) and b'"stats"' in frames[0].bytes
 
 
-def unanswered(msgs: list[list], header_at: int = 1) -> dict[P.StreamId, tuple[int, int]]:
+def unanswered(msgs: list[list]) -> dict[P.StreamId, tuple[int, int]]:
     """Audio messages (requests held, or replies never sent) that leave a client without an answer
     -> per stream, the lowest and highest seq among them (they come from several queues)."""
     seqs: dict[P.StreamId, tuple[int, int]] = {}
     for m in msgs:
         try:
-            h = P.decode_header(m[header_at])
+            h = P.decode_header(m[1])
         except (P.ProtocolError, IndexError):
             continue
         if h["type"] in ("audio", "error") and isinstance(h.get("seq"), int):
