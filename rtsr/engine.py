@@ -267,8 +267,7 @@ class Stream:
 
     def next_request(self) -> HopRequest | None:
         """The model inputs of the next ready hop (nothing advances until `complete`)."""
-        if self._failed is not None:
-            raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
+        self._check_not_failed()
         if self.passthrough:
             return None
         if self._pending or self.new_frames() is not None:
@@ -334,9 +333,12 @@ class Stream:
         self._x48 = self._x48[:, keep_from:]
         self._x48_base += keep_from
 
-    def _check_open(self) -> None:
+    def _check_not_failed(self) -> None:
         if self._failed is not None:
             raise RuntimeError(f"stream failed earlier: {self._failed}") from self._failed
+
+    def _check_open(self) -> None:
+        self._check_not_failed()
         if self._finished:
             raise RuntimeError("stream already flushed")
 
