@@ -98,6 +98,10 @@ class Session:
     band: Band | None = None  # the band last reported to the client
     resend_from: int | None = None  # a refused (rate) seq: later ones are refused too until it comes again
 
+    def work_s(self, pcm_bytes: int) -> float:
+        """Seconds of audio, summed over channels, in a PCM frame of this length (nothing decoded)."""
+        return P.pcm_frames(pcm_bytes, self.spec.dtype, self.spec.channels) * self.spec.channels / self.spec.sr
+
 
 @dataclass
 class Job:
@@ -173,7 +177,7 @@ class Service:
         s = self.sessions.get((peer, h.get("stream")))
         if h.get("type") != "audio" or s is None or len(frames) < 2:
             return 0.0
-        return len(frames[1]) / (P.DTYPES[s.spec.dtype].itemsize * s.spec.sr)
+        return s.work_s(len(frames[1]))
 
     def expire(self) -> list[Reply]:
         """Drop streams idle for longer than the idle timeout; tell their clients (best effort)."""
@@ -301,8 +305,8 @@ class Service:
         if seq is None:
             raise P.ProtocolError(P.BAD_HEADER, "an audio message needs a seq", sid)
         pcm = frames[1] if len(frames) > 1 else b""
-        n = P.pcm_frames(len(pcm), s.spec.dtype, channels)
-        if n * channels > lim.max_block_s * sr:  # judged by length, before decoding
+        if s.work_s(len(pcm)) > lim.max_block_s:  # judged by length, before decoding
+            n = P.pcm_frames(len(pcm), s.spec.dtype, channels)
             raise P.ProtocolError(P.TOO_BIG, f"a block of {n / sr:.3f} s x {channels} channels is more than the "
                                              f"{lim.max_block_s:g} s of audio one message may carry; block not "
                                              "consumed", sid, seq)
