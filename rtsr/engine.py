@@ -118,9 +118,9 @@ def synthesise(streams: list[Stream], requests: list[HopRequest], gen: torch.Ten
     if any(len(w) > 1 for w in weights):
         weights = [np.broadcast_to(w, (n, w.shape[1])) for w in weights]
     w = np.repeat(np.stack(weights), channels, axis=0)
-    merged = merge_low_band(lr, gen, w)
     fill = np.repeat([s.fill_holes for s in streams], channels)
-    if fill.any():
+    merged = merge_low_band(lr, gen, w, fill_holes=bool(fill.all()))  # every row lossy (a lone lossy stream): once
+    if fill.any() and not fill.all():
         merged[fill] = merge_low_band(lr[fill], gen[fill], w[fill], fill_holes=True)
     return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
 
