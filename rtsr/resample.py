@@ -57,7 +57,7 @@ class StreamingResampler:
         if sr_in <= 0 or sr_out <= 0 or channels <= 0:
             raise ValueError("sample rates and channel count must be positive")
         g = gcd(sr_in, sr_out)
-        self.sr_in, self.sr_out, self.channels = sr_in, sr_out, channels
+        self.sr_in, self.sr_out, self.channels, self.quality = sr_in, sr_out, channels, quality
         self.up, self.down = sr_out // g, sr_in // g
         # Equal rates get the identity filter: an exact copy with zero latency through the same path.
         self.h = np.ones(1) if self.up == self.down else design_filter(self.up, self.down, quality)
@@ -99,7 +99,7 @@ class StreamingResampler:
     @property
     def kind(self) -> tuple:
         """Resamplers of one kind share their filter: `process_many` runs them together."""
-        return self.sr_in, self.sr_out, self.channels, len(self.h)
+        return self.sr_in, self.sr_out, self.channels, self.quality
 
     def _take(self, x: np.ndarray) -> int:
         """Append input; the end of the outputs whose inputs have now all arrived."""
