@@ -25,38 +25,86 @@ def polyphase_bank(h: np.ndarray, up: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(taps, up).T[:, ::-1])
 
 
+# Few phases (up <= VERTICAL_MAX_UP: 8, 16, 24, 32 kHz to 48 kHz) give each phase many outputs, which
+# are summed side by side: lanes across outputs, taps in order within each, so no reassociation is
+# needed to vectorise and an output's bits never depend on its neighbours. Many phases (44.1 kHz)
+# leave a phase a handful of outputs per block; there each output is one dot product over its taps.
+VERTICAL_MAX_UP = 8
+
+
+@numba.njit(cache=True, nogil=True)
+def _resample_outputs_side_by_side(bank, up, down, d, x, x0, m0, m1, y):
+    taps = bank.shape[1]
+    lo = (m0 * down + d) // up - taps + 1  # the first input any output touches
+    hi = ((m1 - 1) * down + d) // up
+    width = (hi - lo) // down + taps + 2
+    xs = np.zeros((down, width))  # xs[s, i] = x[lo + s + i * down]: each stride class contiguous, zeros outside
+    for i in range(max(lo, x0), min(hi, x0 + len(x) - 1) + 1):
+        rel = i - lo
+        xs[rel % down, rel // down] = x[i - x0]
+    n_out = m1 - m0
+    acc = np.empty((n_out + up - 1) // up)
+    for r in range(min(up, n_out)):
+        t = (m0 + r) * down + d
+        row = bank[t % up]
+        start = t // up - taps + 1 - lo
+        nq = (n_out - r + up - 1) // up  # outputs m0 + r, m0 + r + up, ... share this phase
+        acc[:nq] = 0.0
+        for k in range(taps):
+            b = row[k]
+            j = start + k
+            src = xs[j % down, j // down:j // down + nq]
+            for q in range(nq):
+                acc[q] += b * src[q]
+        for q in range(nq):
+            y[r + q * up] = up * acc[q]
+
+
 # reassoc lets LLVM vectorise the dot products. The summation order then depends only on the trip
 # count, which the streaming caller keeps equal to the whole-signal one, so results stay bit-exact.
-@numba.njit(cache=True, fastmath={"reassoc", "contract"})
-def polyphase_resample(
-    bank: np.ndarray, up: int, down: int, d: int, x: np.ndarray, x0: int, m0: int, m1: int
-) -> np.ndarray:
-    """Outputs [m0, m1) for ``bank = polyphase_bank(h, up)``, d = (len(h) - 1) // 2, as float32.
-
-    ``x`` (frames, channels) holds the inputs from absolute index x0 on. Inputs outside the buffer
-    count as zero, which is exact before the signal start and after its end; the caller must keep
-    every other input an output's row spans (from (m*down + d) // up - bank.shape[1] + 1) buffered.
-    """
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _resample_outputs_one_by_one(bank, up, down, d, x, x0, m0, m1, y):
     taps = bank.shape[1]
-    n, channels = x.shape
-    xt = np.empty((channels, n))  # channel-major float64 copy: contiguous operands for the dots
-    for i in range(n):
-        for c in range(channels):
-            xt[c, i] = x[i, c]
-    y = np.empty((max(m1 - m0, 0), channels), dtype=np.float32)
+    xd = x.astype(np.float64)
     for m in range(m0, m1):
         t = m * down + d
         i_hi = t // up  # newest input with a tap on it
         i_lo = i_hi - taps + 1
         a = max(i_lo, x0)  # first buffered input in the row's span
-        count = max(min(i_hi, x0 + n - 1) - a + 1, 0)
-        row = bank[t - i_hi * up, a - i_lo : a - i_lo + count]
-        for c in range(channels):
-            xc = xt[c, a - x0 : a - x0 + count]
-            s = 0.0
-            for k in range(row.shape[0]):
-                s += row[k] * xc[k]
-            y[m - m0, c] = up * s
+        count = max(min(i_hi, x0 + len(x) - 1) - a + 1, 0)
+        row = bank[t - i_hi * up, a - i_lo:a - i_lo + count]
+        xc = xd[a - x0:a - x0 + count]
+        s = 0.0
+        for k in range(row.shape[0]):
+            s += row[k] * xc[k]
+        y[m - m0] = up * s
+
+
+@numba.njit(cache=True, nogil=True)
+def resample_row(bank: np.ndarray, up: int, down: int, d: int, x: np.ndarray, x0: int, m0: int, m1: int,
+                 y: np.ndarray) -> None:
+    """Outputs [m0, m1) of one channel into y[:m1 - m0] (float32), for ``bank = polyphase_bank(h, up)``,
+    d = (len(h) - 1) // 2; ``x`` (1-D) holds the inputs from absolute index x0 on. Inputs outside the
+    buffer count as zero, which is exact before the signal start and after its end; the caller must
+    keep every other input an output's row spans (from (m*down + d) // up - bank.shape[1] + 1) buffered."""
+    if m1 <= m0:
+        return
+    if up <= VERTICAL_MAX_UP:
+        _resample_outputs_side_by_side(bank, up, down, d, x, x0, m0, m1, y)
+    else:
+        _resample_outputs_one_by_one(bank, up, down, d, x, x0, m0, m1, y)
+
+
+@numba.njit(cache=True, nogil=True)
+def polyphase_resample(
+    bank: np.ndarray, up: int, down: int, d: int, x: np.ndarray, x0: int, m0: int, m1: int
+) -> np.ndarray:
+    """`resample_row` for every channel of ``x`` (frames, channels): outputs (m1 - m0, channels)."""
+    y = np.empty((max(m1 - m0, 0), x.shape[1]), dtype=np.float32)
+    out = np.empty(max(m1 - m0, 0), dtype=np.float32)
+    for c in range(x.shape[1]):
+        resample_row(bank, up, down, d, np.ascontiguousarray(x[:, c]), x0, m0, m1, out)
+        y[:, c] = out
     return y
 
 
