@@ -4,7 +4,7 @@ N live 16 kHz streams are fed one 20 ms block each per round and stepped togethe
 `rtsr serve` steps them (`rtsr.batch.step` over engine Streams, in a new order every round, as
 their blocks come); the model is the shipped model's networks' shapes only (`ShapeStub`: the same
 caches and outputs, no arithmetic), so what is timed is everything around the model call:
-resampling, STFT and log-mel, the band tracker, building the requests, the conv caches' way in and
+resampling, STFT and log-mel (`analyse`), the band tracker, building the requests, the conv caches' way in and
 out of the model call, merge, inverse FFT and overlap-add. That is the per-stream cost that no
 accelerator removes (issue 28). Rounds after `--warmup` (by default past the band tracker's first
 decision, ~1 s, as in a long live call) are timed; the first rounds, while the tracker still
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import signal
 
-from rtsr import batch, engine
+from rtsr import batch
 from rtsr.bench import speech_like
 from rtsr.engine import Stream
 from rtsr.features import N_BINS
@@ -83,9 +83,8 @@ def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = N
     stepped in this many random parts, as a server whose polls find some streams' blocks at a time."""
     model, timer = ShapeStub.like(), Timer()
     model.run_slots = timer.wrap("model_call", model.run_slots)
-    # the stages run for all the streams at once; resampling is the first part of analysis
-    joint = {(module, stage): getattr(module, stage)
-             for module, stage in ((batch, "analyse"), (batch, "synthesise"), (engine, "resample_input"))}
+    # the stages run for all the streams at once; analysis begins with resampling (one intake call)
+    joint = {(batch, stage): getattr(batch, stage) for stage in ("analyse", "synthesise")}
     for (module, stage), fn in joint.items():
         setattr(module, stage, timer.wrap(stage, fn))
     try:
@@ -126,7 +125,6 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
         else:
             warm_s += t2 - t0
     per = 1e6 / (n_streams * n_rounds)
-    timer.spent["analyse"] -= timer.spent.get("resample_input", 0.0)
     stages = {k: round(v * per, 1) for k, v in timer.spent.items()}
     stages["rest"] = round(timed_s * per - sum(stages.values()), 1)
     return {"streams": n_streams, "rounds": n_rounds, "us_per_stream_round": round(timed_s * per, 1),

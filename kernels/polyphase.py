@@ -115,25 +115,3 @@ def polyphase_resample_ref(
     k = np.arange(m0, m1)[:, None] * down + (len(h) - 1) // 2 - np.arange(x0, x0 + len(x))[None, :] * up
     taps = np.where((k >= 0) & (k < len(h)), np.asarray(h, np.float64)[np.clip(k, 0, len(h) - 1)], 0.0)
     return (up * taps @ np.asarray(x, np.float64)).astype(np.float32)
-
-
-@numba.njit(cache=True, nogil=True)
-def polyphase_resample_many(
-    bank: np.ndarray, up: int, down: int, d: int, x: np.ndarray, bounds: np.ndarray, x0: np.ndarray,
-    m0: np.ndarray, m1: np.ndarray
-) -> np.ndarray:
-    """`polyphase_resample` for many streams of one rate and channel count in one call: stream s's
-    inputs are x[bounds[s]:bounds[s + 1]] from absolute index x0[s], its outputs [m0[s], m1[s])
-    follow each other in the result. Each stream goes through `polyphase_resample` itself, so its
-    samples are the same bits as alone; the GIL is released, so callers may split the streams
-    over threads."""
-    total = 0
-    for s in range(len(m0)):
-        total += max(m1[s] - m0[s], 0)
-    y = np.empty((total, x.shape[1]), dtype=np.float32)
-    at = 0
-    for s in range(len(m0)):
-        part = polyphase_resample(bank, up, down, d, x[bounds[s]:bounds[s + 1]], x0[s], m0[s], m1[s])
-        y[at:at + len(part)] = part
-        at += len(part)
-    return y

@@ -30,11 +30,12 @@ import torch
 
 from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
 from rtsr.cutoff import Band, CutoffTracker, as_band
-from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, stft, window
+from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, window
+from rtsr.intake import join as join_intake
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.ola import overlap_add
 from rtsr.model import ModelState, SuperResModel
-from rtsr.resample import StreamingResampler, process_many
+from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
 ACC_SPARE_HOPS = 8  # the overlap-add accumulator grows by this many hops at a time
@@ -125,39 +126,43 @@ def synthesise(streams: list[Stream], requests: list[HopRequest], gen: torch.Ten
     return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
 
 
-def resample_input(streams: Iterable[Stream]) -> None:
-    """Resample every stream's input pushed since the last time to 48 kHz: the streams of one rate
-    and channel count together (`rtsr.resample.process_many`: one kernel call per thread, each
-    stream's samples the bits it gets alone)."""
-    groups: dict[tuple, list[tuple[Stream, np.ndarray]]] = {}
-    for s in streams:
-        if (x := s.take_input()) is not None:
-            groups.setdefault(s.resampler.kind, []).append((s, x))
-    for group in groups.values():
-        out = process_many([s.resampler for s, _ in group], [x for _, x in group])
-        for (s, _), y in zip(group, out, strict=True):
-            s.add_resampled(y)
-
-
 def analyse(streams: Iterable[Stream]) -> None:
-    """STFT, log-mel and band of every frame whose window has fully arrived, in each stream (its
-    input resampled first, `resample_input`): one STFT and one mel projection for all the streams
-    with as many new frames (a server's streams at one block size), each row computed as it would
-    be alone."""
-    streams = list(streams)
-    resample_input(streams)
-    groups: dict[int, list[tuple[Stream, int, int, int]]] = {}
+    """Resample, STFT, log-mel and band of every frame whose window has fully arrived, in each
+    stream: one intake call per input rate and channel count (`rtsr.intake`: the resampler and the
+    framing of every stream in one kernel call), then one FFT and one mel projection for all the
+    streams' frames, each row computed as it would be alone."""
+    groups: dict[object, list[tuple[Stream, np.ndarray, tuple[int, int]]]] = {}
     for s in streams:
-        if (span := s.new_frames()) is not None:
-            groups.setdefault(span[1] - span[0], []).append((s, *span))
-    for group in groups.values():
-        x = np.concatenate([s.x48[:, lo:hi] for s, lo, hi, _ in group])
-        spec = stft(torch.from_numpy(x))  # (rows, frames, bins)
-        mel = log_mel(spec).transpose(1, 2).numpy()
-        spec, row = spec.numpy(), 0
-        for s, _, _, t1 in group:
-            s.add_frames(spec[row:row + s.channels], mel[row:row + s.channels], t1)
-            row += s.channels
+        if (taken := s.take_input()) is not None:
+            groups.setdefault(s.intake, []).append((s, *taken))
+    taken: list[tuple[Stream, int]] = []
+    frames = []
+    for bank, group in groups.items():
+        members = [s for s, _, _ in group]
+        new_at = np.zeros(len(group) + 1, np.int64)
+        np.cumsum([len(x) for _, x, _ in group], out=new_at[1:])
+        ends = np.array([end for _, _, end in group], np.int64).reshape(-1, 2)
+        f, counts, made, made_counts = bank.take(np.array([s.row for s in members], np.int64),
+                                                  np.concatenate([x for _, x, _ in group]), new_at, ends[:, 0],
+                                                  ends[:, 1])
+        at = 0
+        for s, m in zip(members, made_counts, strict=True):
+            if s.cutoff.deciding:
+                s.cutoff.feed(made[at:at + m])
+            at += m
+        taken += zip(members, counts.tolist(), strict=True)
+        frames.append(f)
+    f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
+    if f is None or not len(f):
+        return
+    spec = torch.fft.rfft(torch.from_numpy(f), dim=-1)  # (frames, bins), stream by stream, channel by channel
+    mel, spec, at = log_mel(spec).numpy(), spec.numpy(), 0
+    for s, n in taken:
+        rows = s.channels * n
+        if n:
+            s.add_frames(spec[at:at + rows].reshape(s.channels, n, -1),
+                         mel[at:at + rows].reshape(s.channels, n, -1).transpose(0, 2, 1), s._frames + n)
+        at += rows
 
 
 class Stream:
@@ -179,14 +184,11 @@ class Stream:
         self.model, self.input_sr, self.channels, self.seed = model, input_sr, channels, seed
         self.fill_holes = fill_holes
         self.hop_frames = hop // HOP
-        self.resampler = StreamingResampler(input_sr, SR, channels)
         band = as_band(cutoff, input_sr)
         self.cutoff = CutoffTracker(input_sr, channels, band)
         self.slot = model.bank.join(channels, lossy=fill_holes)  # its model state, in the model's bank
         weakref.finalize(self, model.bank.leave, self.slot)
         self._n_in = 0
-        self._x48 = np.zeros((channels, HALF), np.float32)  # frame 0 sees HALF zeros before t=0
-        self._x48_base = -HALF  # absolute 48 kHz index of _x48[:, 0]
         self._frames = 0  # LR frames analysed
         self._pos = 0  # output frames synthesised; the LR buffers below start at this frame
         self._lr_spec = np.zeros((channels, 0, N_FFT // 2 + 1), np.complex64)
@@ -199,6 +201,12 @@ class Stream:
         self._last = 0  # the last frame to synthesise, known once the input has ended
         # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
         self.passthrough = band is not None and band.full
+        if self.passthrough:
+            self.resampler = StreamingResampler(input_sr, SR, channels)
+        else:  # resampler and unframed samples in the rows of a bank shared with the other streams
+            self.intake, self.row = join_intake(self, input_sr, channels)
+        self.filter = self.intake.filter if not self.passthrough else self.resampler.filter
+        self.flush_to = (-1, 0)  # at the end of input: (the resampler's last output, zeros up to)
         self._ready: list[np.ndarray] = []  # finished samples not handed out yet
         self._pending: list[np.ndarray] = []  # input not resampled yet
         self._failed: Exception | None = None
@@ -213,8 +221,8 @@ class Stream:
         the resampler's filter; the sample itself is the one "-1" of the count.
         """
         if self.passthrough:
-            return self.resampler.delay_out
-        return (self.hop_frames + self.model.lookahead) * HOP + HALF - 1 + self.resampler.delay_out
+            return self.filter.delay_out
+        return (self.hop_frames + self.model.lookahead) * HOP + HALF - 1 + self.filter.delay_out
 
     @property
     def model_state(self) -> ModelState:
@@ -258,19 +266,16 @@ class Stream:
         if self.passthrough:
             self._ready.append(self.resampler.flush())
             return
-        resample_input([self])
-        self._append48(self.resampler.flush())
-        self._n_out = self._x48_base + self._x48.shape[1]
+        self._n_out = self.filter.total_out(self._n_in)
         self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
-        need = (self._last + self.model.lookahead) * HOP + HALF
-        self._append48(np.zeros((max(need - self._n_out, 0), self.channels), np.float32))
+        self.flush_to = (self._n_out, (self._last + self.model.lookahead) * HOP + HALF)
 
     def next_request(self) -> HopRequest | None:
         """The model inputs of the next ready hop (nothing advances until `complete`)."""
         self._check_not_failed()
         if self.passthrough:
             return None
-        if self._pending or self.new_frames() is not None:
+        if self._pending or self.flush_to[0] >= 0:
             analyse([self])
         la = self.model.lookahead
         ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
@@ -291,36 +296,17 @@ class Stream:
         `feed`, `flush`, `rtsr.batch.step`). Only reads, so another thread may ask (rtsr live)."""
         return self.cutoff.current
 
-    def take_input(self) -> np.ndarray | None:
-        """The input pushed since the last call, (frames, channels), to be resampled; None if none."""
-        if not self._pending or self._failed is not None:
+    def take_input(self) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """For `analyse`: the input pushed since the last call, (frames, channels), and the end of
+        the stream if it came since (`flush_to`, else (-1, 0)); None if neither came."""
+        end, self.flush_to = self.flush_to, (-1, 0)
+        if self._failed is not None or self.passthrough or not (self._pending or end[0] >= 0):
             return None
+        if not self._pending:
+            return np.zeros((0, self.channels), np.float32), end
         x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending = []
-        return x
-
-    def add_resampled(self, y: np.ndarray) -> None:
-        """Take the resampler's output for `take_input`'s input."""
-        self._append48(y)
-
-    def _append48(self, y: np.ndarray) -> None:
-        if len(y):
-            self._x48 = np.concatenate([self._x48, y.T], axis=1)
-            self.cutoff.feed(y)
-
-    @property
-    def x48(self) -> np.ndarray:
-        """(channels, samples) of the 48 kHz signal not analysed yet (`new_frames` says where)."""
-        return self._x48
-
-    def new_frames(self) -> tuple[int, int, int] | None:
-        """Where the frames whose windows have fully arrived since the last analysis lie in `x48`
-        (first column, end column) and the frame count once they are analysed; None if none has."""
-        end = self._x48_base + self._x48.shape[1]
-        t1 = (end - HALF) // HOP + 1 if end >= HALF else 0
-        if self.passthrough or self._failed is not None or t1 <= self._frames:
-            return None
-        return self._frames * HOP - HALF - self._x48_base, (t1 - 1) * HOP + HALF - self._x48_base, t1
+        return x, end
 
     def add_frames(self, spec: np.ndarray, mel: np.ndarray, t1: int) -> None:
         """Take the analysis of the frames up to t1: spectra (channels, frames, bins), log-mel
@@ -329,9 +315,6 @@ class Stream:
         self._lr_mel = np.concatenate([self._lr_mel, mel], axis=2)
         self._cut = np.concatenate([self._cut, self.cutoff.rows(self._frames, t1)])
         self._frames = t1
-        keep_from = t1 * HOP - HALF - self._x48_base
-        self._x48 = self._x48[:, keep_from:]
-        self._x48_base += keep_from
 
     def _check_not_failed(self) -> None:
         if self._failed is not None:

@@ -5,8 +5,7 @@ same samples as the whole signal: each output is emitted only once every input i
 arrived, and is then computed by the same kernel over the same taps in the same order.
 """
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from math import ceil, gcd, pi
@@ -14,13 +13,9 @@ from typing import Literal
 
 import numpy as np
 
-from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample, polyphase_resample_many
+from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample
 
 Quality = Literal["medium", "high", "very_high"]
-STREAMS_PER_THREAD = 32  # process_many hands a thread at least this many streams (~0.8 ms of kernel)
-# threads process_many may use: a core is left to the rest of the process (on 2 cores shared with a
-# model and other work, a second thread measured 0.82x: slower, not faster)
-THREADS = max((os.cpu_count() or 1) - 1, 1)
 
 # quality -> (cutoff as a fraction of the lower Nyquist, nominal stopband attenuation in dB). The
 # transition band is centred on the cutoff and ends at the lower Nyquist, so nothing at or above it
@@ -50,30 +45,61 @@ def design_filter(up: int, down: int, quality: Quality = "high") -> np.ndarray:
     return h / h.sum()
 
 
-class StreamingResampler:
-    """Block-wise sr_in -> sr_out polyphase resampler that keeps only the input history it still needs."""
+@dataclass(frozen=True)
+class Filter:
+    """One rate pair's polyphase filter: `bank` = polyphase_bank(h, up), centred at d."""
 
-    def __init__(self, sr_in: int, sr_out: int = 48000, channels: int = 1, quality: Quality = "high"):
-        if sr_in <= 0 or sr_out <= 0 or channels <= 0:
-            raise ValueError("sample rates and channel count must be positive")
-        g = gcd(sr_in, sr_out)
-        self.sr_in, self.sr_out, self.channels, self.quality = sr_in, sr_out, channels, quality
-        self.up, self.down = sr_out // g, sr_in // g
-        # Equal rates get the identity filter: an exact copy with zero latency through the same path.
-        self.h = np.ones(1) if self.up == self.down else design_filter(self.up, self.down, quality)
-        self._d = (len(self.h) - 1) // 2
-        self._bank = polyphase_bank(self.h, self.up)
-        self.reset()
+    up: int
+    down: int
+    h: np.ndarray
+    bank: np.ndarray
+    d: int
 
     @property
     def lookahead_in(self) -> int:
         """Input samples past an output's own time that must arrive before it can be computed."""
-        return -(-self._d // self.up)
+        return -(-self.d // self.up)
 
     @property
     def delay_out(self) -> int:
         """The same look-ahead in output samples: the latency this stage adds to a live stream."""
-        return -(-self._d // self.down)
+        return -(-self.d // self.down)
+
+    def total_out(self, n_in: int) -> int:
+        """A whole stream's output length: round(n_in * sr_out / sr_in) (Python rounding, ties to even)."""
+        return round(Fraction(n_in * self.up, self.down))
+
+
+@cache
+def rate_filter(sr_in: int, sr_out: int = 48000, quality: Quality = "high") -> Filter:
+    """The filter of a rate pair, designed once per process. Equal rates get the identity filter:
+    an exact copy with zero latency through the same path."""
+    if sr_in <= 0 or sr_out <= 0:
+        raise ValueError("sample rates must be positive")
+    g = gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g
+    h = np.ones(1) if up == down else design_filter(up, down, quality)
+    return Filter(up, down, h, polyphase_bank(h, up), (len(h) - 1) // 2)
+
+
+class StreamingResampler:
+    """Block-wise sr_in -> sr_out polyphase resampler that keeps only the input history it still needs."""
+
+    def __init__(self, sr_in: int, sr_out: int = 48000, channels: int = 1, quality: Quality = "high"):
+        if channels <= 0:
+            raise ValueError("the channel count must be positive")
+        f = rate_filter(sr_in, sr_out, quality)
+        self.sr_in, self.sr_out, self.channels, self.quality = sr_in, sr_out, channels, quality
+        self.filter, self.up, self.down, self.h, self._d, self._bank = f, f.up, f.down, f.h, f.d, f.bank
+        self.reset()
+
+    @property
+    def lookahead_in(self) -> int:
+        return self.filter.lookahead_in
+
+    @property
+    def delay_out(self) -> int:
+        return self.filter.delay_out
 
     def reset(self) -> None:
         """Start a new stream: forget the history and restart absolute sample counting at zero."""
@@ -91,15 +117,9 @@ class StreamingResampler:
         The stream's total output is exactly round(n_in * sr_out / sr_in) samples (Python rounding,
         ties to even), whatever the block sizes were.
         """
-        total = round(Fraction(self._n_in * self.up, self.down))
-        y = self._emit(total)
+        y = self._emit(self.filter.total_out(self._n_in))
         self.reset()
         return y
-
-    @property
-    def kind(self) -> tuple:
-        """Resamplers of one kind share their filter: `process_many` runs them together."""
-        return self.sr_in, self.sr_out, self.channels, self.quality
 
     def _take(self, x: np.ndarray) -> int:
         """Append input; the end of the outputs whose inputs have now all arrived."""
@@ -129,40 +149,6 @@ class StreamingResampler:
         self._m_next = m_end
         oldest = (m_end * self.down + self._d) // self.up - self._bank.shape[1] + 1
         self._hist = self._hist[min(max(oldest - base, 0), len(self._hist)) :]
-
-
-def process_many(resamplers: list[StreamingResampler], blocks: list[np.ndarray]) -> list[np.ndarray]:
-    """`process` for many streams of one kind (`StreamingResampler.kind`) at once: their kernels run
-    in one call per thread, with the GIL released, the streams split over the machine's cores
-    when there are enough of them. Each stream gets the very bits `process` would give it."""
-    first = resamplers[0]
-    if any(r.kind != first.kind for r in resamplers):
-        raise ValueError("process_many runs resamplers of one kind (rates, channels, filter)")
-    ends = np.array([r._take(x) for r, x in zip(resamplers, blocks, strict=True)])
-    starts = np.array([r._m_next for r in resamplers])
-    x0 = np.array([r._base for r in resamplers])
-    bounds = np.cumsum([0, *(len(r._hist) for r in resamplers)])
-    packed = np.concatenate([r._hist for r in resamplers])
-
-    def run(lo: int, hi: int) -> np.ndarray:
-        return polyphase_resample_many(first._bank, first.up, first.down, first._d, packed, bounds[lo:hi + 1],
-                                       x0[lo:hi], starts[lo:hi], ends[lo:hi])
-
-    cuts = np.linspace(0, len(resamplers), _threads(len(resamplers)) + 1).astype(int)
-    parts = list(_pool().map(run, cuts[:-1], cuts[1:])) if len(cuts) > 2 else [run(0, len(resamplers))]
-    y = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    for r, m_end in zip(resamplers, ends, strict=True):
-        r._advance(int(m_end))
-    return np.split(y, np.cumsum(ends - starts)[:-1])
-
-
-def _threads(streams: int) -> int:
-    return max(1, min(THREADS, streams // STREAMS_PER_THREAD))
-
-
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(THREADS, thread_name_prefix="rtsr-resample")
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int = 48000) -> np.ndarray:

@@ -134,27 +134,55 @@ def test_rejects_wrong_channel_count() -> None:
         StreamingResampler(16000, channels=2).process(np.zeros((10, 1), np.float32))
 
 
-@pytest.mark.parametrize("threads", [3, 1])
-def test_many_streams_at_once_are_the_bits_of_each_alone(monkeypatch, threads: int) -> None:
-    """process_many (on threads of their own, or all in one call) == process, stream by stream."""
-    import rtsr.resample as rs
+@pytest.mark.parametrize("sr_in", [16000, 44100])
+def test_the_intake_bank_resamples_each_stream_to_the_bits_it_gets_alone(sr_in: int) -> None:
+    """Streams in one bank, fed random blocks in one call per round (some ending on the way): each
+    stream's 48 kHz samples are StreamingResampler's bits, its frames the STFT's windowed frames of
+    them (HALF zeros first), and a row left is given to the next stream clean."""
+    import gc
 
-    monkeypatch.setattr(rs, "STREAMS_PER_THREAD", 1)
-    monkeypatch.setattr(rs, "THREADS", threads)
-    rs._pool.cache_clear()
+    import torch
+
+    from rtsr.engine import Stream  # noqa: F401  (the engine's imports, as a stream makes a bank)
+    from rtsr.features import stft
+    from rtsr.intake import HALF, IntakeBank
+
     rng = np.random.default_rng(7)
-    xs = [rng.standard_normal((8000, 2)).astype(np.float32) for _ in range(5)]
-    together = [StreamingResampler(16000, 48000, 2) for _ in xs]
-    alone = [StreamingResampler(16000, 48000, 2) for _ in xs]
-    pos = [0] * len(xs)
-    for _ in range(12):
-        blocks = []
-        for k, x in enumerate(xs):
-            n = int(rng.choice([0, 1, int(rng.integers(2, 900))]))
-            blocks.append(x[pos[k]:pos[k] + n])
-            pos[k] += n
-        got = rs.process_many(together, blocks)
-        for a, b, y in zip(alone, blocks, got, strict=True):
-            np.testing.assert_array_equal(y, a.process(b))
-    with pytest.raises(ValueError, match="one kind"):
-        rs.process_many([StreamingResampler(16000), StreamingResampler(8000)], [xs[0][:10, :1]] * 2)
+    bank = IntakeBank(sr_in, 2)
+
+    def run(n_streams: int) -> None:
+        rows = np.array([bank.join() for _ in range(n_streams)])
+        xs = [rng.standard_normal((int(rng.integers(1, 9000)), 2)).astype(np.float32) for _ in rows]
+        alone = [StreamingResampler(sr_in, 48000, 2) for _ in rows]
+        made = [[] for _ in rows]
+        frames = [[] for _ in rows]
+        pos, ended = [0] * n_streams, [False] * n_streams
+        while not all(ended):
+            blocks, ends = [], []
+            for k, x in enumerate(xs):
+                n = 0 if ended[k] else int(rng.choice([0, 1, int(rng.integers(2, 900))]))
+                blocks.append(x[pos[k]:pos[k] + n])
+                pos[k] += n
+                end = not ended[k] and pos[k] >= len(x)
+                ends.append((alone[k].filter.total_out(len(x)), 0) if end else (-1, 0))
+                ended[k] = ended[k] or end
+            new_at = np.cumsum([0, *(len(b) for b in blocks)])
+            ends = np.array(ends, np.int64)
+            f, counts, y, y_counts = bank.take(rows, np.concatenate(blocks), new_at, ends[:, 0], ends[:, 1])
+            for k, (b, (m_end, _)) in enumerate(zip(blocks, ends, strict=True)):
+                want = np.concatenate([alone[k].process(b), alone[k].flush() if m_end >= 0 else np.zeros((0, 2))])
+                got = y[y_counts[:k].sum():y_counts[:k + 1].sum()]
+                np.testing.assert_array_equal(got, want)
+                made[k].append(got)
+                at = 2 * counts[:k].sum()
+                frames[k].append(f[at:at + 2 * counts[k]].reshape(2, counts[k], f.shape[1]))
+        for k, row in enumerate(rows):
+            x48 = np.concatenate([np.zeros((2, HALF), np.float32), np.concatenate(made[k]).T], axis=1)
+            spec = np.fft.rfft(np.concatenate(frames[k], axis=1), axis=-1)
+            ref = stft(torch.from_numpy(x48)).numpy()
+            np.testing.assert_allclose(spec, ref[:, :spec.shape[1]], atol=1e-4)
+            bank.leave(int(row))
+        gc.collect()
+
+    run(5)
+    run(7)  # rows reused, and the bank grown, with nothing left from the streams before

@@ -1,0 +1,94 @@
+"""The input side of many streams in one call: new samples -> 48 kHz -> windowed analysis frames.
+
+Each channel of a stream is a row of preallocated arrays holding only what is still needed: the
+resampler's recent input (`hist`) and the 48 kHz samples not framed yet (`x48`, absolute index
+`x48_base` of its first column, which is also the resampler's output index). A call takes every
+stream's new input (packed one after another), runs the resampler (`resample_row`, the very kernel
+`StreamingResampler` runs, so the bits are the same), cuts every analysis frame whose window has
+now fully arrived and multiplies it by the window; what is left of each row goes back into it. Per
+stream there is no Python left in the loop, which is what a server with hundreds of streams needs.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from rtsr.kernels.polyphase import resample_row
+
+
+@numba.njit(cache=True, nogil=True)
+def _m_end(n_in: int, m_next: int, up: int, down: int, d: int, given: int) -> int:
+    """The end of the outputs whose inputs have all arrived (or `given`, at the end of a stream)."""
+    if given >= 0:
+        return given
+    return max(m_next, -(-(n_in * up - d) // down))
+
+
+@numba.njit(cache=True, nogil=True)
+def intake(bank: np.ndarray, up: int, down: int, d: int, first_rows: np.ndarray, new: np.ndarray,
+           new_at: np.ndarray, m_end_given: np.ndarray, pad_until: np.ndarray,
+           hist: np.ndarray, hist_len: np.ndarray, n_in: np.ndarray, m_next: np.ndarray,
+           x48: np.ndarray, x48_len: np.ndarray, x48_base: np.ndarray, framed: np.ndarray,
+           window: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stream s (rows first_rows[s] .. + channels) takes new[new_at[s]:new_at[s + 1]] ((frames,
+    channels) at its input rate). m_end_given[s] >= 0: the stream ends, its resampler emits up to
+    there; pad_until[s] > 0: its 48 kHz signal is padded with zeros up to that absolute index.
+
+    Returns (frames (sum over streams of channels x new frames, n_fft): windowed, stream by stream,
+    channel by channel; each stream's new frame count; the 48 kHz samples made, (total, channels),
+    stream by stream; each stream's count of them)."""
+    n_streams, channels = len(first_rows), new.shape[1]
+    n_fft, half, taps = len(window), len(window) // 2, bank.shape[1]
+    made = np.zeros(n_streams, np.int64)
+    new_frames = np.zeros(n_streams, np.int64)
+    for s in range(n_streams):  # first the sizes, so that the outputs are allocated once
+        r = first_rows[s]
+        m_end = _m_end(n_in[r] + new_at[s + 1] - new_at[s], m_next[r], up, down, d, m_end_given[s])
+        made[s] = m_end - m_next[r]
+        end = x48_base[r] + x48_len[r] + made[s]
+        if pad_until[s] > 0:
+            end = max(end, pad_until[s])
+        t1 = (end - half) // hop + 1 if end >= half else 0
+        new_frames[s] = max(t1 - framed[r], 0)
+    frames = np.empty((channels * new_frames.sum(), n_fft), np.float32)
+    samples = np.empty((made.sum(), channels), np.float32)
+    f_at = s_at = 0
+    for s in range(n_streams):
+        k = new_at[s + 1] - new_at[s]
+        for c in range(channels):
+            r = first_rows[s] + c
+            held = hist_len[r]
+            x = np.empty(held + k, np.float32)
+            x[:held] = hist[r, :held]
+            x[held:] = new[new_at[s]:new_at[s + 1], c]
+            n_in[r] += k
+            x0 = n_in[r] - len(x)
+            m_end = m_next[r] + made[s]
+            tail = x48_len[r]
+            size = tail + made[s]
+            if pad_until[s] > 0:
+                size = max(size, pad_until[s] - x48_base[r])
+            y = np.zeros(size, np.float32)
+            y[:tail] = x48[r, :tail]
+            resample_row(bank, up, down, d, x, x0, m_next[r], m_end, y[tail:tail + made[s]])
+            samples[s_at:s_at + made[s], c] = y[tail:tail + made[s]]
+            m_next[r] = m_end
+            oldest = min(max((m_end * down + d) // up - taps + 1 - x0, 0), len(x))  # the inputs later outputs touch
+            if len(x) - oldest > hist.shape[1]:
+                raise ValueError("intake: resampler history over its capacity")
+            hist_len[r] = len(x) - oldest
+            hist[r, :hist_len[r]] = x[oldest:]
+            for j in range(new_frames[s]):
+                at = (framed[r] + j) * hop - half - x48_base[r]
+                frames[f_at + c * new_frames[s] + j] = y[at:at + n_fft] * window
+            keep = (framed[r] + new_frames[s]) * hop - half - x48_base[r] if new_frames[s] else 0
+            if len(y) - keep > x48.shape[1]:
+                raise ValueError("intake: 48 kHz tail over its capacity")
+            x48_len[r] = len(y) - keep
+            x48[r, :x48_len[r]] = y[keep:]
+            x48_base[r] += keep
+            framed[r] += new_frames[s]
+        f_at += channels * new_frames[s]
+        s_at += made[s]
+    return frames, new_frames, samples, made
