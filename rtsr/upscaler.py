@@ -17,9 +17,7 @@ from rtsr.backends import apply_backend
 from rtsr.cutoff import Band, as_band, scan_band
 from rtsr.engine import Stream
 from rtsr.model import SuperResModel, load_model
-
-OFFLINE_HOP_MS = 500.0  # big hops: fewer, larger model calls; identical output to any hop
-OFFLINE_BLOCK = 1 << 18  # input frames fed at a time: bounded memory whatever the length
+from rtsr.offline import OFFLINE_BLOCK, OFFLINE_HOP_MS, Signal, upscale_signals
 
 
 def resolve_device(device: str) -> str:
@@ -82,13 +80,9 @@ class Upscaler:
         holes below the band edge are filled from the model; every other cell there stays x's.
         """
         x = np.asarray(x)
-        mono = x.ndim == 1
         sr = check_rate(sr)
-        frames = _as_frames(x)
-        band = as_band(cutoff, sr) or scan_band(frames, sr)
-        chunks = (frames[i:i + OFFLINE_BLOCK] for i in range(0, len(frames), OFFLINE_BLOCK))
-        y = np.concatenate(list(self.upscale_blocks(chunks, sr, frames.shape[1], band, fill_holes)))
-        return y[:, 0] if mono else y
+        y = upscale_signals(self, [Signal(_as_frames(x), sr, as_band(cutoff, sr), fill_holes)])[0]
+        return y[:, 0] if x.ndim == 1 else y
 
     def upscale_blocks(self, blocks: Iterable[np.ndarray], sr: int, channels: int, band: Band,
                        fill_holes: bool = False) -> Iterator[np.ndarray]:

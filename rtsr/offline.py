@@ -1,0 +1,146 @@
+"""Offline upscaling of whole signals: the live engine's streams, cut and batched for speed.
+
+A signal's band is found from the decoded samples (unless given), then it is cut into long
+segments, and every segment of every signal is a `Stream` with that band fixed; all of them run
+together, one model call per round for all their hops (`rtsr.batch.step`), split over `workers`
+threads. A segment's stream starts `warm_frames` (and the resampler's filter) before the part it
+keeps, more than every network's reach into the past, so by then it computes what a stream over
+the whole signal computes; it ends a few frames past that part, so the kept parts, side by side,
+are the samples of one stream over the whole signal: the same bits (tested). Cutting needs
+frames whose output does not depend on where a stream started: a regression (no noise) or a
+sampler whose noise is scaled to nothing (temperature 0); other models get one segment a signal.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from math import gcd
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rtsr.batch import step
+from rtsr.cutoff import Band, scan_band
+from rtsr.engine import HALF, Stream
+from rtsr.features import HOP, SR
+from rtsr.models.nets import receptive_field
+from rtsr.resample import StreamingResampler, resample
+
+if TYPE_CHECKING:
+    from rtsr.upscaler import Upscaler
+
+OFFLINE_HOP_MS = 500.0  # big hops: fewer, larger model calls; identical output to any hop
+OFFLINE_BLOCK = 1 << 18  # samples fed at a time: bounded memory whatever the length
+WARM_SPARE_FRAMES = 4  # frames of warm-up beyond the receptive field and the analysis window
+MAX_SEGMENT_S = 60.0  # a segment's stream holds this much audio's analysis at most
+MIN_SEGMENT_S = 8.0  # shorter segments would spend more than ~10 % of their compute on warm-up
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One whole signal to upscale: (frames, channels) float32 at `sr`; band None: found from it."""
+
+    x: np.ndarray
+    sr: int
+    band: Band | None = None
+    fill_holes: bool = False
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stream over input samples [start, end) of one signal, flushed at `end`; it hands out the
+    output of [keep, stop). `start` and `keep` fall on 5 ms frames of the output (see `plan`)."""
+
+    signal: int
+    start: int
+    keep: int
+    stop: int
+    end: int
+
+    def kept(self, y: np.ndarray, sr: int) -> np.ndarray:
+        """The part of the stream's output `y` this segment hands out."""
+        at = self.start * SR // sr
+        return y[self.keep * SR // sr - at:round(self.stop * SR / sr) - at]
+
+
+def warm_frames(up: Upscaler) -> int:
+    """Frames a segment's stream runs before the part it keeps: every network's past reach (each
+    sampler step's denoiser, then the vocoder), the conditioning's look-ahead, one analysis window."""
+    m = up.model
+    reach = max(m.steps, 1) * receptive_field(m.denoiser) + receptive_field(m.vocoder)
+    return reach + m.lookahead + HALF // HOP + WARM_SPARE_FRAMES
+
+
+def cuttable(up: Upscaler) -> bool:
+    """Whether a frame's output is the same wherever its stream started (see the module's note)."""
+    return up.model.steps == 0 or up.model.temperature == 0
+
+
+def plan(signal: int, n: int, sr: int, up: Upscaler, parts: int) -> list[Segment]:
+    """The segments of `signal` (n samples at sr): about `parts` of them, MIN_SEGMENT_S to
+    MAX_SEGMENT_S long, or one whole if the model's output depends on where a stream starts.
+
+    A stream started at input sample s computes what a stream over the whole signal does once
+    its resampler, analysis and networks have seen enough (`warm_frames` and the resampler's
+    filter), if s lands on an output frame: s * 48000 / sr a multiple of HOP, i.e. s a multiple
+    of sr / gcd(sr, 200) (its resampler then also starts on the same filter phase). The last
+    segment's stream also starts on a hop of a whole stream: ONNX Runtime's matrix products give
+    other bits for a hop of a few frames than for the same frames in a longer one."""
+    if not cuttable(up) or n == 0:
+        return [Segment(signal, 0, 0, n, n)]
+    unit = sr // gcd(sr, SR // HOP)
+    reach = StreamingResampler(sr, SR, 1).lookahead_in
+    warm = -(-(warm_frames(up) * HOP * sr // SR + 2 * reach) // unit) * unit
+    tail = ((up.model.lookahead + 1) * HOP + HALF) * sr // SR + 2 * reach + unit
+    lo, hi = round(MIN_SEGMENT_S * sr / unit), round(MAX_SEGMENT_S * sr / unit)
+    length = min(max(-(-n // (max(parts, 1) * unit)), lo), hi) * unit
+    bounds = [*range(0, n, length), n]
+    segs = [Segment(signal, max(a - warm, 0), a, b, min(b + tail, n)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    hop = round(OFFLINE_HOP_MS * SR / 1000) * sr  # the last one's hops fall where a whole stream's do:
+    hop_unit = hop // gcd(hop, SR)  # its last, short hop is computed with as many frames
+    last = segs[-1]
+    return [*segs[:-1], replace(last, start=max(last.start // hop_unit * hop_unit, 0))]
+
+
+def upscale_signals(up: Upscaler, signals: list[Signal], rows: int = 1, workers: int = 1) -> list[np.ndarray]:
+    """Each signal's 48 kHz output, as one stream over it alone gives it (the same bits), the
+    hops of all of them batched: each signal cut into about `rows` segments, their streams split
+    over `workers` threads (each stream's hops batched with those of its thread's others)."""
+    outs: list[np.ndarray | None] = []
+    jobs: list[tuple[Segment, Signal, Band]] = []
+    for i, sig in enumerate(signals):
+        x = np.ascontiguousarray(sig.x, np.float32)
+        band = sig.band or scan_band(x, sig.sr)
+        if band.full or not x.any():  # only resampled; digital silence stays zeros
+            outs.append(resample(x, sig.sr) if band.full else np.zeros((round(len(x) * SR / sig.sr), x.shape[1]),
+                                                                          np.float32))
+            continue
+        outs.append(None)
+        jobs += [(seg, sig, band) for seg in plan(i, len(x), sig.sr, up, rows)]
+    groups = [jobs[k::workers] for k in range(workers) if jobs[k::workers]]
+    with ThreadPoolExecutor(max(len(groups), 1)) as pool:
+        done = [part for parts in pool.map(lambda g: _run(up, g), groups) for part in parts]
+    for i, out in enumerate(outs):
+        if out is None:
+            outs[i] = np.concatenate([y for seg, y in sorted(done, key=lambda d: d[0].keep) if seg.signal == i])
+    return outs
+
+
+def _run(up: Upscaler, jobs: list[tuple[Segment, Signal, Band]]) -> list[tuple[Segment, np.ndarray]]:
+    """Every segment's stream fed block by block, all their hops in `step`'s batched rounds, then
+    flushed; each segment's kept samples."""
+    streams = [Stream(up.model, sig.sr, sig.x.shape[1], OFFLINE_HOP_MS, up.seed, band, sig.fill_holes)
+               for _, sig, band in jobs]
+    got: list[list[np.ndarray]] = [[] for _ in jobs]
+    longest = max((seg.end - seg.start for seg, *_ in jobs), default=0)
+    for i in range(0, longest, OFFLINE_BLOCK):
+        live = [k for k, (seg, *_) in enumerate(jobs) if i < seg.end - seg.start]
+        for k in live:
+            seg, sig = jobs[k][:2]
+            streams[k].push(sig.x[seg.start + i:min(seg.start + i + OFFLINE_BLOCK, seg.end)])
+        for k, y in zip(live, step([streams[k] for k in live]), strict=True):
+            got[k].append(y)
+    for s, g in zip(streams, got, strict=True):  # alone: a short last hop's bits depend on its batch
+        g.append(s.flush())
+    return [(seg, seg.kept(np.concatenate(g), sig.sr)) for (seg, sig, _), g in zip(jobs, got, strict=True)]
