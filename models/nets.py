@@ -147,15 +147,19 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, channels: int = 160, blocks: int = 8, kernel: int = 5,
-                 dilations: tuple[int, ...] = (1, 2, 4, 8), emb_dim: int = 128, flags: int = 0):
+                 dilations: tuple[int, ...] = (1, 2, 4, 8), emb_dim: int = 128, flags: int = 0, mult: int = 3):
+        """mult: each block's MLP width over `channels` (a wider MLP can grow from a trained
+        narrower one with the same outputs: see rtsr.training.train.load_grown)."""
         super().__init__()
         self.config = dict(channels=channels, blocks=blocks, kernel=kernel,
                            dilations=list(dilations), emb_dim=emb_dim, flags=flags)
+        if mult != 3:  # shipped configs (all mult 3) stay byte-identical
+            self.config["mult"] = mult
         self.emb_dim, self.flags = emb_dim, flags
         self.inp = nn.Conv1d(3 * N_MELS + flags, channels, 1)
         self.emb = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.blocks = nn.ModuleList(
-            ConvNeXtBlock(channels, kernel, dilations[i % len(dilations)], emb_dim=emb_dim)
+            ConvNeXtBlock(channels, kernel, dilations[i % len(dilations)], mult, emb_dim=emb_dim)
             for i in range(blocks))
         self.out_norm = ChannelNorm(channels)
         self.out = nn.Conv1d(channels, N_MELS, 1)

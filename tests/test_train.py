@@ -142,18 +142,29 @@ def test_the_lsd_loss_weighs_bands_by_width_and_frames_by_their_root():
     assert loss(one, "l2") == pytest.approx(4.0 / frames)
 
 
-def test_a_grown_denoiser_starts_where_the_shallower_one_ended():
+@pytest.mark.parametrize("mult", [3, 5])
+def test_a_grown_denoiser_starts_where_the_shallower_one_ended(mult):
+    """Deeper (new blocks as identities) and, with mult 5, wider block MLPs (new units' output
+    weights zero, their input weights random so they learn)."""
     from rtsr.models.nets import Denoiser
 
     torch.manual_seed(0)
-    small, deep = Denoiser(16, 2, kernel=3, emb_dim=16), Denoiser(16, 4, kernel=3, emb_dim=16)
+    small, deep = Denoiser(16, 2, kernel=3, emb_dim=16), Denoiser(16, 4, kernel=3, emb_dim=16, mult=mult)
     load_grown(deep, small.state_dict())
     x, mask, t = torch.randn(1, 80, 12), torch.zeros(1, 80), torch.zeros(1)
     with torch.no_grad():
-        assert torch.equal(deep(torch.zeros_like(x), x, mask, t), small(torch.zeros_like(x), x, mask, t))
+        torch.testing.assert_close(deep(torch.zeros_like(x), x, mask, t), small(torch.zeros_like(x), x, mask, t),
+                                   atol=0, rtol=0 if mult == 3 else 1e-6)
     assert deep.blocks[3].pw1.weight.abs().sum() > 0  # its new blocks are not dead: only their scale is 0
+    new_in, new_out = deep.blocks[0].pw1.weight[48:], deep.blocks[0].pw2.weight[:, 48:]  # hidden units past 48
+    assert (new_in.abs().sum() > 0) == (mult > 3) and not new_out.any()
+    deep(torch.zeros_like(x), x, mask, t).square().mean().backward()
+    assert (deep.blocks[0].pw2.weight.grad[:, 48:].abs().sum() > 0) == (mult > 3)
+    assert deep.config.get("mult", 3) == mult and "mult" not in small.config  # shipped (mult 3) configs unchanged
     with pytest.raises(SystemExit, match="shallower"):
         load_grown(small, deep.state_dict())
+    with pytest.raises(SystemExit, match="narrower"):
+        load_grown(small, Denoiser(16, 2, kernel=3, emb_dim=16, mult=5).state_dict())
 
 
 def test_a_denoiser_grown_with_the_codec_flag_starts_as_it_was_and_can_learn_from_the_flag():
@@ -182,6 +193,7 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
                               batch=2,
                               lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, blocks=8, dilations=(1, 2, 4, 8),
+                              channels=160, mult=3,
                               reg_loss=kind, reg_schedule=schedule, codec_flag=False, init_model=None)
     tr = Trainer(args)
     start = new_denoiser(tr).state_dict()
@@ -211,8 +223,8 @@ def test_regression_stage_grows_the_codec_flag_onto_a_shipped_model(tmp_path):
     shipped_dir = export(plain, basic.vocoder, tmp_path / "plain", "plain", 0, 1.0, {})
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
                               batch=2, lr=0.0, budget_s=0.5, ckpt_s=60.0, log_every=1000, blocks=8,
-                              dilations=(1, 2, 4, 8), reg_loss="l2", reg_schedule="constant", codec_flag=True,
-                              init_model=shipped_dir)
+                              channels=160, mult=3, dilations=(1, 2, 4, 8), reg_loss="l2", reg_schedule="constant",
+                              codec_flag=True, init_model=shipped_dir)
     tr = Trainer(args)
     train_regression(tr, AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0), "regression")
     got, shipped = tr.load("regression"), load_model(str(shipped_dir)).denoiser.state_dict()

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,7 @@ CUTOFF_UNDER_BAND = 0.9  # simulated cutoffs stay this far under the target's ow
 MARGIN = 4800  # samples each side degraded with the crop, then cut: hides FFT wrap-around
 LOOKAHEAD = 1  # conditioning frames the denoiser sees ahead of the frame it denoises
 TEACHER_STEPS = 32
+MIX = {"speech": 0.35, "music": 0.4, "sfx": 0.25}  # each batch's share of each kind
 LSD_EPS = 1e-4  # keeps the root's gradient finite on frames the network already gets right
 
 
@@ -105,6 +107,10 @@ class TargetBand(NamedTuple):
     hz: torch.Tensor
 
 
+# a training batch for the regression stage: HR and LR log-mel, cutoff mask, target band, lossy flag
+Draw = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, TargetBand, torch.Tensor]]
+
+
 @cache
 def mel_tops() -> np.ndarray:
     """The highest frequency (Hz) each mel band's triangle reaches."""
@@ -160,7 +166,8 @@ class Trainer:
         self.device = args.device
         self.frames = args.frames
         self.samples = self.frames * HOP
-        self.bank = DegradationBank(self.samples + 2 * MARGIN, args.bank, args.seed, self.device, args.high_share)
+        self.bank = (DegradationBank(self.samples + 2 * MARGIN, args.bank, args.seed, self.device, args.high_share)
+                     if args.bank else None)  # none when training from cached features
         self.amp = torch.autocast("cuda", torch.bfloat16) if self.device.startswith("cuda") else None
         self.codec: CodecPairs | None = None  # real-codec pairs mixed into batches (--codec-share)
 
@@ -210,17 +217,19 @@ class Trainer:
 
 
 def new_denoiser(tr: Trainer) -> Denoiser:
-    """A denoiser of the run's architecture (`--blocks`, `--dilations`, `--codec-flag`), on the
-    training device."""
-    return Denoiser(blocks=tr.args.blocks, dilations=tr.args.dilations,
-                    flags=int(tr.args.codec_flag)).to(tr.device)
+    """A denoiser of the run's architecture (`--channels`, `--blocks`, `--mult`, `--dilations`,
+    `--codec-flag`), on the training device."""
+    a = tr.args
+    return Denoiser(channels=a.channels, blocks=a.blocks, dilations=a.dilations, flags=int(a.codec_flag),
+                    mult=a.mult).to(tr.device)
 
 
 def load_grown(net: Denoiser, state: dict[str, torch.Tensor]) -> None:
-    """Load a denoiser's weights into `net`, which may have more blocks (`--blocks`) or the codec
-    flag (`--codec-flag`): the blocks the state lacks start as identities (layer scale 0) and the
-    flag's input weights at zero, so the grown network starts exactly where the smaller one ended
-    and trains on from there."""
+    """Load a denoiser's weights into `net`, which may have more blocks (`--blocks`), wider block
+    MLPs (`--mult`) or the codec flag (`--codec-flag`): the blocks the state lacks start as
+    identities (layer scale 0), the new MLP units with zero output weights (their input weights
+    random, so they learn) and the flag's input weights at zero, so the grown network starts
+    exactly where the smaller one ended and trains on from there."""
     own = net.state_dict()
     extra, missing = set(state) - set(own), set(own) - set(state)
     if extra or any(not k.startswith("blocks.") for k in missing):
@@ -230,9 +239,22 @@ def load_grown(net: Denoiser, state: dict[str, torch.Tensor]) -> None:
         raise SystemExit("not a shallower denoiser of this one: the state has the codec flag, this one has not")
     if w.shape[1] < grown:
         state = {**state, "inp.weight": torch.cat([w, w.new_zeros(w.shape[0], grown - w.shape[1], *w.shape[2:])], 1)}
+    state = {k: _widened(v, own[k], k) for k, v in state.items()}
     own.update(state)
     own.update({k: torch.zeros_like(own[k]) for k in missing if k.endswith(".scale")})
     net.load_state_dict(own)
+
+
+def _widened(have: torch.Tensor, want: torch.Tensor, key: str) -> torch.Tensor:
+    """A block MLP's weight or bias grown to `want`'s hidden width: trained units first, then the
+    new ones -- `want`'s own random input weights and biases (pw1), zero output weights (pw2)."""
+    if have.shape == want.shape:
+        return have
+    hidden = 1 if key.endswith("pw2.weight") else 0  # pw2 maps hidden -> channels: its axis 1
+    if ".pw" not in key or have.dim() != want.dim() or have.shape[hidden] > want.shape[hidden]:
+        raise SystemExit(f"not a narrower denoiser of this one: {key} {tuple(have.shape)} -> {tuple(want.shape)}")
+    new = want.narrow(hidden, have.shape[hidden], want.shape[hidden] - have.shape[hidden])
+    return torch.cat([have, torch.zeros_like(new) if hidden else new.to(have)], hidden)
 
 
 def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
@@ -471,35 +493,45 @@ def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
     tr.save("teacher_speech", {"ema": ema.state_dict(), "iters": n})
 
 
-def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
+def train_regression(tr: Trainer, pool: AudioPool | None, name: str, draw: Draw | None = None,
+                     validate: Callable[[Denoiser], float] | None = None) -> None:
     """Go on training the joint stage's regression network alone (no teacher: about half a joint
     step's cost) on the pool's kinds — all of them ("regression") or speech alone
     ("regression_speech", a one-pass `speech` model) — with the same band-aware loss; resumes from
     its own checkpoint. `--reg-schedule cosine` decays the learning rate to zero over the stage's
-    budget (wall time, counted across resumes), to settle a run trained at a constant rate."""
+    budget (wall time, counted across resumes), to settle a run trained at a constant rate.
+    `draw` replaces the pool's batches (cached features: `cached_regression`); `validate`, if
+    given, scores the network at each checkpoint (logged and kept in it)."""
     a = tr.args
+    draw = draw or (lambda: tr.batch(pool, a.batch)[2:])
     net = new_denoiser(tr)
     ck = tr.load(name)
     if ck:
         load_grown(net, ck["net"])
     elif a.init_model:  # a shipped one-pass model's network, e.g. to grow the codec flag onto it
         load_grown(net, load_model(str(a.init_model), tr.device).denoiser.state_dict())
+    elif (joint := tr.load("joint")) is not None:
+        load_grown(net, joint["regression"])
     else:
-        load_grown(net, tr.load("joint")["regression"])
+        log.info("%s: no checkpoint, joint stage or --init-model: a new network", name)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     if ck and "opt" in ck:
         opt.load_state_dict(ck["opt"])
     t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
 
     def checkpoint() -> dict:
-        return {"net": net.state_dict(), "opt": opt.state_dict(), "iters": n, "spent": time.time() - t0,
-                "loss": a.reg_loss, "config": net.config}
+        ck = {"net": net.state_dict(), "opt": opt.state_dict(), "iters": n, "spent": time.time() - t0,
+              "loss": a.reg_loss, "config": net.config}
+        if validate:
+            ck["val"] = validate(net)
+            log.info("%s it %d val %.4f", name, n, ck["val"])
+        return ck
 
     while time.time() - t0 < a.budget_s:
         if a.reg_schedule == "cosine":
             for g in opt.param_groups:
                 g["lr"] = a.lr * 0.3 * cosine_decay((time.time() - t0) / a.budget_s, 0.0)
-        _, _, hr_mel, lr_mel, mask, band, lossy = tr.batch(pool, a.batch)
+        hr_mel, lr_mel, mask, band, lossy = draw()
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             loss = regression_loss(net, x0, cond, mask, band, a.reg_loss, lossy)
@@ -511,6 +543,31 @@ def train_regression(tr: Trainer, pool: AudioPool, name: str) -> None:
             last_ck = time.time()
             tr.save(name, checkpoint())
     tr.save(name, checkpoint())
+
+
+def cached_regression(tr: Trainer, a: argparse.Namespace) -> None:
+    """The regression stage from cached feature pairs (rtsr.training.featcache): no corpus in
+    memory and no degradation per step; validated at each checkpoint on the cache's val split
+    (the mean regression loss over fixed windows, simulated degradations)."""
+    from rtsr.training.featcache import CachedPairs  # it builds on this module's features
+
+    if a.stages != "regression":
+        raise SystemExit("--cache trains the regression stage only: --stages regression")
+    a.budget_s = float(a.budgets)
+    pairs = CachedPairs(a.cache, "train", tr.device, a.seed)
+    val = CachedPairs(a.cache, "val", tr.device, 1234)
+    val_batches = [val.draw(a.batch, a.frames) for _ in range(max(len(val.clean) // a.batch, 1))]
+
+    @torch.no_grad()
+    def validate(net: Denoiser) -> float:
+        losses = [regression_loss(net, *aligned(hr, lr), mask, band, a.reg_loss, lossy).item()
+                  for hr, lr, mask, band, lossy in val_batches]
+        return round(float(np.mean(losses)), 5)
+
+    train_regression(tr, None, "regression", lambda: pairs.draw(a.batch, a.frames, a.codec_share, a.gain_drop),
+                     validate)
+    if a.slim_dir:
+        write_slim(a.out, a.slim_dir)
 
 
 def write_slim(run: Path, dest: Path) -> None:
@@ -536,7 +593,12 @@ def write_slim(run: Path, dest: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, type=Path, help="folder with manifest.jsonl and FLACs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="folder with manifest.jsonl and FLACs")
+    source.add_argument("--cache", type=Path,
+                        help="train the regression stage from cached feature pairs (rtsr.training.featcache)")
+    p.add_argument("--gain-drop", type=float, default=6.0,
+                   help="with --cache: lower each pair by a random 0..this many dB (the cache's pairs vary)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--stages", default="joint",
                    help="comma list of joint, distill, speech, speech-regression, regression")
@@ -566,6 +628,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--codec-pairs", type=int, default=2000, help="how many codec pairs to make (once, at start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocks", type=int, default=8, help="the denoiser's ConvNeXt blocks (its depth)")
+    p.add_argument("--channels", type=int, default=160, help="the denoiser's width (a new width trains from scratch)")
+    p.add_argument("--mult", type=int, default=3,
+                   help="the denoiser's block MLP width over --channels (grows from a narrower one as it was)")
     p.add_argument("--dilations", default="1,2,4,8", type=lambda v: tuple(int(d) for d in v.split(",")),
                    help="the denoiser's dilation cycle over its blocks (sets its receptive field)")
     p.add_argument("--tilt", type=float, default=0.0,
@@ -586,10 +651,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
         log.info("device %s", torch.cuda.get_device_name())
+    if a.cache:
+        a.bank = 0  # degradations are in the cache
     tr = Trainer(a)
-    mix = {"speech": 0.35, "music": 0.4, "sfx": 0.25}
-    pool = AudioPool(a.data, "train", mix, tr.device, a.seed)
-    val = AudioPool(a.data, a.val_split, mix, tr.device, a.seed + 1)
+    if a.cache:
+        cached_regression(tr, a)
+        return
+    pool = AudioPool(a.data, "train", MIX, tr.device, a.seed)
+    val = AudioPool(a.data, a.val_split, MIX, tr.device, a.seed + 1)
     speech = AudioPool(a.data, "train", {"speech": 1.0}, tr.device, a.seed + 2)
     speech_val = AudioPool(a.data, a.val_split, {"speech": 1.0}, tr.device, a.seed + 3)
     if a.codec_share > 0:
