@@ -7,8 +7,11 @@
 
 Latency is given twice: computed from the parameters (`Stream.latency_samples`) and measured by
 pushing impulses through a stream one input sample at a time, so a mistake in either shows up as
-a difference. Every report says which CPU, GPU and thread count produced it: numbers from a
-shared or differently threaded machine are not comparable.
+a difference. Blocks are timed twice too: back to back (how many streams one process can carry),
+and one stream fed each block when it is due, as a sound card delivers it (what `rtsr live` runs
+at: between blocks other work evicts the model's weights from the caches, so on a busy machine a
+paced block costs more). Every report says which CPU, GPU and thread count produced it: numbers
+from a shared or differently threaded machine are not comparable.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import platform
 import resource
 import sys
 from pathlib import Path
-from time import perf_counter
+from time import perf_counter, sleep
 
 import numpy as np
 import torch
@@ -164,11 +167,15 @@ def measure_latency(upscaler: Upscaler, sr: int, hop_ms: float) -> dict:
             "impulse_delays_in": delays, "peak_lags_48k": lags}
 
 
-def time_rounds(streams: list[Stream], x: np.ndarray, block: int) -> np.ndarray:
+def time_rounds(streams: list[Stream], x: np.ndarray, block: int, pace_s: float = 0.0) -> np.ndarray:
     """Seconds per round, a round being every stream fed its next block in turn: a server's
-    callback without batching. Only whole blocks, as a sound card delivers them."""
-    times = []
+    callback without batching. Only whole blocks, as a sound card delivers them; pace_s > 0: a
+    round starts pace_s after the previous one was due (at once if that has passed), as in real time."""
+    times, due = [], perf_counter()
     for i in range(0, len(x) - block + 1, block):
+        if pace_s:
+            sleep(max(due - perf_counter(), 0.0))
+            due += pace_s
         t0 = perf_counter()
         for s in streams:
             s.feed(x[i:i + block])
@@ -216,9 +223,10 @@ def latency_report(args: argparse.Namespace) -> Report:
         if rows[-1]["p99_ms"] > 1000 * hop_s:
             break
     fits = [r["streams"] for r in rows if r["p99_ms"] <= 1000 * hop_s]
+    paced = block_stats(time_rounds([up.stream(sr, x.shape[1], args.hop_ms)], x, block, hop_s), hop_s, 1)
     return {"command": "latency", "model": model_info(up), "input": what, "input_sr": sr, "hop_ms": args.hop_ms,
             "block_samples": block, "latency": latency, "streaming_vs_offline": stream_delta(up, x, sr, args.hop_ms),
-            "repeat": args.repeat, "rows": rows, "max_streams_p99_under_hop": max(fits, default=0)}
+            "repeat": args.repeat, "rows": rows, "max_streams_p99_under_hop": max(fits, default=0), "paced": paced}
 
 
 def render_latency(r: Report) -> str:
@@ -242,6 +250,10 @@ def render_latency(r: Report) -> str:
          for s in r["rows"]])
     lines += ["", f"most streams per process (of 1, 2, 4, ... tried, round-robin, no batching) whose p99 for all "
                   f"streams together stays under the {r['hop_ms']:g} ms hop: {r['max_streams_p99_under_hop']}"]
+    p = r["paced"]
+    lines += ["", f"1 stream fed in real time, a block every {r['hop_ms']:g} ms as a sound card delivers it "
+                  f"(what `rtsr live` runs at): RTF {p['rtf']:.3f}, p50 {p['p50_ms']:.2f} ms, "
+                  f"p99 {p['p99_ms']:.2f} ms, {p['deadline_misses']} deadline misses of {p['blocks']}"]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ machine's load; one test runs the real worker thread against a paced fake device
 """
 
 import importlib.abc
+import json
 import os
 import shutil
 import signal as signals
@@ -18,6 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from rtsr import bench
 from rtsr.cli import main
 from rtsr.engine import Stream
 from rtsr.live import LiveEngine, Passthrough, Ring, choose_rate, stop_signals
@@ -212,6 +214,39 @@ def test_worker_thread_recovers_from_an_injected_stall(model):
     assert not np.isnan(np.concatenate(played)).any()
     assert eng.c.underruns >= 1  # the hang was heard as silence and counted
     assert eng.out.readable <= TARGET + TICK_OUT + HOP_IN * 3  # and the latency came back
+
+
+# --- what `rtsr bench latency` compares live with ------------------------------------------------
+
+
+def test_bench_paces_blocks_as_a_device_delivers_them(monkeypatch):
+    """Live feeds a block every hop and the caches go cold between them; bench timed only back to
+    back, so its RTF was 1.5-2x under live's on the same settings."""
+    clock = [0.0]
+    monkeypatch.setattr(bench, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    fed = []
+
+    class Stream5ms:
+        def feed(self, block):
+            fed.append(clock[0])
+            clock[0] += 0.030 if len(fed) == 3 else 0.005  # the third block overruns its 20 ms
+
+    times = bench.time_rounds([Stream5ms()], np.zeros((100, 1)), 10, pace_s=0.02)
+    assert fed == pytest.approx([0.0, 0.02, 0.04, 0.07, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18])  # late: at once
+    assert times == pytest.approx([0.005, 0.005, 0.03] + [0.005] * 7)
+    fed.clear()
+    bench.time_rounds([Stream5ms()], np.zeros((30, 1)), 10)
+    assert np.diff(fed) == pytest.approx([0.005, 0.005])  # back to back: no waiting
+
+
+def test_bench_latency_reports_the_paced_figure(capsys, tiny_model_dir):
+    argv = ["bench", "latency", "--model", str(tiny_model_dir), "--seconds", "0.3"]
+    assert main([*argv, "--json"]) == 0
+    paced = json.loads(capsys.readouterr().out)["paced"]
+    assert paced["streams"] == 1 and paced["blocks"] == 15 and paced["rtf"] > 0
+    assert main(argv) == 0
+    assert "1 stream fed in real time, a block every 20 ms" in capsys.readouterr().out
 
 
 # --- passthrough: the A/B reference ---------------------------------------------------------------
