@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from scipy import signal
 
-from rtsr import batch
+from rtsr import batch, engine
 from rtsr.bench import speech_like
 from rtsr.engine import Stream
 from rtsr.features import N_BINS
+from rtsr.hopbank import HopBank
 from rtsr.model import SuperResModel, bundled_path
 from rtsr.models.nets import Denoiser, Vocoder
 
@@ -84,7 +85,8 @@ def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = N
     model, timer = ShapeStub.like(), Timer()
     model.run_slots = timer.wrap("model_call", model.run_slots)
     # the stages run for all the streams at once; analysis begins with resampling (one intake call)
-    joint = {(batch, stage): getattr(batch, stage) for stage in ("analyse", "synthesise")}
+    joint = {(module, stage): getattr(module, stage)
+             for module, stage in ((engine, "analyse"), (engine, "synthesise"), (HopBank, "overlap_add"))}
     for (module, stage), fn in joint.items():
         setattr(module, stage, timer.wrap(stage, fn))
     try:
@@ -101,8 +103,6 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
     batch.step([primer])
     del primer  # its slot is free again: the streams below take the bank's rows from the first
     streams = [Stream(model, SR_IN, 1, 20.0, seed=k) for k in range(n_streams)]
-    for s in streams:
-        s.add_output = timer.wrap("overlap_add", s.add_output)
     x = speech_like(SR_IN, (n_rounds + warmup) * BLOCK / SR_IN + 0.1)
     if band_hz:
         x = signal.sosfilt(signal.butter(12, band_hz, fs=SR_IN, output="sos"), x, axis=0).astype(np.float32)

@@ -1,14 +1,15 @@
-"""The streaming engine: one object per stream, one method per stage of the data path.
+"""The streaming engine: a stream's data path, run for many streams at once.
 
-    feed(block) = push (validation; the input waits) + per ready hop: next_request (`analyse`:
-    resampler to 48 kHz, STFT frames, log-mel, cutoff) -> model.run_slots (few-step sampler ->
-    mel low-band replacement -> vocoder; the stream's state in the model's bank) -> complete
-    (`synthesise`: STFT low-band merge, inverse FFT -> `add_output`: overlap-add crossfade) ->
-    finished samples out.
+    feed(block) = push (validation; the input waits) + per ready hop: `analyse` (resampler to
+    48 kHz and framing: one intake kernel call, rtsr.intake; STFT and log-mel; band) ->
+    `run_hops`: model.run_slots (few-step sampler -> mel low-band replacement -> vocoder; each
+    stream's caches in the model's bank, rtsr.bank) -> STFT low-band merge and inverse FFT ->
+    overlap-add crossfade (one kernel call, rtsr.hopbank) -> finished samples out.
 
-A server instead `push`es many streams and runs their stages for all of them at once (rtsr.batch):
-resampling, analysis, one model call, merge and inverse FFT, each stream then overlap-adding its
-own rows; each stream's output is the one it gets alone.
+A stream's state lives in rows of banks shared by all the streams (rtsr.intake: input side,
+rtsr.hopbank: queued frames and overlap-add tail, rtsr.bank: the networks' caches), so a server's
+round (rtsr.batch) is a few calls for all its streams, not a few calls per stream; `Stream` is the
+one-stream view, and each stream's output is the one it gets alone.
 
 Every stage works on absolute frame/sample indices and keeps only the state it still needs, so
 feeding a signal in any block sizes gives the same output as feeding it at once; the offline
@@ -21,24 +22,23 @@ as soon as nothing later can change it, which is at most `latency_samples` after
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Callable, Iterable
+from math import ceil
 
 import numpy as np
 import torch
 
+from rtsr import hopbank
 from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
 from rtsr.cutoff import Band, CutoffTracker, as_band
-from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel, merge_weights, window
+from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel
 from rtsr.intake import join as join_intake
 from rtsr.kernels.noise import frame_noise
-from rtsr.kernels.ola import overlap_add
 from rtsr.model import ModelState, SuperResModel
 from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
-ACC_SPARE_HOPS = 8  # the overlap-add accumulator grows by this many hops at a time
+NOT_ENDED = np.iinfo(np.int64).max // 4  # the end of a stream whose input has not ended
 
 
 # A lossy input's cell is a codec hole where its power, and its two neighbours', is under 1/10 (-10 dB)
@@ -46,11 +46,6 @@ ACC_SPARE_HOPS = 8  # the overlap-add accumulator grows by this many hops at a t
 # tone's harmonics, one or two bins wide, from counting as holes.
 HOLE_POWER_RATIO = 0.1
 HOLE_BINS = 3
-
-
-@lru_cache(maxsize=256)
-def _merge_row(lo_hz: float, hi_hz: float) -> np.ndarray:
-    return merge_weights(lo_hz, hi_hz)
 
 
 def _band_power(spec: np.ndarray) -> np.ndarray:
@@ -82,60 +77,16 @@ def merge_low_band(lr: np.ndarray, gen: np.ndarray, w: np.ndarray, fill_holes: b
     return np.where(hole, gen, merged)
 
 
-@dataclass
-class HopRequest:
-    """What the model needs for one hop of one stream (see SuperResModel.run), as arrays: cond, low
-    and noise (channels, mels, n), cutoff (n,)."""
-
-    n: int
-    cond: np.ndarray
-    low: np.ndarray
-    cutoff: np.ndarray
-    noise: np.ndarray
-
-
-def model_inputs(requests: list[HopRequest]) -> tuple[torch.Tensor, ...]:
-    """The model inputs of hops of one length side by side, in order: cond, low, cutoff (a row
-    per channel) and noise, one array each."""
-    def rows(name: str) -> torch.Tensor:
-        parts = [getattr(r, name) for r in requests]
-        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.ascontiguousarray(parts[0]))
-
-    channels = [len(r.cond) for r in requests]
-    cutoff = np.stack([r.cutoff for r in requests])
-    if max(channels) > 1:
-        cutoff = np.repeat(cutoff, channels, axis=0)
-    return rows("cond"), rows("low"), torch.from_numpy(cutoff), rows("noise")
-
-
-def synthesise(streams: list[Stream], requests: list[HopRequest], gen: torch.Tensor) -> np.ndarray:
-    """The output frames (rows, n, N_FFT) of hops of one length of several streams (the model's
-    spectra `gen` merged with each input's, `merge_low_band`, then the inverse FFT), one row per
-    channel in order: one call of each for all the streams. Nothing in them changes."""
-    n, gen = requests[0].n, gen.numpy()
-    channels = [s.channels for s in streams]
-    lr = np.concatenate([s.input_spectra(n) for s in streams]) if len(streams) > 1 else streams[0].input_spectra(n)
-    weights = [s.merge_weights(n) for s in streams]
-    if any(len(w) > 1 for w in weights):
-        weights = [np.broadcast_to(w, (n, w.shape[1])) for w in weights]
-    w = np.repeat(np.stack(weights), channels, axis=0)
-    fill = np.repeat([s.fill_holes for s in streams], channels)
-    merged = merge_low_band(lr, gen, w, fill_holes=bool(fill.all()))  # every row lossy (a lone lossy stream): once
-    if fill.any() and not fill.all():
-        merged[fill] = merge_low_band(lr[fill], gen[fill], w[fill], fill_holes=True)
-    return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
-
-
 def analyse(streams: Iterable[Stream]) -> None:
-    """Resample, STFT, log-mel and band of every frame whose window has fully arrived, in each
-    stream: one intake call per input rate and channel count (`rtsr.intake`: the resampler and the
-    framing of every stream in one kernel call), then one FFT and one mel projection for all the
-    streams' frames, each row computed as it would be alone."""
+    """Resample, frame, STFT, log-mel and band the input each stream has taken (`take_input`):
+    one intake call per input rate and channel count (rtsr.intake: resampler and framing of every
+    stream in one kernel call), one FFT and one mel projection for all the frames, one queueing
+    call per hop bank. A stream whose band tracker fails is marked failed; the others go on."""
     groups: dict[object, list[tuple[Stream, np.ndarray, tuple[int, int]]]] = {}
     for s in streams:
         if (taken := s.take_input()) is not None:
             groups.setdefault(s.intake, []).append((s, *taken))
-    taken: list[tuple[Stream, int]] = []
+    framed: list[tuple[Stream, int]] = []
     frames = []
     for bank, group in groups.items():
         members = [s for s, _, _ in group]
@@ -148,21 +99,118 @@ def analyse(streams: Iterable[Stream]) -> None:
         at = 0
         for s, m in zip(members, made_counts, strict=True):
             if s.cutoff.deciding:
-                s.cutoff.feed(made[at:at + m])
+                _guarded(s, s.cutoff.feed, made[at:at + m])
             at += m
-        taken += zip(members, counts.tolist(), strict=True)
+        framed += zip(members, counts.tolist(), strict=True)
         frames.append(f)
     f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
     if f is None or not len(f):
         return
     spec = torch.fft.rfft(torch.from_numpy(f), dim=-1)  # (frames, bins), stream by stream, channel by channel
-    mel, spec, at = log_mel(spec).numpy(), spec.numpy(), 0
-    for s, n in taken:
-        rows = s.channels * n
+    mel, spec = log_mel(spec).numpy(), spec.numpy()
+    by_bank: dict[object, list[tuple[Stream, int, int]]] = {}
+    at = 0
+    for s, n in framed:
         if n:
-            s.add_frames(spec[at:at + rows].reshape(s.channels, n, -1),
-                         mel[at:at + rows].reshape(s.channels, n, -1).transpose(0, 2, 1), s._frames + n)
-        at += rows
+            by_bank.setdefault(s.hops, []).append((s, n, at))
+        at += s.channels * n
+    for bank, group in by_bank.items():
+        bands = [(s, _guarded(s, s.band_rows, n)) for s, n, _ in group]  # a failed tracker: its stream alone
+        bank.enqueue(np.array([s.hop_row for s, _, _ in group], np.int64), np.array([n for _, n, _ in group]),
+                     np.array([a for _, _, a in group], np.int64),
+                     np.array([s.band_now if rows is None else rows[0] for s, rows in bands], np.int32), spec, mel)
+        for (s, n, _), (_, rows) in zip(group, bands, strict=True):
+            if rows is not None and (rows != rows[0]).any():  # the band moved within these frames
+                q = s.hops.queued[s.hop_row]
+                s.hops.band[s.hop_row:s.hop_row + s.channels, q - n:q] = rows
+            s._frames += n
+
+
+def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
+    """Every ready hop of the streams (their input analysed first), round after round until none
+    is ready: one model call per model, hop length and bank, then merge, inverse FFT and
+    overlap-add for all its streams. Finished samples go to out[i]. A stream's own failure is
+    recorded in `failed` (index -> error; the stream marked failed) and the others go on; a model
+    call's is raised, with no stream moved past its last finished hop."""
+    analyse(streams)
+    asking = list(range(len(streams)))
+    while asking:
+        failed.update({i: streams[i]._failed for i in asking if streams[i]._failed is not None and i not in failed})
+        groups: dict[tuple, list[tuple[int, Stream]]] = {}
+        for i in asking:
+            s = streams[i]
+            if i not in failed and (n := s.ready_frames()):
+                groups.setdefault((id(s.model), s.hops, n), []).append((i, s))
+        for (_, bank, n), group in groups.items():
+            group.sort(key=lambda i_s: i_s[1].slot.start)  # the model bank's order: its rows are one slice
+            _run_group(bank, n, group, out, failed)
+        ran = {i for group in groups.values() for i, _ in group}
+        # only a stream that ran a hop, or has input left (`take_input` takes a few hops' worth), can have another
+        asking = [i for i in asking if i not in failed and (i in ran or streams[i].has_input())]
+        analyse(streams[i] for i in asking)
+
+
+def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], out: list[list[np.ndarray]],
+               failed: dict[int, Exception]) -> None:
+    """One hop of n frames for each stream of the group (one model, one bank)."""
+    members = [s for _, s in group]
+    model = members[0].model
+    rows = np.concatenate([np.arange(s.hop_row, s.hop_row + s.channels) for s in members])
+    la = model.lookahead
+    cond, low = bank.mel[rows, :, la:la + n], bank.mel[rows, :, :n]
+    band = bank.band[rows, :n]
+    if model.steps:
+        noise = np.concatenate([frame_noise(s.seed, s._pos, n, N_MELS, s.channels) for s in members])
+    else:  # a one-pass regression starts from no noise
+        noise = np.zeros_like(cond)
+    gen = model.run_slots([s.slot for s in members], torch.from_numpy(cond), torch.from_numpy(low),
+                          torch.from_numpy(bank.band_hz[band]), torch.from_numpy(noise)).numpy()
+    try:
+        frames = synthesise(bank, rows, band, gen, np.repeat([s.fill_holes for s in members], bank.channels))
+    except Exception:  # find the culprit: each alone
+        frames = np.zeros((len(rows), n, N_FFT), np.float32)
+        for k, (i, s) in enumerate(group):
+            part = slice(k * bank.channels, (k + 1) * bank.channels)
+            if (f := _guarded(s, synthesise, bank, rows[part], band[part], gen[part],
+                              np.full(s.channels, s.fill_holes))) is None:
+                failed[i] = s._failed
+            else:
+                frames[part] = f
+    first = np.repeat([s._emitted - (s._pos - 1) * HOP for s in members], bank.channels)
+    end = np.repeat([(s._n_out if s._finished else NOT_ENDED) - (s._pos - 1) * HOP for s in members],
+                    bank.channels)
+    y, made = bank.overlap_add(rows, frames, first, end)
+    for k, (i, s) in enumerate(group):
+        if i in failed:
+            continue
+        r = k * bank.channels
+        samples = _guarded(s, s.finish_hop, n, y[r:r + s.channels, :made[r]].T)
+        if samples is None:
+            failed[i] = s._failed
+        else:
+            out[i].append(samples)
+
+
+def synthesise(bank: hopbank.HopBank, rows: np.ndarray, band: np.ndarray, gen: np.ndarray,
+               fill: np.ndarray) -> np.ndarray:
+    """The output frames (rows, n, N_FFT) of one hop of these rows: the model's spectra `gen`
+    merged with each row's input (`merge_low_band`, the input's weight per bin from each frame's
+    band), then the inverse FFT; nothing in the bank changes."""
+    n = band.shape[1]
+    lr, w = bank.spec[rows, :n], bank.band_weights[band]
+    merged = merge_low_band(lr, gen, w, fill_holes=bool(fill.all()))  # every row lossy (a lone lossy stream): once
+    if fill.any() and not fill.all():
+        merged[fill] = merge_low_band(lr[fill], gen[fill], w[fill], fill_holes=True)
+    return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
+
+
+def _guarded(stream: Stream, fn: Callable, *args):
+    """fn(*args); if it raises, the stream is marked failed (its own failure) and None comes back."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        stream.fail(e)
+        return None
 
 
 class Stream:
@@ -186,26 +234,27 @@ class Stream:
         self.hop_frames = hop // HOP
         band = as_band(cutoff, input_sr)
         self.cutoff = CutoffTracker(input_sr, channels, band)
-        self.slot = model.bank.join(channels, lossy=fill_holes)  # its model state, in the model's bank
-        weakref.finalize(self, model.bank.leave, self.slot)
         self._n_in = 0
-        self._frames = 0  # LR frames analysed
-        self._pos = 0  # output frames synthesised; the LR buffers below start at this frame
-        self._lr_spec = np.zeros((channels, 0, N_FFT // 2 + 1), np.complex64)
-        self._lr_mel = np.zeros((channels, N_MELS, 0), np.float32)
-        self._cut = np.zeros((0, 3), np.float32)  # per frame: cutoff, merge start, merge end (Hz)
-        self._acc = np.zeros((channels, N_FFT), np.float32)  # overlap-add accumulator
-        self._acc_base = -HALF
-        self._emitted = 0
+        self._frames = 0  # LR frames analysed (queued in the hop bank from frame _pos on)
+        self._pos = 0  # output frames synthesised
+        self._emitted = 0  # output samples handed out
         self._finished = False
         self._last = 0  # the last frame to synthesise, known once the input has ended
+        self._n_out = 0  # the output's length, known once the input has ended
         # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
         self.passthrough = band is not None and band.full
         if self.passthrough:
             self.resampler = StreamingResampler(input_sr, SR, channels)
-        else:  # resampler and unframed samples in the rows of a bank shared with the other streams
+            self.filter = self.resampler.filter
+        else:  # every other stage's state lives in rows of banks shared with the other streams
+            self.slot = model.bank.join(channels, lossy=fill_holes)  # the networks' caches
+            weakref.finalize(self, model.bank.leave, self.slot)
             self.intake, self.row = join_intake(self, input_sr, channels)
-        self.filter = self.intake.filter if not self.passthrough else self.resampler.filter
+            self.hops, self.hop_row = hopbank.join(self, model, channels)
+            self.filter = self.intake.filter
+            self.band_now = self.hops.band_id(self.cutoff.current.row())
+        # input taken per analysis: a few hops' worth, so that a long block queues a bounded number of frames
+        self._take_max = ceil((self.hop_frames + 2) * HOP * input_sr / SR) + 1
         self.flush_to = (-1, 0)  # at the end of input: (the resampler's last output, zeros up to)
         self._ready: list[np.ndarray] = []  # finished samples not handed out yet
         self._pending: list[np.ndarray] = []  # input not resampled yet
@@ -249,15 +298,15 @@ class Stream:
         return y[:, 0] if self._mono else y
 
     def push(self, block: np.ndarray) -> None:
-        """Take input; it is resampled and analysed when a hop is asked for (`next_request`, `feed`,
-        `rtsr.batch.step`), and `complete` does the rest."""
+        """Take input; it is resampled and analysed when hops are run (`feed`, `flush`,
+        `rtsr.batch.step`)."""
         self._check_open()
         x = as_frames(block, self.channels)
         self._n_in += len(x)
         if self.passthrough:
             self._ready.append(self.resampler.process(x))
             return
-        self._pending.append(np.array(x))  # a copy: resampled and analysed when a hop is asked for (`analyse`)
+        self._pending.append(np.array(x))  # a copy: resampled and analysed when hops are run
 
     def push_end(self) -> None:
         """Mark the end of input: zeros after it let the last frames be analysed and finished."""
@@ -270,51 +319,57 @@ class Stream:
         self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
         self.flush_to = (self._n_out, (self._last + self.model.lookahead) * HOP + HALF)
 
-    def next_request(self) -> HopRequest | None:
-        """The model inputs of the next ready hop (nothing advances until `complete`)."""
-        self._check_not_failed()
-        if self.passthrough:
-            return None
-        if self._pending or self.flush_to[0] >= 0:
-            analyse([self])
-        la = self.model.lookahead
-        ready = (self._last + 1 - self._pos) if self._finished else (self._frames - la - self._pos)
-        n = min(self.hop_frames, ready)
-        if n <= 0 or (not self._finished and n < self.hop_frames):
-            return None
-        if self.model.steps:
-            noise = frame_noise(self.seed, self._pos, n, N_MELS, self.channels)
-        else:  # a one-pass regression starts from no noise
-            noise = np.zeros((self.channels, N_MELS, n), np.float32)
-        return HopRequest(n, self._lr_mel[:, :, la:la + n], self._lr_mel[:, :, :n], self._cut[:n, 0], noise)
-
-    # --- stages -----------------------------------------------------------------------------
-
     @property
     def band(self) -> Band:
-        """The band in use for the latest analysed frame (analysis runs when a hop is asked for:
-        `feed`, `flush`, `rtsr.batch.step`). Only reads, so another thread may ask (rtsr live)."""
+        """The band in use for the latest analysed frame (analysis runs when hops are run: `feed`,
+        `flush`, `rtsr.batch.step`). Only reads, so another thread may ask (rtsr live)."""
         return self.cutoff.current
 
     def take_input(self) -> tuple[np.ndarray, tuple[int, int]] | None:
-        """For `analyse`: the input pushed since the last call, (frames, channels), and the end of
-        the stream if it came since (`flush_to`, else (-1, 0)); None if neither came."""
-        end, self.flush_to = self.flush_to, (-1, 0)
-        if self._failed is not None or self.passthrough or not (self._pending or end[0] >= 0):
+        """For `analyse`: the input pushed since the last call, (frames, channels), a few hops'
+        worth at most (the rest waits for the next call), and the end of the stream once every
+        input is taken (`flush_to`, else (-1, 0)); None if there is neither."""
+        if self._failed is not None or self.passthrough or not self.has_input():
             return None
-        if not self._pending:
-            return np.zeros((0, self.channels), np.float32), end
-        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending = []
+        x = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0] if self._pending else None
+        if x is None:
+            x = np.zeros((0, self.channels), np.float32)
+        self._pending = [x[self._take_max:]] if len(x) > self._take_max else []
+        if self._pending:
+            return x[:self._take_max], (-1, 0)
+        end, self.flush_to = self.flush_to, (-1, 0)
         return x, end
 
-    def add_frames(self, spec: np.ndarray, mel: np.ndarray, t1: int) -> None:
-        """Take the analysis of the frames up to t1: spectra (channels, frames, bins), log-mel
-        (channels, mels, frames); their band rows follow."""
-        self._lr_spec = np.concatenate([self._lr_spec, spec], axis=1)
-        self._lr_mel = np.concatenate([self._lr_mel, mel], axis=2)
-        self._cut = np.concatenate([self._cut, self.cutoff.rows(self._frames, t1)])
-        self._frames = t1
+    def has_input(self) -> bool:
+        """Input (or its end) is waiting to be analysed."""
+        return bool(self._pending) or self.flush_to[0] >= 0
+
+    def band_rows(self, n: int) -> np.ndarray | None:
+        """The band index of each of the next n frames analysed (their band tracker's decisions
+        fall between them), or None when the band is settled: `band_now` for all."""
+        if not self.cutoff.deciding:
+            return None
+        rows = self.cutoff.rows(self._frames, self._frames + n)
+        ids = np.array([self.hops.band_id(tuple(map(float, r))) for r in np.unique(rows, axis=0)])
+        which = (rows[:, None, :] == np.unique(rows, axis=0)[None]).all(axis=2).argmax(axis=1)
+        self.band_now = self.hops.band_id(self.cutoff.current.row())
+        return ids[which].astype(np.int32)
+
+    def ready_frames(self) -> int:
+        """The length of the next hop that can run now (its frames analysed, with the lookahead's
+        beyond them), or 0."""
+        if self.passthrough or self._failed is not None:
+            return 0
+        if self._finished and not self.has_input():  # every frame up to the end analysed
+            return max(min(self.hop_frames, self._last + 1 - self._pos), 0)
+        ready = self._frames - self.model.lookahead - self._pos
+        return self.hop_frames if ready >= self.hop_frames else 0
+
+    def finish_hop(self, n: int, samples: np.ndarray) -> np.ndarray:
+        """A hop of n frames ran: take its finished samples, (samples, channels)."""
+        self._pos += n
+        self._emitted += len(samples)
+        return samples
 
     def _check_not_failed(self) -> None:
         if self._failed is not None:
@@ -335,52 +390,15 @@ class Stream:
 
     def take_ready(self) -> list[np.ndarray]:
         """Finished samples not handed out yet: a passthrough stream's resampled output (it never
-        makes a model request), or what a failed batched round held back (`hold`)."""
+        runs a hop), or what a failed batched round held back (`hold`)."""
         out, self._ready = self._ready, []
         return out
 
     def _drain(self) -> np.ndarray:
-        """Run the model hop by hop on every ready hop; return the finished samples."""
-        out = self.take_ready()
-        while (req := self.next_request()) is not None:
-            out.append(self.complete(req, self.model.run_slots([self.slot], *model_inputs([req]))))
-        return np.concatenate(out) if out else np.zeros((0, self.channels), np.float32)
-
-    def complete(self, req: HopRequest, gen: torch.Tensor) -> np.ndarray:
-        """Merge the model's spectra for `req` with the input, overlap-add, return finished samples."""
-        return self.add_output(req, synthesise([self], [req], gen))
-
-    def input_spectra(self, n: int) -> np.ndarray:
-        """The input's spectra of the next n output frames, (channels, n, bins)."""
-        return self._lr_spec[:, :n]
-
-    def merge_weights(self, n: int) -> np.ndarray:
-        """The input's weight per bin in the next n frames' merge: (1, bins) for one band (nearly
-        always), else (n, bins)."""
-        cut = self._cut[:n]
-        if (cut[1:, 1:] == cut[0, 1:]).all():
-            return _merge_row(float(cut[0, 1]), float(cut[0, 2]))[None]
-        return np.stack([_merge_row(float(lo), float(hi)) for _, lo, hi in cut])
-
-    def add_output(self, req: HopRequest, frames: np.ndarray) -> np.ndarray:
-        """Overlap-add the hop's output frames (channels, n, N_FFT), see `synthesise`; return the
-        samples this finishes."""
-        n = req.n
-        need = (self._pos + n - 1) * HOP + HALF - self._acc_base  # accumulator length needed
-        if need > self._acc.shape[1]:  # room for a few more hops: the emitted head is sliced off each hop
-            grown = np.zeros((self.channels, need + ACC_SPARE_HOPS * n * HOP), np.float32)
-            grown[:, :self._acc.shape[1]] = self._acc
-            self._acc = grown
-        overlap_add(frames, window(), self._acc, self._pos * HOP - HALF - self._acc_base, HOP)
-        self._pos += n
-        self._lr_spec, self._lr_mel, self._cut = self._lr_spec[:, n:], self._lr_mel[:, :, n:], self._cut[n:]
-        done = (self._pos - 1) * HOP  # samples before this are final
-        if self._finished:
-            done = min(done, self._n_out)
-        lo, hi = self._emitted - self._acc_base, done - self._acc_base
-        y = self._acc[:, lo:hi].copy() if hi > lo else np.zeros((self.channels, 0), np.float32)
-        self._emitted = max(done, self._emitted)
-        self._acc = self._acc[:, max(hi, lo):]
-        self._acc_base += max(hi, lo)
-        return y.T
-
+        """Run every ready hop; return the finished samples."""
+        self._check_not_failed()
+        out, failed = [self.take_ready()], {}
+        run_hops([self], out, failed)
+        if failed:
+            raise failed[0]
+        return np.concatenate(out[0]) if out[0] else np.zeros((0, self.channels), np.float32)

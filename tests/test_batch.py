@@ -68,25 +68,34 @@ def test_the_glue_benchmark_prints_its_per_stream_cost(versus):
     assert out["us_per_stream_round"] > 0 and (not versus or out["us_per_stream_round_versus"] > 0)
 
 
-@pytest.mark.parametrize("fail_in", ["add_output", "merge_weights", "next_request"])
-def test_a_failing_stream_leaves_the_others_whole(fail_in):
-    """One stream's part of a batched round fails (its overlap-add; its merge, done for all the
-    streams at once; its request): the round goes on for the others, StepFailed names it, and their
-    samples come out of their next step (or feed), neither short nor shifted."""
+@pytest.mark.parametrize("fail_in", ["finish_hop", "band_rows", "merge"])
+def test_a_failing_stream_leaves_the_others_whole(fail_in, monkeypatch):
+    """One stream's part of a batched round fails (taking its samples; its band tracker; its merge,
+    done for all the streams of a bank at once, then stream by stream to find the culprit): the
+    round goes on for the others, StepFailed names it, and their samples come out of their next
+    step (or feed), neither short nor shifted."""
+    import rtsr.engine as engine
+
     model = SuperResModel.random(steps=1)
     rng = np.random.default_rng(5)
-    specs = [(16000, 1), (8000, 2), (16000, 1), (22050, 1)]
+    specs = [(16000, 1), (8000, 2), (16000, 1), (22050, 1), (16000, 2)]
     inputs = [(0.05 * rng.standard_normal((int(sr * 0.5), ch))).astype(np.float32) for sr, ch in specs]
     streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
     calls = {"n": 0}
-    real = getattr(streams[1], fail_in)
+    real = engine.merge_low_band if fail_in == "merge" else getattr(streams[1], fail_in)
 
-    def breaks_from_the_third_call(*args):
+    def breaks_from_the_third_call(*args, **kwargs):
+        mine = streams[1].hops.spec[streams[1].hop_row, :args[0].shape[1]]
+        if fail_in == "merge" and not np.array_equal(args[0][0], mine):
+            return real(*args, **kwargs)  # the merge fails only where stream 1's first row is in it
         calls["n"] += 1
         if calls["n"] >= 3:
             raise ValueError("injected")
-        return real(*args)
-    setattr(streams[1], fail_in, breaks_from_the_third_call)
+        return real(*args, **kwargs)
+    if fail_in == "merge":
+        monkeypatch.setattr(engine, "merge_low_band", breaks_from_the_third_call)
+    else:
+        setattr(streams[1], fail_in, breaks_from_the_third_call)
     outs, live, failures = [[] for _ in streams], list(range(len(streams))), 0
     for pos in range(0, 8000, 640):  # two hops per round: a failure lands between a stream's hops
         for i in live:

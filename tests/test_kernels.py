@@ -3,20 +3,33 @@
 import numpy as np
 import torch
 
+from rtsr.kernels.hops import overlap_add_hop
 from rtsr.kernels.noise import frame_noise
-from rtsr.kernels.ola import overlap_add, overlap_add_ref
 from rtsr.models.nets import Denoiser, receptive_field
 
 
-def test_overlap_add_matches_reference():
+def test_a_hop_overlap_adds_onto_its_tail_and_leaves_its_queue():
+    """Two hops of a row, against plain overlap-add of all the frames: the first HOP samples of a
+    stream come before its first sample (not output), a hop's n HOP samples are final, the queue
+    loses the hop's frames."""
     rng = np.random.default_rng(0)
-    frames = rng.standard_normal((3, 5, 480)).astype(np.float32)
-    window = rng.random(480).astype(np.float32)
-    a = rng.standard_normal((3, 2000)).astype(np.float32)
-    b = a.copy()
-    overlap_add(frames, window, a, 17, 240)
-    overlap_add_ref(frames, window, b, 17, 240)
-    assert np.allclose(a, b, atol=1e-6)
+    hop, n = 240, 3
+    frames = rng.standard_normal((2, n, 2 * hop)).astype(np.float32)
+    window = rng.random(2 * hop).astype(np.float32)
+    whole = np.zeros((2 * n + 1) * hop, np.float32)
+    for k, f in enumerate(frames.reshape(2 * n, 2 * hop)):
+        whole[k * hop:k * hop + 2 * hop] += f * window
+    tail = np.zeros((1, hop), np.float32)
+    q_spec, q_mel, q_band = (np.arange(10, dtype=t)[None].repeat(1, 0) for t in (np.complex64, np.float32, np.int32))
+    q_mel, queued = q_mel[:, None].copy(), np.array([10])
+    rows = np.array([0])
+    out = []
+    for h in range(2):
+        y, made = overlap_add_hop(rows, frames[h:h + 1], window, hop, np.array([hop if h == 0 else 0]),
+                                  np.array([10 ** 9]), tail, q_spec, q_mel, q_band, queued)
+        out.append(y[0, :made[0]])
+    np.testing.assert_array_equal(np.concatenate(out), whole[hop:2 * n * hop])
+    assert queued[0] == 4 and q_spec[0, 0] == 6 and q_mel[0, 0, 0] == 6 and q_band[0, 3] == 9
 
 
 def test_noise_depends_only_on_its_coordinates():

@@ -1,0 +1,66 @@
+"""The output side of many streams' hops in one call each: frames queued, frames overlap-added.
+
+Rows (one per channel of a stream) hold the analysed frames that wait for their hop (spectrum,
+log-mel and band of each, `queued` of them from the stream's next output frame on) and the
+overlap-add tail: the partial sums of the HOP samples after the last finished one. With HOP =
+N_FFT / 2 frame t covers [(t - 1) HOP, (t + 1) HOP), so a hop of n frames from frame `pos` adds into
+(n + 1) HOP samples starting at (pos - 1) HOP, of which the first n HOP are then final.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def enqueue(rows: np.ndarray, counts: np.ndarray, at: np.ndarray, channels: int, band_now: np.ndarray,
+            spec: np.ndarray, mel: np.ndarray, q_spec: np.ndarray, q_mel: np.ndarray, q_band: np.ndarray,
+            queued: np.ndarray) -> None:
+    """Stream s (rows rows[s] .. + channels) queues counts[s] new frames: spec[at[s] + c * counts[s]
+    + j] is channel c's frame j ((frames, bins) and (frames, mels) packed stream by stream), each of
+    band band_now[s]."""
+    for s in range(len(rows)):
+        n = counts[s]
+        for c in range(channels):
+            r = rows[s] + c
+            q = queued[r]
+            src = at[s] + c * n
+            for j in range(n):
+                q_spec[r, q + j] = spec[src + j]
+                q_mel[r, :, q + j] = mel[src + j]
+                q_band[r, q + j] = band_now[s]
+            queued[r] = q + n
+
+
+@numba.njit(cache=True, nogil=True)
+def overlap_add_hop(rows: np.ndarray, frames: np.ndarray, window: np.ndarray, hop: int, first: np.ndarray,
+                    end: np.ndarray, tail: np.ndarray, q_spec: np.ndarray, q_mel: np.ndarray, q_band: np.ndarray,
+                    queued: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row rows[i] overlap-adds its hop's frames[i] ((n, n_fft) synthesis frames, the window applied
+    here) onto its tail and drops the hop's n frames from its queue. Of the n HOP samples made final,
+    those at or past `first[i]` (relative: the stream's samples before its first are not output)
+    and before `end[i]` (relative: the end of a flushed stream) come out: (rows, n HOP) with the
+    count per row."""
+    g, n, n_fft = frames.shape
+    out = np.zeros((g, n * hop), np.float32)
+    made = np.zeros(g, np.int64)
+    buf = np.empty((n + 1) * hop, np.float32)
+    for i in range(g):
+        r = rows[i]
+        buf[:hop] = tail[r]
+        buf[hop:] = 0.0
+        for k in range(n):
+            for j in range(n_fft):
+                buf[k * hop + j] += frames[i, k, j] * window[j]
+        lo, hi = max(first[i], 0), min(end[i], n * hop)
+        if hi > lo:
+            out[i, :hi - lo] = buf[lo:hi]
+            made[i] = hi - lo
+        tail[r] = buf[n * hop:]
+        q = queued[r]
+        q_spec[r, :q - n] = q_spec[r, n:q].copy()
+        q_mel[r, :, :q - n] = q_mel[r, :, n:q].copy()
+        q_band[r, :q - n] = q_band[r, n:q].copy()
+        queued[r] = q - n
+    return out, made

@@ -1,0 +1,119 @@
+"""Every stream's output side in one place: analysed frames waiting for their hop and the
+overlap-add tail, as rows of preallocated arrays, one bank per model and channel count.
+
+Kept per stream, every hop cost a dozen numpy calls per stream (concatenating spectra, log-mel
+and band rows, slicing them back, stacking merge weights, growing and trimming an overlap-add
+buffer). Here a round's frames are queued by one kernel call, a hop's model inputs and merge
+inputs are gathered for all its streams by one indexing each, and one kernel call overlap-adds
+them all (`rtsr.kernels.hops`). Bands are rows of a small table: a frame keeps its band's index.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from rtsr.audio_spec import HOP, N_FFT
+from rtsr.features import N_BINS, N_MELS, merge_weights, window
+from rtsr.kernels.hops import enqueue, overlap_add_hop
+
+assert N_FFT == 2 * HOP  # the overlap-add tail is one HOP (rtsr.kernels.hops)
+INITIAL_FRAMES = 16  # queue length of a new bank; it doubles whenever a stream needs more
+
+
+class HopBank:
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.lock = threading.Lock()
+        self._free: list[int] = []
+        self._units = 0
+        self.spec = np.zeros((0, INITIAL_FRAMES, N_BINS), np.complex64)
+        self.mel = np.zeros((0, N_MELS, INITIAL_FRAMES), np.float32)
+        self.band = np.zeros((0, INITIAL_FRAMES), np.int32)
+        self.queued = np.zeros(0, np.int64)
+        self.tail = np.zeros((0, HOP), np.float32)
+        self._band_ids: dict[tuple[float, float, float], int] = {}
+        self.band_hz = np.zeros(0, np.float32)
+        self.band_weights = np.zeros((0, N_BINS), np.float32)
+
+    def join(self) -> int:
+        """The first of `channels` rows for a new stream: nothing queued, a silent tail."""
+        with self.lock:
+            if not self._free:
+                self._grow_rows()
+            first = self._free.pop()
+            rows = slice(first, first + self.channels)
+            self.queued[rows] = 0
+            self.tail[rows] = 0.0
+            return first
+
+    def leave(self, first: int) -> None:
+        with self.lock:
+            self._free.append(first)
+
+    def band_id(self, row: tuple[float, float, float]) -> int:
+        """The table index of a band row (cutoff Hz, merge start, merge end), added when new; the
+        values are taken at float32, as the band tracker's frame rows hold them."""
+        row = tuple(float(v) for v in np.float32(row))
+        with self.lock:
+            if (k := self._band_ids.get(row)) is None:
+                k = self._band_ids[row] = len(self.band_hz)
+                self.band_hz = np.append(self.band_hz, np.float32(row[0]))
+                self.band_weights = np.concatenate([self.band_weights, merge_weights(row[1], row[2])[None]])
+            return k
+
+    def enqueue(self, rows: np.ndarray, counts: np.ndarray, at: np.ndarray, band_now: np.ndarray,
+                spec: np.ndarray, mel: np.ndarray) -> None:
+        """Queue each stream's new frames (see `rtsr.kernels.hops.enqueue`), the queue grown first
+        if a stream needs more room."""
+        with self.lock:
+            need = int((self.queued[rows] + counts).max()) if len(rows) else 0
+            if need > self.spec.shape[1]:
+                self._grow_frames(need)
+            enqueue(rows, counts, at, self.channels, band_now, spec, mel, self.spec, self.mel, self.band, self.queued)
+
+    def overlap_add(self, rows: np.ndarray, frames: np.ndarray, first: np.ndarray,
+                    end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`rtsr.kernels.hops.overlap_add_hop` on these rows."""
+        with self.lock:
+            return overlap_add_hop(rows, frames, window(), HOP, first, end, self.tail, self.spec, self.mel,
+                                   self.band, self.queued)
+
+    def _grow_rows(self) -> None:
+        units = max(2 * self._units, 4)
+        rows = units * self.channels
+        for name in ("spec", "mel", "band", "queued", "tail"):
+            a = getattr(self, name)
+            grown = np.zeros((rows, *a.shape[1:]), a.dtype)
+            grown[:len(a)] = a
+            setattr(self, name, grown)
+        self._free.extend(range((units - 1) * self.channels, self._units * self.channels - 1, -self.channels))
+        self._units = units
+
+    def _grow_frames(self, need: int) -> None:
+        frames = max(2 * self.spec.shape[1], need)
+        for name, axis in (("spec", 1), ("mel", 2), ("band", 1)):
+            a = getattr(self, name)
+            shape = list(a.shape)
+            shape[axis] = frames
+            grown = np.zeros(shape, a.dtype)
+            grown[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
+            setattr(self, name, grown)
+
+
+_banks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_banks_lock = threading.Lock()
+
+
+def join(owner: object, model: object, channels: int) -> tuple[HopBank, int]:
+    """Rows for `owner` (a stream) in the bank of its model and channel count, given back when the
+    owner is gone."""
+    with _banks_lock:
+        bank = _banks.setdefault(model, {}).setdefault(channels, None)
+        if bank is None:
+            bank = _banks[model][channels] = HopBank(channels)
+    first = bank.join()
+    weakref.finalize(owner, bank.leave, first)
+    return bank, first
