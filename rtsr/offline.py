@@ -119,8 +119,11 @@ def upscale_signals(up: Upscaler, signals: list[Signal], rows: int = 1, workers:
         outs.append(None)
         jobs += [(seg, sig, band) for seg in plan(i, len(x), sig.sr, up, rows)]
     groups = [jobs[k::workers] for k in range(workers) if jobs[k::workers]]
-    with ThreadPoolExecutor(max(len(groups), 1)) as pool:
-        done = [part for parts in pool.map(lambda g: _run(up, g), groups) for part in parts]
+    if len(groups) > 1:
+        with ThreadPoolExecutor(len(groups)) as pool:
+            done = [part for parts in pool.map(lambda g: _run(up, g), groups) for part in parts]
+    else:
+        done = _run(up, jobs)
     for i, out in enumerate(outs):
         if out is None:
             outs[i] = np.concatenate([y for seg, y in sorted(done, key=lambda d: d[0].keep) if seg.signal == i])

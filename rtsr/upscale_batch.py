@@ -18,7 +18,8 @@ from tqdm import tqdm
 from rtsr.audio_io import FORMATS, STDIO
 from rtsr.av_decode import duration_s
 from rtsr.cli import AUDIO_EXTS, OUT_SUFFIX, CliError
-from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler, upscale_file
+from rtsr.file_batch import upscale_files
+from rtsr.files import BandChoice, Job, LoadOptions, Result, load_upscaler
 from rtsr.model import ModelError
 from rtsr.upscaler import Upscaler
 
@@ -162,7 +163,7 @@ def _load(args: argparse.Namespace) -> Upscaler:
 
 def run_upscale(args: argparse.Namespace) -> int:
     """The batch: plan every output first, load the model once (here, or once per Dask worker),
-    then file by file."""
+    then the files (here in batches, rtsr.file_batch)."""
     fmt = _format(args)
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise CliError(f"-o {args.outdir} is a file, not a folder")
@@ -198,11 +199,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             model, device = args.model, f"dask {args.scheduler}"
         else:
             up = _load(args)
-            results = []
-            for job in jobs:
-                results.append(upscale_file(up, job, fmt, BandChoice.of(args), args.overwrite,
-                                            lambda s, src=str(job.src): progress(src, s)))
-                report(results[-1])
+            results = upscale_files(up, jobs, seconds, fmt, BandChoice.of(args), args.overwrite, progress, report)
             model, device = up.model.name, up.model.device
     totals = _totals(results)
     if args.json:
