@@ -273,6 +273,16 @@ def test_a_weighted_average_grows_a_network_without_the_codec_flag(tmp_path):
     wider = Denoiser(**{**a.denoiser.config, "channels": a.denoiser.config["channels"] * 2})
     with pytest.raises(SystemExit, match="another architecture"):  # a flag is grown, a width is not
         average([dirs[0], export(wider, a.vocoder, tmp_path / "w", "w", 2, 1.0, {})], tmp_path / "x", "x", {})
+    config = a.denoiser.config
+    grown = Denoiser(**{**config, "blocks": config["blocks"] + 1, "mult": 4, "flags": 1})  # deeper MLPs too
+    got = SuperResModel.from_dir(average([dirs[0], export(grown, a.vocoder, tmp_path / "g", "g", 2, 1.0, {})],
+                                         tmp_path / "avg2", "avg2", {}))
+    assert got.denoiser.config == grown.config
+    last, hidden = f"blocks.{config['blocks']}.scale", "blocks.0.pw2.weight"
+    half = {k: v / 2 for k, v in SuperResModel.from_dir(tmp_path / "g").denoiser.state_dict().items()}
+    torch.testing.assert_close(got.denoiser.state_dict()[last], half[last], atol=1e-3, rtol=1e-3)  # a's: 0
+    torch.testing.assert_close(got.denoiser.state_dict()[hidden][:, -config["channels"]:],
+                               half[hidden][:, -config["channels"]:], atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("stage, flags", [("regression", ["--continued"]), ("regression_speech", ["--speech"])])

@@ -22,6 +22,8 @@ from rtsr.model import BUNDLED, FEATURES, FORMAT, SuperResModel, load_model
 from rtsr.models.nets import Denoiser, Vocoder
 from rtsr.training.train import LOOKAHEAD, load_grown
 
+GROWN = {"flags": 0, "blocks": 8, "mult": 3}  # what load_grown can add to a denoiser, with its default
+
 
 def export(denoiser: Denoiser, vocoder: Vocoder, dest: Path, name: str, steps: int, guidance: float,
            info: dict, temperature: float = 1.0, teacher_steps: int = 0) -> Path:
@@ -47,16 +49,17 @@ def average(models: list[Path], dest: Path, name: str, info: dict, weights: list
     """One model whose denoiser is the (weighted) mean of several exported models' denoisers
     (checkpoints of one network along its training: a weight average sits nearer the middle of the
     basin that they wander around than any one of them). Same architecture and vocoder required,
-    except that a network without the codec flag is first grown to one with it (its flag weights
-    zero: the same outputs), so a flag-trained run can be averaged with the model it started from."""
+    except that a smaller network is first grown to the largest (`train.load_grown`: the codec flag,
+    more blocks, wider block MLPs, all starting with the same outputs), so a grown run can be
+    averaged with the model it started from."""
     loaded = [SuperResModel.from_dir(m) for m in models]
     weights = weights or [1.0] * len(loaded)
     if len(weights) != len(loaded) or min(weights) < 0 or sum(weights) <= 0:
         raise SystemExit(f"--weights: one non-negative weight per model ({len(loaded)}), not all zero")
-    flags = max(m.denoiser.config.get("flags", 0) for m in loaded)
-    first = next(m for m in loaded if m.denoiser.config.get("flags", 0) == flags)
+    first = max(loaded, key=lambda m: tuple(m.denoiser.config.get(k, GROWN[k]) for k in GROWN))
     for m in loaded:
-        if {**m.denoiser.config, "flags": flags} != {**first.denoiser.config, "flags": flags} or m.steps != first.steps:
+        fixed = [{k: v for k, v in n.denoiser.config.items() if k not in GROWN} for n in (m, first)]
+        if fixed[0] != fixed[1] or m.steps != first.steps:
             raise SystemExit(f"{m.name}: another architecture or step count than {first.name}")
         if any(not torch.equal(a, b) for a, b in zip(m.vocoder.state_dict().values(),
                                                       first.vocoder.state_dict().values(), strict=True)):
