@@ -9,20 +9,44 @@ keygen) or a command line error loads no engine and no torch. Each module has an
 `add_parser(subparsers)` that adds its own parser and sets `func=<callable(args) -> exit status>`
 with `set_defaults`; adding one is one line in `COMMANDS`. A command line error is reported by
 printing it and returning 2 (or raising CliError).
+
+Ctrl-C ends the command with status 130 and no traceback wherever it lands once Python runs this
+module: while the command loads (below), while it runs (`main`, or the command's own handling, as
+in `rtsr live`), and in the interpreter's teardown after it (0.5-1 s with torch and PortAudio
+loaded, where it printed a traceback or aborted PortAudio's JACK client).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
-from importlib import import_module
-from pathlib import Path
+from typing import Any
 
-from rtsr import __version__
-from rtsr.audio_io import FORMATS
+
+def _exit_quietly(signum: int, frame: Any) -> None:
+    """Ctrl-C outside a command's run: what was printed is flushed, then the process ends (130)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)
+
+
+def _ctrl_c_exits_quietly() -> None:
+    signal.signal(signal.SIGINT, _exit_quietly)
+    signal.siginterrupt(signal.SIGINT, False)  # nor breaks a C library's call under way (PortAudio's close)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "rtsr":  # the command, not a program importing it
+    _ctrl_c_exits_quietly()  # until main() runs (the imports below, argparse's and a command's, take a while)
+
+import argparse  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from importlib import import_module  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from rtsr import __version__  # noqa: E402
 
 COMMANDS = {  # name: (the module that defines it, its line in `rtsr --help`)
     "upscale": (__name__, "upscale audio files and folders to 48 kHz"),
@@ -76,6 +100,8 @@ def _scheduler(text: str) -> str:
 
 
 def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
+    from rtsr.audio_io import FORMATS  # numpy with it: not for the other commands, nor before main() runs
+
     p = subparsers.add_parser(
         "upscale", help="upscale audio files and folders to 48 kHz",
         description="Upscale audio files to 48 kHz: same length in time, same channels, zero lag, "
@@ -162,7 +188,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status instead of exiting, so tests can call it."""
+    """Console entry point; returns the exit status instead of exiting, so tests can call it. Run as
+    the command (no argv), a Ctrl-C after it (in the interpreter's teardown) ends it at once."""
+    if argv is None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # commands see KeyboardInterrupt
     try:
         return _run(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # also while a command's module is still being imported
@@ -172,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    finally:
+        if argv is None:
+            _ctrl_c_exits_quietly()
 
 
 def _run(argv: list[str]) -> int:

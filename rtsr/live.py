@@ -59,7 +59,11 @@ class StoppedEarly(Exception):
 def stop_signals() -> Iterator[threading.Event]:
     """SIGINT (Ctrl-C) and SIGTERM set the event instead of raising wherever the main thread is: an
     exception thrown into a model load or a PortAudio call could crash the process, and SIGTERM's
-    default ends it with the recording left a hidden temporary. A second Ctrl-C raises as usual."""
+    default ends it with the recording left a hidden temporary. A second Ctrl-C raises as usual.
+
+    The handlers restart interrupted system calls (SA_RESTART): Python's own calls retry anyway, but
+    C libraries need not. JACK's client library does not: a Ctrl-C while PortAudio started made it
+    say "no audio devices found" or raise PortAudioError ("Could not read result type")."""
     stop = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
@@ -68,6 +72,8 @@ def stop_signals() -> Iterator[threading.Event]:
         stop.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.siginterrupt(sig, False)
     try:
         yield stop
     finally:
@@ -332,6 +338,8 @@ def import_sounddevice() -> ModuleType:
         raise LiveError(PORTAUDIO_HINT) from e
     except ImportError as e:
         raise LiveError("sounddevice is not installed: pip install 'rtsr[live]'") from e
+    except Exception as e:  # PortAudioError (sounddevice's own class): PortAudio would not start
+        raise LiveError(f"PortAudio would not start: {e}") from e
     return sounddevice
 
 

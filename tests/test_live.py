@@ -5,6 +5,7 @@ The fake device's clock is the loop itself, so these tests are exact and do not 
 machine's load; one test runs the real worker thread against a paced fake device.
 """
 
+import ctypes
 import importlib.abc
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal as signals
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -304,6 +306,70 @@ def test_ctrl_c_and_sigterm_ask_the_run_to_stop_instead_of_raising_wherever_it_i
             os.kill(os.getpid(), signals.SIGINT)
             time.sleep(0.05)
     assert (signals.getsignal(signals.SIGINT), signals.getsignal(signals.SIGTERM)) == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="libc read through ctypes, pthread_kill")
+def test_a_stop_signal_does_not_break_a_c_librarys_blocking_call():
+    """JACK's client library does not retry a read a signal interrupted: a Ctrl-C while PortAudio
+    started said "no audio devices found" or raised PortAudioError. The handlers restart such calls."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    main_thread = threading.get_ident()
+
+    def ctrl_c_then_data():
+        time.sleep(0.2)
+        signals.pthread_kill(main_thread, signals.SIGINT)
+        time.sleep(0.2)
+        os.write(w, b"x")
+
+    other = threading.Thread(target=ctrl_c_then_data)
+    try:
+        with stop_signals() as stop:
+            other.start()
+            got = libc.read(r, ctypes.create_string_buffer(1), 1)  # blocks in C, as libjack does
+            time.sleep(0.05)  # the Python handler runs between bytecodes
+            assert got == 1 and stop.is_set()
+    finally:
+        other.join()
+        os.close(r)
+        os.close(w)
+
+
+def _as_the_command(script: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter whose argv[0] is `rtsr`, as the console script's is."""
+    return subprocess.run([sys.executable, "-c", f"import sys\nsys.argv = ['rtsr']\n{script}"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_ctrl_c_while_the_command_loads_exits_quietly():
+    """Before main() runs (the console script importing rtsr.cli) a Ctrl-C gave a traceback."""
+    r = _as_the_command(
+        "import importlib.abc, os, signal\n"
+        "class CtrlC(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'argparse':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        "from rtsr.cli import main\n"
+        "print('loaded')\n")
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "")
+
+
+def test_a_ctrl_c_after_the_command_exits_quietly_at_once():
+    """In the interpreter's teardown (0.5-1 s with torch and PortAudio loaded) a Ctrl-C printed a
+    traceback, or aborted PortAudio's JACK client (its Pa_Terminate, an atexit handler)."""
+    r = _as_the_command(
+        "import atexit, os, signal, time\n"
+        "def late_ctrl_c():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.5)\n"
+        "    print('the teardown went on')\n"
+        "from rtsr.cli import main\n"
+        "atexit.register(late_ctrl_c)\n"
+        "sys.argv += ['--version']\n"
+        "sys.exit(main())\n")
+    assert (r.returncode, r.stderr) == (130, "") and r.stdout.startswith("rtsr ")  # what was printed is kept
+    assert "went on" not in r.stdout
 
 
 def test_no_audio_devices_is_said_plainly(monkeypatch, capsys):
