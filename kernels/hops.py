@@ -64,3 +64,21 @@ def overlap_add_hop(rows: np.ndarray, frames: np.ndarray, window: np.ndarray, ho
         q_band[r, :q - n] = q_band[r, n:q].copy()
         queued[r] = q - n
     return out, made
+
+
+@numba.njit(cache=True, nogil=True)
+def merged_spectra(rows: np.ndarray, q_spec: np.ndarray, band: np.ndarray, band_weights: np.ndarray,
+                   gen: np.ndarray) -> np.ndarray:
+    """The low-band merge of a hop, in one pass: w x the queued input spectrum + (1 - w) x the
+    model's (gen: (rows, n, bins)), w the input's weight per bin from each frame's band (band:
+    (rows, n) indices into band_weights). The arithmetic of `rtsr.engine.merge_low_band`, bit for bit."""
+    g, n, bins = gen.shape
+    out = np.empty((g, n, bins), np.complex64)
+    for i in range(g):
+        for t in range(n):
+            w = band_weights[band[i, t]]
+            for k in range(bins):
+                lr, model = q_spec[rows[i], t, k], gen[i, t, k]
+                out[i, t, k] = complex(w[k] * lr.real + (1 - w[k]) * model.real,
+                                       w[k] * lr.imag + (1 - w[k]) * model.imag)
+    return out

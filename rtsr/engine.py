@@ -33,6 +33,8 @@ from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
 from rtsr.cutoff import Band, CutoffTracker, as_band
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel
 from rtsr.intake import join as join_intake
+from rtsr.kernels.hops import merged_spectra
+from rtsr.kernels.mel import magnitude
 from rtsr.kernels.noise import frame_noise
 from rtsr.model import ModelState, SuperResModel
 from rtsr.resample import StreamingResampler
@@ -106,8 +108,8 @@ def analyse(streams: Iterable[Stream]) -> None:
     f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
     if f is None or not len(f):
         return
-    spec = torch.fft.rfft(torch.from_numpy(f), dim=-1)  # (frames, bins), stream by stream, channel by channel
-    mel, spec = log_mel(spec).numpy(), spec.numpy()
+    spec = torch.fft.rfft(torch.from_numpy(f), dim=-1).numpy()  # (frames, bins), stream by stream, channel by channel
+    mel = log_mel(torch.from_numpy(magnitude(spec))).numpy()
     by_bank: dict[object, list[tuple[Stream, int, int]]] = {}
     at = 0
     for s, n in framed:
@@ -195,13 +197,14 @@ def synthesise(bank: hopbank.HopBank, rows: np.ndarray, band: np.ndarray, gen: n
                fill: np.ndarray) -> np.ndarray:
     """The output frames (rows, n, N_FFT) of one hop of these rows: the model's spectra `gen`
     merged with each row's input (`merge_low_band`, the input's weight per bin from each frame's
-    band), then the inverse FFT; nothing in the bank changes."""
-    n = band.shape[1]
-    lr, w = bank.spec[rows, :n], bank.band_weights[band]
-    merged = merge_low_band(lr, gen, w, fill_holes=bool(fill.all()))  # every row lossy (a lone lossy stream): once
-    if fill.any() and not fill.all():
-        merged[fill] = merge_low_band(lr[fill], gen[fill], w[fill], fill_holes=True)
-    return np.fft.irfft(merged, n=N_FFT, axis=-1).astype(np.float32)
+    band; one kernel pass for rows without hole filling), then the inverse FFT; nothing in the
+    bank changes."""
+    merged = merged_spectra(rows, bank.spec, band, bank.band_weights, gen)
+    if fill.any():
+        n = band.shape[1]
+        merged[fill] = merge_low_band(bank.spec[rows[fill], :n], gen[fill], bank.band_weights[band[fill]],
+                                      fill_holes=True)
+    return torch.fft.irfft(torch.from_numpy(merged), n=N_FFT, dim=-1).numpy()
 
 
 def _guarded(stream: Stream, fn: Callable, *args):
@@ -350,10 +353,10 @@ class Stream:
         if not self.cutoff.deciding:
             return None
         rows = self.cutoff.rows(self._frames, self._frames + n)
-        ids = np.array([self.hops.band_id(tuple(map(float, r))) for r in np.unique(rows, axis=0)])
-        which = (rows[:, None, :] == np.unique(rows, axis=0)[None]).all(axis=2).argmax(axis=1)
-        self.band_now = self.hops.band_id(self.cutoff.current.row())
-        return ids[which].astype(np.int32)
+        self.band_now = self.hops.band_id(tuple(self.cutoff.current.row()))
+        if (rows == rows[0]).all():
+            return np.full(n, self.hops.band_id(tuple(rows[0])), np.int32)
+        return np.array([self.hops.band_id(tuple(r)) for r in rows], np.int32)
 
     def ready_frames(self) -> int:
         """The length of the next hop that can run now (its frames analysed, with the lookahead's
