@@ -24,7 +24,7 @@ from rtsr.offline import Signal, upscale_signals
 from rtsr.upscaler import Upscaler
 
 BATCH_S = 300.0  # seconds of input upscaled together: ~100 MB of decoded 44.1 kHz stereo, outputs as much again
-LONG_S = 1800.0  # a file longer than this is upscaled block by block, not held whole
+LONG_S = 600.0  # longer files go block by block, not held whole (10 min of 44.1 kHz stereo: ~0.5 GB in and out)
 AHEAD = 16  # files decoded ahead of the model
 IO_WORKERS = 1  # decoding and writing processes (the model has the rest of the machine)
 

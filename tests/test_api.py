@@ -69,12 +69,13 @@ def test_leading_silence_is_held_back_and_fed_as_it_was(loaded: Upscaler) -> Non
     """Zeros before a sound are counted, not fed, until the sound comes: the output is the same
     bits as a stream fed everything at once; zeros only are zeros out."""
     from rtsr.cutoff import rate_band
+    from rtsr.offline import OFFLINE_HOP_MS
 
     x = np.zeros((40000, 1), np.float32)
     x[30000:] = 0.1 * np.random.default_rng(2).standard_normal((10000, 1))
     band = rate_band(16000)
     got = np.concatenate(list(loaded.upscale_blocks([x[:10000], x[10000:20000], x[20000:]], 16000, 1, band)))
-    s = loaded.stream(16000, 1, 500.0, band)
+    s = loaded.stream(16000, 1, OFFLINE_HOP_MS, band)
     np.testing.assert_array_equal(got, np.concatenate([s.feed(x), s.flush()]))
     silent = loaded.upscale(np.zeros(16000, np.float32), 16000)
     assert silent.shape == (48000,) and not silent.any()
