@@ -263,6 +263,7 @@ def render_latency(r: Report) -> str:
 def throughput_report(args: argparse.Namespace) -> Report:
     """Offline `upscale` of the whole input once (after a short warm-up): speed and peak memory."""
     up = load_upscaler(args)
+    up.workers = args.workers
     x, sr, what = bench_input(args, 30.0)
     up.upscale(x[: round(sr * WARMUP_S)], sr)
     t0 = perf_counter()
@@ -270,7 +271,7 @@ def throughput_report(args: argparse.Namespace) -> Report:
     compute = perf_counter() - t0
     seconds = len(x) / sr
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"command": "throughput", "model": model_info(up), "input": what, "input_sr": sr,
+    return {"command": "throughput", "model": model_info(up), "input": what, "input_sr": sr, "workers": up.workers,
             "audio_s": seconds, "compute_s": compute, "x_real_time": seconds / compute,
             "peak_rss_mib": peak_kib / 1024}
 
@@ -278,7 +279,8 @@ def throughput_report(args: argparse.Namespace) -> Report:
 def render_throughput(r: Report) -> str:
     m = r["model"]
     return "\n".join([
-        f"{model_line(m)}, input {r['input']} at {r['input_sr']} Hz, offline upscale",
+        f"{model_line(m)}, input {r['input']} at {r['input_sr']} Hz, offline upscale on "
+        f"{r.get('workers', 1)} worker thread{'s' * (r.get('workers', 1) != 1)}",
         f"machine: {machine_line(r['machine'])}", "",
         *markdown_table(["audio s", "compute s", "x real time", "peak RSS MiB"],
                         [[f"{r['audio_s']:.1f}", f"{r['compute_s']:.2f}", f"{r['x_real_time']:.2f}",
@@ -347,6 +349,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lat.set_defaults(func=run_bench, bench_run=(latency_report, render_latency))
     thr = sub.add_parser("throughput", help="offline upscale speed and peak memory")
     _signal_args(thr, 30.0)
+    thr.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                     help="threads the signal's segments run on (rtsr.offline; default 1)")
     _common(thr)
     thr.set_defaults(func=run_bench, bench_run=(throughput_report, render_throughput))
     qual = add_quality_parser(sub)

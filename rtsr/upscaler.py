@@ -33,12 +33,14 @@ def resolve_device(device: str) -> str:
 
 
 class Upscaler:
-    def __init__(self, model: SuperResModel, seed: int = 0):
-        self.model, self.seed = model, seed
+    def __init__(self, model: SuperResModel, seed: int = 0, workers: int = 1):
+        """workers: threads `upscale` runs a signal's segments on (rtsr.offline; the output is the
+        same bits for any count), each with its own share of the model's calls."""
+        self.model, self.seed, self.workers = model, seed, workers
 
     @classmethod
     def load(cls, name_or_path: str = "basic", device: str = "cpu", steps: int | None = None, seed: int = 0,
-             backend: str = "auto", threads: int | None = 1, warm_up: bool = False) -> Upscaler:
+             backend: str = "auto", threads: int | None = 1, warm_up: bool = False, workers: int = 1) -> Upscaler:
         """A bundled model by name ("basic", "speech") or a model directory, ready to run: the one
         way every command loads one. backend: rtsr.backends (auto: the fastest that works here);
         threads: torch's (process-wide) and ONNX Runtime's CPU threads, None leaves them. The
@@ -48,7 +50,7 @@ class Upscaler:
         throwaway stream first, so one-off allocation is not on a live stream's time."""
         if threads:
             torch.set_num_threads(threads)
-        up = cls(load_model(name_or_path, resolve_device(device), steps), seed)
+        up = cls(load_model(name_or_path, resolve_device(device), steps), seed, workers)
         apply_backend(up.model, backend)
         if warm_up:
             up.warm_up()
@@ -81,7 +83,8 @@ class Upscaler:
         """
         x = np.asarray(x)
         sr = check_rate(sr)
-        y = upscale_signals(self, [Signal(_as_frames(x), sr, as_band(cutoff, sr), fill_holes)])[0]
+        signal = Signal(_as_frames(x), sr, as_band(cutoff, sr), fill_holes)
+        y = upscale_signals(self, [signal], rows=self.workers, workers=self.workers)[0]
         return y[:, 0] if x.ndim == 1 else y
 
     def upscale_blocks(self, blocks: Iterable[np.ndarray], sr: int, channels: int, band: Band,

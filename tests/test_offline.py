@@ -49,6 +49,7 @@ def test_a_signal_gives_the_same_bits_alone_and_in_a_batch(regression: Upscaler)
     for sig, y in zip(signals, batch, strict=True):
         assert np.array_equal(y, upscale_signals(regression, [sig], rows=2)[0])
         assert np.array_equal(y, regression.upscale(sig.x, sig.sr))
+        assert np.array_equal(y, Upscaler(regression.model, workers=2).upscale(sig.x, sig.sr))
 
 
 def test_a_model_whose_noise_matters_is_not_cut(tiny_model_dir: Path) -> None:
