@@ -3,8 +3,10 @@
 Each channel of a stream is a row of preallocated arrays holding only what is still needed: the
 resampler's recent input (`hist`) and the 48 kHz samples not framed yet (`x48`, absolute index
 `x48_base` of its first column, which is also the resampler's output index). A call takes every
-stream's new input (packed one after another), runs the resampler (`resample_row`, the very kernel
-`StreamingResampler` runs, so the bits are the same), cuts every analysis frame whose window has
+stream's new input (packed one after another), runs the resampler (`resample_row`, the kernel
+`StreamingResampler` runs: a stream's bits never depend on its blocks; beside StreamingResampler
+they agree to float32 rounding, each compiled copy fusing multiply-adds its own way), cuts every
+analysis frame whose window has
 now fully arrived and multiplies it by the window; what is left of each row goes back into it. Per
 stream there is no Python left in the loop, which is what a server with hundreds of streams needs.
 """
