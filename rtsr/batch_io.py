@@ -1,6 +1,5 @@
-"""What a file batch's worker processes do (rtsr.file_batch): decode an input and find its band
-from those same samples, and encode and write an output. Light imports only (no torch, no
-model): a worker starts in a fraction of a second and holds no model."""
+"""What a file batch's I/O thread does (rtsr.file_batch): decode an input and find its band from
+those same samples, and encode and write an output; each failure as the file's reason, in words."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`rtsr upscale` on many files (rtsr.file_batch): decoded and written by a worker process,
+"""`rtsr upscale` on many files (rtsr.file_batch): decoded and written on an I/O thread,
 upscaled together, each output the one the file gets alone; a bad file fails alone."""
 
 import json
