@@ -52,7 +52,9 @@ class StateBank:
         first = new_state(1)
         self.branches = next(iter(first.steps[0].values())).shape[0] if first.steps[0] else 1
         self._step_axis = 1 if self.branches > 1 else 0  # rows first (3x faster to gather), but for two branches
-        self._lock = threading.Lock()  # join/leave and the gathers/write-backs of a live thread and a server
+        # join/leave and the gathers/write-backs of a live thread and a server; reentrant: a stream
+        # collected while the bank is busy (its finalizer runs on this thread) leaves without a deadlock
+        self._lock = threading.RLock()
         self._used = np.zeros(0, bool)
         self._steps: list[dict[str, torch.Tensor]] = []
         self._vocoder: dict[str, torch.Tensor] = {}

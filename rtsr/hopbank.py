@@ -26,7 +26,7 @@ INITIAL_FRAMES = 16  # queue length of a new bank; it doubles whenever a stream 
 class HopBank:
     def __init__(self, channels: int):
         self.channels = channels
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # reentrant: a stream collected while the bank is busy leaves (rtsr.bank)
         self._free: list[int] = []
         self._units = 0
         self.spec = np.zeros((0, INITIAL_FRAMES, N_BINS), np.complex64)

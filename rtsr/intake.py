@@ -27,7 +27,7 @@ class IntakeBank:
     def __init__(self, input_sr: int, channels: int):
         self.filter = rate_filter(input_sr, SR)
         self.channels = channels
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a stream collected while the bank is busy leaves (rtsr.bank)
         self._free: list[int] = []
         self._units = 0
         self._hist = np.zeros((0, self.filter.bank.shape[1] + SPARE_HISTORY), np.float32)

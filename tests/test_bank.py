@@ -159,3 +159,27 @@ def test_the_bank_on_a_cuda_device_equals_the_cpu():
     specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 1)]
     got, inputs = run_mixed(SuperResModel.random(steps=1, seed=2, device="cuda"), specs, 0.4, 3, leave=1)
     assert_offline(SuperResModel.random(steps=1, seed=2), got, inputs, specs)
+
+
+def test_a_stream_collected_while_its_banks_are_busy_leaves_them_without_a_deadlock():
+    """A garbage collection inside a bank's locked section (a numba compile, a model call) may run a
+    gone stream's finalizer, which gives its rows back on the same thread: that must not wait for
+    the lock its own thread holds (it did: a glue benchmark hung in IntakeBank.take)."""
+    import gc
+    import threading
+
+    model = SuperResModel.random(steps=1)
+    keep = Stream(model, 16000, 1)
+    locks = [model.bank._lock, keep.intake._lock, keep.hops.lock]
+
+    def collect_inside_the_locks():
+        for lock in locks:
+            gone = Stream(model, 16000, 1)
+            with lock:
+                del gone
+                gc.collect()
+
+    t = threading.Thread(target=collect_inside_the_locks, daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive()
