@@ -382,8 +382,9 @@ def _device(text: str | None) -> int | str | None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "live", help="microphone (or any input device) -> engine -> speakers and/or a file",
-        description="Upscale an input device live. The model runs on a worker thread; the audio callbacks "
-                    "only copy. Ctrl-C stops and prints a summary.")
+        description="Upscale an input device live. The model runs on a worker thread (at real-time priority "
+                    "where allowed: root, or an rtprio limit such as a JACK install's audio group gives); the "
+                    "audio callbacks only copy. Ctrl-C stops and prints a summary.")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--input-device", metavar="ID_OR_NAME", help="(default: the system's)")
     p.add_argument("--output-device", metavar="ID_OR_NAME", help="(default: the system's)")
