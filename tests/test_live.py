@@ -211,6 +211,35 @@ def test_the_worker_runs_ahead_of_ordinary_processes_where_allowed():
     assert ("worker at real-time priority" in eng.summary()) == eng.realtime
 
 
+def test_a_session_the_real_time_worker_asks_for_is_made_at_normal_priority(monkeypatch, tmp_path):
+    """A fixed-shape ONNX session is made on a thread of its own, which would inherit the worker's
+    real-time scheduling (a live hop of 35-40 ms asks for it after the warm-up)."""
+    from rtsr.backends import apply_backend
+    from rtsr.live import realtime_priority
+    from rtsr.onnx_backend import STATIC_AFTER
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = SuperResModel.random(seed=5, steps=0)
+    apply_backend(model, "onnx")
+    made_at = []
+    monkeypatch.setattr(model.run, "_session", lambda dims: made_at.append(os.sched_getscheduler(0)))
+    realtime = []
+
+    def worker():
+        realtime.append(realtime_priority())
+        for _ in range(STATIC_AFTER):
+            model.run.session_for(1, 4)
+        for thread in list(model.run.making.values()):
+            thread.join()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    if not realtime[0]:
+        pytest.skip("real-time scheduling not permitted here")
+    assert made_at == [os.SCHED_OTHER]
+
+
 def test_worker_thread_recovers_from_an_injected_stall(model):
     """The real worker thread, a fake device paced at 10 ms, one 150 ms hang in the processor."""
     class Stalling(Passthrough):
