@@ -157,7 +157,7 @@ def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], o
     """One hop of n frames for each stream of the group (one model, one bank)."""
     members = [s for _, s in group]
     model = members[0].model
-    rows = np.concatenate([np.arange(s.hop_row, s.hop_row + s.channels) for s in members])
+    rows = (np.array([s.hop_row for s in members])[:, None] + np.arange(bank.channels)).ravel()
     la = model.lookahead
     cond, low = bank.mel[rows, :, la:la + n], bank.mel[rows, :, :n]
     band = bank.band[rows, :n]
