@@ -4,8 +4,9 @@ N live 16 kHz streams are fed one 20 ms block each per round and stepped togethe
 `rtsr serve` steps them (`rtsr.batch.step` over engine Streams, in a new order every round, as
 their blocks come); the model is the shipped model's networks' shapes only (`ShapeStub`: the same
 caches and outputs, no arithmetic), so what is timed is everything around the model call:
-resampling, STFT and log-mel (`analyse`), the band tracker, building the requests, the conv caches' way in and
-out of the model call, merge, inverse FFT and overlap-add. That is the per-stream cost that no
+resampling, framing, STFT and log-mel and queueing the frames (`analyse`), the band tracker,
+gathering a hop's inputs, the conv caches' way in and out of the model call (`model_call`),
+merge and inverse FFT (`synthesise`) and overlap-add. That is the per-stream cost that no
 accelerator removes (issue 28). Rounds after `--warmup` (by default past the band tracker's first
 decision, ~1 s, as in a long live call) are timed; the first rounds, while the tracker still
 decides (a 4096-point spectrum every 2048 samples, then the decision), are reported apart. One
