@@ -18,10 +18,12 @@ loaded, where it printed a traceback or aborted PortAudio's JACK client).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -33,16 +35,32 @@ def _exit_quietly(signum: int, frame: Any) -> None:
     os._exit(130)
 
 
-def _ctrl_c_exits_quietly() -> None:
-    signal.signal(signal.SIGINT, _exit_quietly)
+_ctrl_c_seen = False
+
+
+def _note_ctrl_c(signum: int, frame: Any) -> None:
+    """Ctrl-C while the atexit handlers clean up (a stdin copy removed, PortAudio closed): they finish first."""
+    global _ctrl_c_seen
+    _ctrl_c_seen = True
+
+
+def _after_cleanup() -> None:
+    """main() registers this atexit handler before the command's own, so it runs after them: a
+    Ctrl-C noted meanwhile ends the process now, and one in the rest of the teardown at once."""
+    if _ctrl_c_seen:
+        _exit_quietly(signal.SIGINT, None)
+    _on_ctrl_c(_exit_quietly)
+
+
+def _on_ctrl_c(handler: Callable[[int, Any], None]) -> None:
+    signal.signal(signal.SIGINT, handler)
     signal.siginterrupt(signal.SIGINT, False)  # nor breaks a C library's call under way (PortAudio's close)
 
 
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "rtsr":  # the command, not a program importing it
-    _ctrl_c_exits_quietly()  # until main() runs (the imports below, argparse's and a command's, take a while)
+    _on_ctrl_c(_exit_quietly)  # until main() runs (the imports below, argparse's and a command's, take a while)
 
 import argparse  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from importlib import import_module  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -192,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     the command (no argv), a Ctrl-C after it (in the interpreter's teardown) ends it at once."""
     if argv is None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # commands see KeyboardInterrupt
+        atexit.register(_after_cleanup)
     try:
         return _run(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # also while a command's module is still being imported
@@ -203,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     finally:
         if argv is None:
-            _ctrl_c_exits_quietly()
+            _on_ctrl_c(_note_ctrl_c)
 
 
 def _run(argv: list[str]) -> int:

@@ -425,6 +425,22 @@ def test_a_ctrl_c_after_the_command_exits_quietly_at_once():
     assert "went on" not in r.stdout
 
 
+def test_a_ctrl_c_in_the_commands_cleanup_lets_it_finish_then_exits_quietly():
+    """The command's atexit handlers (a stdin copy removed, PortAudio closed) are not cut short."""
+    r = _as_the_command(
+        "import atexit, os, signal, time\n"
+        "import rtsr.cli\n"
+        "def cleanup():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    print('cleaned up')\n"
+        "run = rtsr.cli._run\n"
+        "rtsr.cli._run = lambda argv: (atexit.register(cleanup), run(argv))[1]  # as a command registers one\n"
+        "sys.argv += ['--version']\n"
+        "sys.exit(rtsr.cli.main())\n")
+    assert (r.returncode, r.stderr) == (130, "") and r.stdout.endswith("cleaned up\n")
+
+
 def test_no_audio_devices_is_said_plainly(monkeypatch, capsys):
     """No sound server: PortAudio lists nothing; --list-devices printed an empty line and exited 0,
     a run said "no such input device None: Error querying device -1"."""
