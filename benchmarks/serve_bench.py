@@ -1,6 +1,6 @@
 """`rtsr serve` under N live streams: per-block round trip, late replies, and output == upscale.
 
-Starts `rtsr serve` as a subprocess on a free loopback port (one torch thread: serve sets it, and
+Starts `rtsr serve` as a subprocess on a free loopback port (`--server-threads` model threads, 1 by default, and
 OMP_NUM_THREADS=1 is exported too), then for N = 1, 2, 4, 8, 16 concurrent streams, each from its
 own DEALER client (`rtsr.client.Client`, all driven by one event loop in this process), sends a
 speech-like test signal in 20 ms blocks paced in real time: block k goes out when its last sample
@@ -60,10 +60,10 @@ class Server:
     READY = re.compile(r"router (tcp://\S+)")
 
     def __init__(self, model: str, device: str, start_timeout: float, args: list[str] | None = None,
-                 ready: re.Pattern | None = None):
+                 ready: re.Pattern | None = None, threads: int = 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "rtsr.cli", *(args or ["serve", "--bind", "tcp://127.0.0.1:*", "--model", model,
-                                                           "--device", device])]
+                                                           "--device", device, "--threads", str(threads)])]
         self.ready_line = ready or self.READY
         self.endpoints: tuple[str, ...] = ()
         self.log: deque[str] = deque(maxlen=40)
@@ -214,7 +214,8 @@ def check_outputs(up: Upscaler, signals: list[np.ndarray], sr: int, outputs: lis
 
 def render(r: dict[str, Any]) -> str:
     d = r["deadline_ms"]
-    lines = [f"rtsr serve, model {r['model']} on {r['device']} (1 torch thread), {r['seconds']:g} s "
+    lines = [f"rtsr serve, model {r['model']} on {r['device']} ({r['server_threads']} model thread(s)), "
+             f"{r['seconds']:g} s "
              f"speech-like test signal at {r['input_sr']} Hz per stream, {r['block_ms']:g} ms blocks paced in "
              f"real time, streams {'aligned' if r['aligned'] else 'spread over a block period'}, "
              "one DEALER client each",
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aligned", action="store_true", help="start every stream at the same instant")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without a reply before giving up")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--server-threads", type=int, default=1, metavar="N", help="rtsr serve --threads (default: 1)")
     args = p.parse_args(argv)
     counts = sorted({int(s) for s in args.streams.split(",")})
     if not counts or counts[0] < 1:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs: list[list[np.ndarray]] = []
     info = machine(args.device)  # load average before anything of ours runs
     try:
-        with Server(args.model, args.device, args.timeout) as server:
+        with Server(args.model, args.device, args.timeout, threads=args.server_threads) as server:
             assert server.endpoint is not None
             with Client(server.endpoint, args.timeout) as c:  # lazy init: torch, numba kernels, first hop
                 c.upscale(speech_like(sr, WARMUP_S, 99), sr, stream="warmup")
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "serve_bench", "model": str(args.model),
               "model_name": Path(args.model).name, "device": args.device, "seconds": args.seconds,
               "input_sr": sr, "block_ms": args.block_ms, "deadline_ms": args.block_ms, "aligned": args.aligned,
-              "server_threads": 1, "machine": info, "rows": rows, "max_streams_p99_under_deadline": fits,
+              "server_threads": args.server_threads, "machine": info, "rows": rows,
+              "max_streams_p99_under_deadline": fits,
               "outputs_match": all(r["matches"] for r in rows), "server_exit": exit_status}
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0 if report["outputs_match"] else 1

@@ -35,6 +35,7 @@ from rtsr import protocol as P
 from rtsr.backends import BACKENDS
 from rtsr.batch import StepFailed
 from rtsr.batch import step as batch_step
+from rtsr.cli import positive_int
 from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, peer_is_admin, warn_if_open
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
@@ -550,12 +551,13 @@ def _is_reset(frame: zmq.Frame) -> bool:
 # --- command line -------------------------------------------------------------------------------
 
 
-def load_upscalers(names: list[str], device: str = "cpu", backend: str = "eager") -> dict[str, Upscaler]:
+def load_upscalers(names: list[str], device: str = "cpu", backend: str = "eager",
+                   threads: int = 1) -> dict[str, Upscaler]:
     """Each --model under its argument and its folder name, so clients can say "basic" or "tiny";
     each warmed up, so the first stream does not wait for one-off allocation."""
     ups: dict[str, Upscaler] = {}
     for name in names:
-        up = Upscaler.load(name, device, backend=backend, threads=1, warm_up=True)
+        up = Upscaler.load(name, device, backend=backend, threads=threads, warm_up=True)
         ups[name] = up
         ups.setdefault(Path(name).name, up)
     return ups
@@ -591,6 +593,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-speed", type=float, default=Limits.max_speed, metavar="X",
                    help="refuse audio sent faster than X times real time with error 'rate' "
                         "(default: 0, no limit: a fast client is only slowed by the socket queues)")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="N",
+                   help="CPU threads per model call (default 1: a few streams' matrices are small and more threads "
+                        "only contend; a round of many streams on a machine with cores to spare may gain)")
     p.add_argument("--hwm", type=int, default=Transport.hwm, help="ZeroMQ high-water mark (default: %(default)s)")
     add_curve_argument(p, "with --bind, accept only clients whose public key is in DIR/authorized/; with "
                           "--connect-broker, connect to the broker as DIR/client.key")
@@ -625,8 +630,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not (args.pull or args.connect_broker):
         warn_if_open(args.bind, keys, "rtsr serve")
     names = args.model or ["basic"]
-    try:  # one thread: one stream's matrices are small; more threads only contend
-        ups = load_upscalers(names, args.device, args.backend)
+    try:
+        ups = load_upscalers(names, args.device, args.backend, args.threads)
     except (ModelError, RuntimeError) as e:
         print(f"rtsr serve: {e}", file=sys.stderr)
         return 2

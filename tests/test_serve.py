@@ -494,3 +494,16 @@ def test_audio_replies_say_when_the_cutoff_moves(up):
             if "cutoff" in r.header:
                 moves.append((r.header["cutoff"], r.header["band"]))
     assert len(moves) == 1 and moves[0][1] == "detected" and abs(moves[0][0] - 4000) < 500
+
+
+def test_serve_takes_a_thread_count_and_refuses_none():
+    """--threads N is the model's CPU threads (a round of many streams may use spare cores); 0 is refused."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rtsr.cli", "serve", "--threads", "0"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "--threads" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "rtsr.cli", "serve", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert "--threads N" in r.stdout
