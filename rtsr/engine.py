@@ -117,14 +117,20 @@ def analyse(streams: Iterable[Stream]) -> None:
             by_bank.setdefault(s.hops, []).append((s, n, at))
         at += s.channels * n
     for bank, group in by_bank.items():
-        bands = [(s, _guarded(s, s.band_rows, n)) for s, n, _ in group]  # a failed tracker: its stream alone
-        bank.enqueue(np.array([s.hop_row for s, _, _ in group], np.int64), np.array([n for _, n, _ in group]),
-                     np.array([a for _, _, a in group], np.int64),
-                     np.array([s.band_now if rows is None else rows[0] for s, rows in bands], np.int32), spec, mel)
-        for (s, n, _), (_, rows) in zip(group, bands, strict=True):
-            if rows is not None and (rows != rows[0]).any():  # the band moved within these frames
+        # a settled band is each frame's band; a deciding tracker says (a failed one: its stream alone)
+        deciding = {k: _guarded(s, s.band_rows, n) for k, (s, n, _) in enumerate(group) if s.cutoff.deciding}
+        rows, counts, at = np.array([(s.hop_row, n, a) for s, n, a in group], np.int64).T
+        band_now = np.array([s.band_now for s, _, _ in group], np.int32)
+        for k, ids in deciding.items():
+            if ids is not None:
+                band_now[k] = ids[0]
+        bank.enqueue(rows, counts, at, band_now, spec, mel)
+        for k, ids in deciding.items():
+            if ids is not None and (ids != ids[0]).any():  # the band moved within these frames
+                s, n, _ = group[k]
                 q = s.hops.queued[s.hop_row]
-                s.hops.band[s.hop_row:s.hop_row + s.channels, q - n:q] = rows
+                s.hops.band[s.hop_row:s.hop_row + s.channels, q - n:q] = ids
+        for s, n, _ in group:
             s._frames += n
 
 
@@ -347,11 +353,9 @@ class Stream:
         """Input (or its end) is waiting to be analysed."""
         return bool(self._pending) or self.flush_to[0] >= 0
 
-    def band_rows(self, n: int) -> np.ndarray | None:
-        """The band index of each of the next n frames analysed (their band tracker's decisions
-        fall between them), or None when the band is settled: `band_now` for all."""
-        if not self.cutoff.deciding:
-            return None
+    def band_rows(self, n: int) -> np.ndarray:
+        """The band index of each of the next n frames analysed while the band tracker decides
+        (its decisions fall between them); once it has settled, every frame's is `band_now`."""
         rows = self.cutoff.rows(self._frames, self._frames + n)
         self.band_now = self.hops.band_id(tuple(self.cutoff.current.row()))
         if (rows == rows[0]).all():
