@@ -38,10 +38,11 @@ class LoadOptions:
     seed: int = 0
     backend: str = "auto"
     threads: int = 1
+    workers: int = 1
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> LoadOptions:
-        return cls(args.model, args.device, args.steps, args.seed, args.backend, args.threads)
+        return cls(args.model, args.device, args.steps, args.seed, args.backend, args.threads, args.workers)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class BandChoice:
 
 def load_upscaler(opts: LoadOptions) -> Upscaler:
     """The model as these options say; ModelError/RuntimeError on failure."""
-    return Upscaler.load(opts.model, opts.device, opts.steps, opts.seed, opts.backend, max(opts.threads, 1))
+    return Upscaler.load(opts.model, opts.device, opts.steps, opts.seed, opts.backend, max(opts.threads, 1),
+                         workers=max(opts.workers, 1))
 
 
 @dataclass

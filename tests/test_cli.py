@@ -527,3 +527,12 @@ def test_every_commands_line_in_help_is_its_own_and_backends_are_the_engines() -
     for name, (_, line) in COMMANDS.items():
         listed = build_parser(name)._subparsers._group_actions[0]._choices_actions
         assert [a.help for a in listed if a.dest == name] == [line], name
+
+
+def test_workers_split_a_file_over_threads_and_give_the_same_bits(rtsr, tmp_path: Path) -> None:
+    """--workers 2 cuts each signal into two segments run side by side: the output is one stream's."""
+    src = put(tmp_path / "in.wav", tone(16000, 6.0, seed=4), 16000)
+    assert rtsr("-i", src, "--output", tmp_path / "one.wav").rc == 0
+    assert rtsr("-i", src, "--output", tmp_path / "two.wav", "--workers", "2").rc == 0
+    assert np.array_equal(read_audio(tmp_path / "one.wav")[0], read_audio(tmp_path / "two.wav")[0])
+    assert rtsr("-i", src, "--output", tmp_path / "zero.wav", "--workers", "0").rc == 2
