@@ -34,6 +34,7 @@ from rtsr.bench_band import add_band_parser, band_report, render_band
 from rtsr.bench_quality import add_quality_parser, quality_report, render_quality
 from rtsr.engine import Stream
 from rtsr.features import HOP, SR
+from rtsr.files import offline_workers
 from rtsr.model import ModelError
 from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
@@ -263,7 +264,7 @@ def render_latency(r: Report) -> str:
 def throughput_report(args: argparse.Namespace) -> Report:
     """Offline `upscale` of the whole input once (after a short warm-up): speed and peak memory."""
     up = load_upscaler(args)
-    up.workers = args.workers
+    up.workers = args.workers or offline_workers()
     x, sr, what = bench_input(args, 30.0)
     up.upscale(x[: round(sr * WARMUP_S)], sr)
     t0 = perf_counter()
@@ -349,8 +350,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     lat.set_defaults(func=run_bench, bench_run=(latency_report, render_latency))
     thr = sub.add_parser("throughput", help="offline upscale speed and peak memory")
     _signal_args(thr, 30.0)
-    thr.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                     help="threads the signal's segments run on (rtsr.offline; default 1)")
+    thr.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                     help="threads the signal's segments run on (rtsr.offline; default: as rtsr upscale, the "
+                          "machine's cores up to 8)")
     _common(thr)
     thr.set_defaults(func=run_bench, bench_run=(throughput_report, render_throughput))
     qual = add_quality_parser(sub)

@@ -165,9 +165,9 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",
                    help="CPU threads for the model (default 1: its small matrices gain little from more, "
                         "and oversubscribed threads are many times slower)")
-    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="upscale each batch's signals as N segments side by side on N threads, one model thread "
-                        "each (same output for any N; default 1; on an idle machine, its core count is faster)")
+                        "each (same output for any N; default: the machine's cores, up to 8; 1 with --scheduler)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: skip inputs whose output exists, so a "
                         "stopped batch resumes)")

@@ -28,6 +28,9 @@ LEVEL_JUMP_DB = 6.0  # an output this much louder (RMS) than its input is flagge
 AUDIBLE_DBFS = -90.0  # ...if it is above 16-bit's last bit: a silent file's generated hiss is not a jump
 
 
+MAX_OFFLINE_WORKERS = 8  # more threads than this share one model bank's locks for little gain
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How to load the model for a batch: the same on every machine that runs part of it."""
@@ -42,7 +45,10 @@ class LoadOptions:
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> LoadOptions:
-        return cls(args.model, args.device, args.steps, args.seed, args.backend, args.threads, args.workers)
+        """The command's options; --workers unset: the machine's cores here, one on each Dask worker
+        (the cluster runs a file per worker process already)."""
+        workers = args.workers or (1 if args.scheduler else offline_workers())
+        return cls(args.model, args.device, args.steps, args.seed, args.backend, args.threads, workers)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,13 @@ class BandChoice:
 
     def fill_holes(self, lossy: bool) -> bool:
         return lossy and not self.keep_holes
+
+
+def offline_workers() -> int:
+    """Threads an offline upscale runs a signal's segments on by default: the machine's cores (at most
+    MAX_OFFLINE_WORKERS). Segments are coarse work, one model thread each: on an idle 2-core VM two
+    were 1.4-1.5x one (rtsr bench throughput, benchmarks/RESULTS.md)."""
+    return max(1, min(os.cpu_count() or 1, MAX_OFFLINE_WORKERS))
 
 
 def load_upscaler(opts: LoadOptions) -> Upscaler:

@@ -536,3 +536,17 @@ def test_workers_split_a_file_over_threads_and_give_the_same_bits(rtsr, tmp_path
     assert rtsr("-i", src, "--output", tmp_path / "two.wav", "--workers", "2").rc == 0
     assert np.array_equal(read_audio(tmp_path / "one.wav")[0], read_audio(tmp_path / "two.wav")[0])
     assert rtsr("-i", src, "--output", tmp_path / "zero.wav", "--workers", "0").rc == 2
+
+
+def test_workers_default_to_the_cores_here_and_to_one_on_a_cluster() -> None:
+    """Offline segments use the machine's cores unless told; a Dask worker runs one file per
+    process already, so there the default is one thread."""
+    import argparse
+
+    from rtsr.files import LoadOptions, offline_workers
+
+    args = argparse.Namespace(model="basic", device="cpu", steps=None, seed=0, backend="auto", threads=1,
+                              workers=None, scheduler=None)
+    assert LoadOptions.of(args).workers == offline_workers() >= 1
+    assert LoadOptions.of(argparse.Namespace(**{**vars(args), "scheduler": "local:2"})).workers == 1
+    assert LoadOptions.of(argparse.Namespace(**{**vars(args), "workers": 3})).workers == 3
