@@ -555,7 +555,8 @@ def cached_regression(tr: Trainer, a: argparse.Namespace) -> None:
     if a.stages != "regression":
         raise SystemExit("--cache trains the regression stage only: --stages regression")
     a.budget_s = float(a.budgets)
-    pairs = CachedPairs(a.cache, "train", tr.device, a.seed)
+    resumed = (tr.load("regression") or {}).get("iters", 0)  # a resumed run draws batches it has not drawn
+    pairs = CachedPairs(a.cache, "train", tr.device, a.seed + resumed)
     val = CachedPairs(a.cache, "val", tr.device, 1234)
     val_batches = [val.draw(a.batch, a.frames) for _ in range(min(max(len(val.clean) // a.batch, 1), VAL_BATCHES))]
 
