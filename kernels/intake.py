@@ -16,15 +16,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from rtsr.kernels.polyphase import resample_row
-
-
-@numba.njit(cache=True, nogil=True)
-def _m_end(n_in: int, m_next: int, up: int, down: int, d: int, given: int) -> int:
-    """The end of the outputs whose inputs have all arrived (or `given`, at the end of a stream)."""
-    if given >= 0:
-        return given
-    return max(m_next, -(-(n_in * up - d) // down))
+from rtsr.kernels.polyphase import oldest_needed, ready_end, resample_row
 
 
 @numba.njit(cache=True, nogil=True)
@@ -46,7 +38,8 @@ def intake(bank: np.ndarray, up: int, down: int, d: int, first_rows: np.ndarray,
     new_frames = np.zeros(n_streams, np.int64)
     for s in range(n_streams):  # first the sizes, so that the outputs are allocated once
         r = first_rows[s]
-        m_end = _m_end(n_in[r] + new_at[s + 1] - new_at[s], m_next[r], up, down, d, m_end_given[s])
+        m_end = m_end_given[s] if m_end_given[s] >= 0 else ready_end(n_in[r] + new_at[s + 1] - new_at[s], m_next[r],
+                                                                     up, down, d)
         made[s] = m_end - m_next[r]
         end = x48_base[r] + x48_len[r] + made[s]
         if pad_until[s] > 0:
@@ -76,7 +69,7 @@ def intake(bank: np.ndarray, up: int, down: int, d: int, first_rows: np.ndarray,
             resample_row(bank, up, down, d, x, x0, m_next[r], m_end, y[tail:tail + made[s]])
             samples[s_at:s_at + made[s], c] = y[tail:tail + made[s]]
             m_next[r] = m_end
-            oldest = min(max((m_end * down + d) // up - taps + 1 - x0, 0), len(x))  # the inputs later outputs touch
+            oldest = min(max(oldest_needed(m_end, up, down, d, taps) - x0, 0), len(x))
             if len(x) - oldest > hist.shape[1]:
                 raise ValueError("intake: resampler history over its capacity")
             hist_len[r] = len(x) - oldest

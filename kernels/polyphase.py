@@ -82,6 +82,21 @@ def _resample_outputs_one_by_one(bank, up, down, d, x, x0, m0, m1, y):
 
 
 @numba.njit(cache=True, nogil=True)
+def ready_end(n_in: int, m_next: int, up: int, down: int, d: int) -> int:
+    """The end of the outputs whose inputs have all arrived: output m needs inputs up to
+    (m*down + d) // up, i.e. m*down + d < n_in*up."""
+    return max(m_next, -(-(n_in * up - d) // down))
+
+
+@numba.njit(cache=True, nogil=True)
+def oldest_needed(m_next: int, up: int, down: int, d: int, taps: int) -> int:
+    """The first input that output m_next or a later one touches. The whole bank row span counts
+    (not just its nonzero taps): the kernel's summation order follows the span length, and it must
+    match the whole-signal run."""
+    return (m_next * down + d) // up - taps + 1
+
+
+@numba.njit(cache=True, nogil=True)
 def resample_row(bank: np.ndarray, up: int, down: int, d: int, x: np.ndarray, x0: int, m0: int, m1: int,
                  y: np.ndarray) -> None:
     """Outputs [m0, m1) of one channel into y[:m1 - m0] (float32), for ``bank = polyphase_bank(h, up)``,

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from rtsr.kernels.polyphase import polyphase_bank, polyphase_resample
+from rtsr.kernels.polyphase import oldest_needed, polyphase_bank, polyphase_resample, ready_end
 
 Quality = Literal["medium", "high", "very_high"]
 
@@ -89,7 +89,7 @@ class StreamingResampler:
         if channels <= 0:
             raise ValueError("the channel count must be positive")
         f = rate_filter(sr_in, sr_out, quality)
-        self.sr_in, self.sr_out, self.channels, self.quality = sr_in, sr_out, channels, quality
+        self.sr_in, self.sr_out, self.channels = sr_in, sr_out, channels
         self.filter, self.up, self.down, self.h, self._d, self._bank = f, f.up, f.down, f.h, f.d, f.bank
         self.reset()
 
@@ -109,7 +109,12 @@ class StreamingResampler:
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Feed (frames, channels) input; return every output whose inputs have all arrived."""
-        return self._emit(self._take(x))
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.channels:
+            raise ValueError(f"expected (frames, {self.channels}) input, got shape {x.shape}")
+        self._n_in += len(x)
+        self._hist = np.concatenate([self._hist, x])
+        return self._emit(ready_end(self._n_in, self._m_next, self.up, self.down, self._d))
 
     def flush(self) -> np.ndarray:
         """End the stream (zeros after the last input) and return the rest, then reset for reuse.
@@ -121,34 +126,14 @@ class StreamingResampler:
         self.reset()
         return y
 
-    def _take(self, x: np.ndarray) -> int:
-        """Append input; the end of the outputs whose inputs have now all arrived."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.channels:
-            raise ValueError(f"expected (frames, {self.channels}) input, got shape {x.shape}")
-        self._n_in += len(x)
-        self._hist = np.concatenate([self._hist, x])
-        # Output m needs inputs up to (m*down + D) // up, i.e. m*down + D < n_in*up.
-        return max(self._m_next, -(-(self._n_in * self.up - self._d) // self.down))
-
-    @property
-    def _base(self) -> int:
-        """Absolute index of self._hist[0]."""
-        return self._n_in - len(self._hist)
-
     def _emit(self, m_end: int) -> np.ndarray:
         """Compute outputs [m_next, m_end) and drop the history no later output can touch."""
-        y = polyphase_resample(self._bank, self.up, self.down, self._d, self._hist, self._base, self._m_next, m_end)
-        self._advance(m_end)
-        return y
-
-    def _advance(self, m_end: int) -> None:
-        # Keep the whole bank row span of output m_end (not just its nonzero taps): the kernel's
-        # summation order follows the span length, and it must match the whole-signal run.
-        base = self._base
+        base = self._n_in - len(self._hist)  # absolute index of self._hist[0]
+        y = polyphase_resample(self._bank, self.up, self.down, self._d, self._hist, base, self._m_next, m_end)
         self._m_next = m_end
-        oldest = (m_end * self.down + self._d) // self.up - self._bank.shape[1] + 1
-        self._hist = self._hist[min(max(oldest - base, 0), len(self._hist)) :]
+        oldest = oldest_needed(m_end, self.up, self.down, self._d, self._bank.shape[1])
+        self._hist = self._hist[min(max(oldest - base, 0), len(self._hist)):]
+        return y
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int = 48000) -> np.ndarray:
