@@ -18,17 +18,15 @@ import numpy as np
 from rtsr.audio_spec import HOP, N_FFT
 from rtsr.features import N_BINS, N_MELS, merge_weights, window
 from rtsr.kernels.hops import enqueue, overlap_add_hop
+from rtsr.rows import RowBank, grown
 
 assert N_FFT == 2 * HOP  # the overlap-add tail is one HOP (rtsr.kernels.hops)
 INITIAL_FRAMES = 16  # queue length of a new bank; it doubles whenever a stream needs more
 
 
-class HopBank:
+class HopBank(RowBank):
     def __init__(self, channels: int):
-        self.channels = channels
-        self.lock = threading.RLock()  # reentrant: a stream collected while the bank is busy leaves (rtsr.bank)
-        self._free: list[int] = []
-        self._units = 0
+        super().__init__(channels)
         self.spec = np.zeros((0, INITIAL_FRAMES, N_BINS), np.complex64)
         self.mel = np.zeros((0, N_MELS, INITIAL_FRAMES), np.float32)
         self.band = np.zeros((0, INITIAL_FRAMES), np.int32)
@@ -38,20 +36,14 @@ class HopBank:
         self.band_hz = np.zeros(0, np.float32)
         self.band_weights = np.zeros((0, N_BINS), np.float32)
 
-    def join(self) -> int:
-        """The first of `channels` rows for a new stream: nothing queued, a silent tail."""
-        with self.lock:
-            if not self._free:
-                self._grow_rows()
-            first = self._free.pop()
-            rows = slice(first, first + self.channels)
-            self.queued[rows] = 0
-            self.tail[rows] = 0.0
-            return first
+    def _clear(self, rows: slice) -> None:
+        """Nothing queued, a silent tail."""
+        self.queued[rows] = 0
+        self.tail[rows] = 0.0
 
-    def leave(self, first: int) -> None:
-        with self.lock:
-            self._free.append(first)
+    def _resize(self, rows: int) -> None:
+        for name in ("spec", "mel", "band", "queued", "tail"):
+            setattr(self, name, grown(getattr(self, name), rows))
 
     def band_id(self, row: tuple[float, float, float]) -> int:
         """The table index of a band row (cutoff Hz, merge start, merge end), added when new; the
@@ -81,26 +73,10 @@ class HopBank:
             return overlap_add_hop(rows, frames, window(), HOP, first, end, self.tail, self.spec, self.mel,
                                    self.band, self.queued)
 
-    def _grow_rows(self) -> None:
-        units = max(2 * self._units, 4)
-        rows = units * self.channels
-        for name in ("spec", "mel", "band", "queued", "tail"):
-            a = getattr(self, name)
-            grown = np.zeros((rows, *a.shape[1:]), a.dtype)
-            grown[:len(a)] = a
-            setattr(self, name, grown)
-        self._free.extend(range((units - 1) * self.channels, self._units * self.channels - 1, -self.channels))
-        self._units = units
-
     def _grow_frames(self, need: int) -> None:
         frames = max(2 * self.spec.shape[1], need)
         for name, axis in (("spec", 1), ("mel", 2), ("band", 1)):
-            a = getattr(self, name)
-            shape = list(a.shape)
-            shape[axis] = frames
-            grown = np.zeros(shape, a.dtype)
-            grown[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
-            setattr(self, name, grown)
+            setattr(self, name, grown(getattr(self, name), frames, axis))
 
 
 _banks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -114,6 +90,4 @@ def join(owner: object, model: object, channels: int) -> tuple[HopBank, int]:
         bank = _banks.setdefault(model, {}).setdefault(channels, None)
         if bank is None:
             bank = _banks[model][channels] = HopBank(channels)
-    first = bank.join()
-    weakref.finalize(owner, bank.leave, first)
-    return bank, first
+    return bank, bank.join_for(owner)

@@ -4,13 +4,12 @@ framed, as rows of preallocated arrays, one bank per input rate and channel coun
 Kept per stream, each round cost a dozen small numpy calls per stream (concatenating history and
 input, slicing it back, growing and trimming the 48 kHz buffer); here one kernel call
 (`rtsr.kernels.intake.intake`) takes the new input of every stream of a bank to windowed analysis
-frames. A stream owns `channels` consecutive rows from `join` to `leave`.
+frames. A stream owns `channels` consecutive rows (rtsr.rows).
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 
 import numpy as np
 
@@ -18,63 +17,39 @@ from rtsr.audio_spec import HOP, N_FFT, SR
 from rtsr.features import window
 from rtsr.kernels.intake import intake
 from rtsr.resample import rate_filter
+from rtsr.rows import RowBank, grown
 
 HALF = N_FFT // 2
 SPARE_HISTORY = 16  # inputs over the filter's span that a row's history may hold between calls
 
 
-class IntakeBank:
+class IntakeBank(RowBank):
     def __init__(self, input_sr: int, channels: int):
+        super().__init__(channels)
         self.filter = rate_filter(input_sr, SR)
-        self.channels = channels
-        self._lock = threading.RLock()  # reentrant: a stream collected while the bank is busy leaves (rtsr.bank)
-        self._free: list[int] = []
-        self._units = 0
         self._hist = np.zeros((0, self.filter.bank.shape[1] + SPARE_HISTORY), np.float32)
         self._x48 = np.zeros((0, N_FFT + HOP), np.float32)  # an unframed tail is shorter than this
         self._ints = {k: np.zeros(0, np.int64) for k in ("hist_len", "n_in", "m_next", "x48_len", "x48_base", "framed")}
 
-    def join(self) -> int:
-        """The first of `channels` rows for a new stream: no input yet, HALF zeros before t = 0 (the
-        first frame is centred on the first sample)."""
-        with self._lock:
-            if not self._free:
-                self._grow()
-            first = self._free.pop()
-            rows = slice(first, first + self.channels)
-            for k, v in self._ints.items():
-                v[rows] = -HALF if k == "x48_base" else HALF if k == "x48_len" else 0
-            self._x48[rows, :HALF] = 0.0
-            return first
+    def _clear(self, rows: slice) -> None:
+        """No input yet, HALF zeros before t = 0 (the first frame is centred on the first sample)."""
+        for k, v in self._ints.items():
+            v[rows] = -HALF if k == "x48_base" else HALF if k == "x48_len" else 0
+        self._x48[rows, :HALF] = 0.0
 
-    def leave(self, first: int) -> None:
-        with self._lock:
-            self._free.append(first)
-
-    def _grow(self) -> None:
-        units = max(2 * self._units, 4)
-        rows = units * self.channels
-        self._hist = _grown(self._hist, rows)
-        self._x48 = _grown(self._x48, rows)
-        self._ints = {k: _grown(v, rows) for k, v in self._ints.items()}
-        self._free.extend(range((units - 1) * self.channels, self._units * self.channels - 1, -self.channels))
-        self._units = units
+    def _resize(self, rows: int) -> None:
+        self._hist, self._x48 = grown(self._hist, rows), grown(self._x48, rows)
+        self._ints = {k: grown(v, rows) for k, v in self._ints.items()}
 
     def take(self, first_rows: np.ndarray, new: np.ndarray, new_at: np.ndarray, m_end_given: np.ndarray,
              pad_until: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`rtsr.kernels.intake.intake` on these streams' rows: (windowed frames, new frames per
         stream, 48 kHz samples made, their count per stream)."""
         f, i = self.filter, self._ints
-        with self._lock:
+        with self.lock:
             return intake(f.bank, f.up, f.down, f.d, first_rows, new, new_at, m_end_given, pad_until,
                           self._hist, i["hist_len"], i["n_in"], i["m_next"], self._x48, i["x48_len"],
                           i["x48_base"], i["framed"], window(), HOP)
-
-
-def _grown(a: np.ndarray, rows: int) -> np.ndarray:
-    out = np.zeros((rows, *a.shape[1:]), a.dtype)
-    out[:len(a)] = a
-    return out
 
 
 _banks: dict[tuple[int, int], IntakeBank] = {}
@@ -93,6 +68,4 @@ def intake_bank(input_sr: int, channels: int) -> IntakeBank:
 def join(owner: object, input_sr: int, channels: int) -> tuple[IntakeBank, int]:
     """Rows for `owner` (a stream) in its bank, given back when the owner is gone."""
     bank = intake_bank(input_sr, channels)
-    first = bank.join()
-    weakref.finalize(owner, bank.leave, first)
-    return bank, first
+    return bank, bank.join_for(owner)

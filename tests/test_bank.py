@@ -170,7 +170,7 @@ def test_a_stream_collected_while_its_banks_are_busy_leaves_them_without_a_deadl
 
     model = SuperResModel.random(steps=1)
     keep = Stream(model, 16000, 1)
-    locks = [model.bank._lock, keep.intake._lock, keep.hops.lock]
+    locks = [model.bank._lock, keep.intake.lock, keep.hops.lock]
 
     def collect_inside_the_locks():
         for lock in locks:

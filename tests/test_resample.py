@@ -152,13 +152,18 @@ def test_the_intake_bank_gives_each_stream_the_same_bits_in_any_blocks(sr_in: in
     rng = np.random.default_rng(7)
     bank = IntakeBank(sr_in, 2)
 
+    class Owner:  # a stream, as far as the bank is concerned
+        pass
+
     def whole(x: np.ndarray) -> np.ndarray:
         b = IntakeBank(sr_in, 2)
         end = rate_filter(sr_in).total_out(len(x))
-        return b.take(np.array([b.join()]), x, np.array([0, len(x)]), np.array([end]), np.array([0]))[2]
+        owner = Owner()
+        return b.take(np.array([b.join_for(owner)]), x, np.array([0, len(x)]), np.array([end]), np.array([0]))[2]
 
     def run(n_streams: int) -> None:
-        rows = np.array([bank.join() for _ in range(n_streams)])
+        owners = [Owner() for _ in range(n_streams)]
+        rows = np.array([bank.join_for(o) for o in owners])
         xs = [rng.standard_normal((int(rng.integers(1, 9000)), 2)).astype(np.float32) for _ in rows]
         made = [[] for _ in rows]
         frames = [[] for _ in rows]
@@ -179,7 +184,7 @@ def test_the_intake_bank_gives_each_stream_the_same_bits_in_any_blocks(sr_in: in
                 made[k].append(y[y_counts[:k].sum():y_counts[:k + 1].sum()])
                 at = 2 * counts[:k].sum()
                 frames[k].append(f[at:at + 2 * counts[k]].reshape(2, counts[k], f.shape[1]))
-        for k, row in enumerate(rows):
+        for k in range(n_streams):
             got = np.concatenate(made[k])
             np.testing.assert_array_equal(got, whole(xs[k]))
             np.testing.assert_allclose(got, resample(xs[k], sr_in), rtol=0, atol=3e-6)
@@ -187,7 +192,7 @@ def test_the_intake_bank_gives_each_stream_the_same_bits_in_any_blocks(sr_in: in
             spec = np.fft.rfft(np.concatenate(frames[k], axis=1), axis=-1)
             ref = stft(torch.from_numpy(x48)).numpy()
             np.testing.assert_allclose(spec, ref[:, :spec.shape[1]], atol=1e-4)
-            bank.leave(int(row))
+        owners.clear()  # the streams are gone: their rows go back
         gc.collect()
 
     run(5)
