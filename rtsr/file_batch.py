@@ -23,7 +23,7 @@ from time import perf_counter
 from rtsr.audio_io import STDIO, AudioError
 from rtsr.batch_io import Decoded, decode_with_band, write_output
 from rtsr.features import SR
-from rtsr.files import BandChoice, Job, Level, Result, check_destination, in_words, upscale_file
+from rtsr.files import BandChoice, Job, Result, check_destination, in_words, upscale_file
 from rtsr.offline import Signal, upscale_signals
 from rtsr.upscaler import Upscaler
 
@@ -101,11 +101,7 @@ def _upscale(up: Upscaler, jobs: list[Job], batch: list[tuple[int, Decoded]], fm
     for (i, d), sig, y in zip(batch, signals, outs, strict=True):
         res = Result(str(jobs[i].src), str(jobs[i].dest), d.sr, len(d.x) / d.sr, d.x.shape[1],
                      cutoff_hz=round(d.band.hz, 1), band=d.band.source, compute_s=per_s * len(d.x) / d.sr)
-        level = Level()
-        level.input(d.x)
-        level.output(y)
-        res.warning = level.warning()
-        res.done(d.band, sig.fill_holes)
+        res.done_whole(d.x, y, d.band, sig.fill_holes)
         progress(str(jobs[i].src), len(y) / SR)
         writes.append((i, res, io.submit(write_output, jobs[i].dest, y, SR, fmt, overwrite)))
     return writes

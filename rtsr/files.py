@@ -131,6 +131,14 @@ class Result:
         self.status, self.error = ("resampled" if band.full else "upscaled"), None
         self.holes_filled = fill_holes and not band.full
 
+    def done_whole(self, x: np.ndarray, y: np.ndarray, band: Band, fill_holes: bool) -> None:
+        """`done` for a signal upscaled whole (x -> y), with its level warning."""
+        level = Level()
+        level.input(x)
+        level.output(y)
+        self.warning = level.warning()
+        self.done(band, fill_holes)
+
 
 def upscale_file(up: Upscaler, job: Job, fmt: str, choice: BandChoice, overwrite: bool,
                  progress: Callable[[float], None] | None = None) -> Result:
@@ -212,11 +220,7 @@ def upscale_audio(up: Upscaler, x: np.ndarray, sr: int, lossy: bool, choice: Ban
     except (ValueError, RuntimeError, MemoryError) as e:
         res.status, res.error = "failed", in_words(e)
         return None
-    level = Level()
-    level.input(x)
-    level.output(y)
-    res.warning = level.warning()
-    res.done(band, fill)
+    res.done_whole(x, y, band, fill)
     return y
 
 

@@ -25,7 +25,7 @@ from rtsr.cutoff import Band, scan_band
 from rtsr.engine import HALF, Stream
 from rtsr.features import HOP, SR
 from rtsr.models.nets import receptive_field
-from rtsr.resample import StreamingResampler, resample
+from rtsr.resample import rate_filter, resample
 
 if TYPE_CHECKING:
     from rtsr.upscaler import Upscaler
@@ -94,7 +94,7 @@ def plan(signal: int, n: int, sr: int, up: Upscaler, parts: int) -> list[Segment
         return [Segment(signal, 0, 0, n, n)]
     unit = SR // HOP // gcd(sr, SR // HOP)  # frames between two starts that land on an input sample
     hop = round(OFFLINE_HOP_MS * SR / 1000) // HOP  # frames; a multiple of unit (which divides 200)
-    reach = StreamingResampler(sr, SR, 1).lookahead_in * SR // sr // HOP + 1  # the filter, in frames
+    reach = rate_filter(sr).lookahead_in * SR // sr // HOP + 1  # the filter, in frames
     warm = -(-(warm_frames(up) + 2 * reach) // unit) * unit
     tail = up.model.lookahead + 2 + 2 * reach  # frames fed past a segment's last hop
     frames = -(-n * SR // (sr * HOP))
