@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import zmq
 
+from rtsr.backends import BACKENDS
 from rtsr.bench import machine, machine_line, speech_like
 from rtsr.client import Client, ServerError
 from rtsr.report import markdown_table
@@ -60,10 +61,11 @@ class Server:
     READY = re.compile(r"router (tcp://\S+)")
 
     def __init__(self, model: str, device: str, start_timeout: float, args: list[str] | None = None,
-                 ready: re.Pattern | None = None, threads: int = 1):
+                 ready: re.Pattern | None = None, threads: int = 1, backend: str = "auto"):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "rtsr.cli", *(args or ["serve", "--bind", "tcp://127.0.0.1:*", "--model", model,
-                                                           "--device", device, "--threads", str(threads)])]
+                                                           "--device", device, "--threads", str(threads),
+                                                           "--backend", backend])]
         self.ready_line = ready or self.READY
         self.endpoints: tuple[str, ...] = ()
         self.log: deque[str] = deque(maxlen=40)
@@ -214,7 +216,8 @@ def check_outputs(up: Upscaler, signals: list[np.ndarray], sr: int, outputs: lis
 
 def render(r: dict[str, Any]) -> str:
     d = r["deadline_ms"]
-    lines = [f"rtsr serve, model {r['model']} on {r['device']} ({r['server_threads']} model thread(s)), "
+    lines = [f"rtsr serve, model {r['model']} on {r['device']} (backend {r['backend']}, {r['server_threads']} "
+             "model thread(s)), "
              f"{r['seconds']:g} s "
              f"speech-like test signal at {r['input_sr']} Hz per stream, {r['block_ms']:g} ms blocks paced in "
              f"real time, streams {'aligned' if r['aligned'] else 'spread over a block period'}, "
@@ -247,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds without a reply before giving up")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--server-threads", type=int, default=1, metavar="N", help="rtsr serve --threads (default: 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="rtsr serve --backend, also used for the "
+                   "reference outputs (default: auto)")
     args = p.parse_args(argv)
     counts = sorted({int(s) for s in args.streams.split(",")})
     if not counts or counts[0] < 1:
@@ -263,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     outputs: list[list[np.ndarray]] = []
     info = machine(args.device)  # load average before anything of ours runs
     try:
-        with Server(args.model, args.device, args.timeout, threads=args.server_threads) as server:
+        with Server(args.model, args.device, args.timeout, threads=args.server_threads,
+                    backend=args.backend) as server:
             assert server.endpoint is not None
             with Client(server.endpoint, args.timeout) as c:  # lazy init: torch, numba kernels, first hop
                 c.upscale(speech_like(sr, WARMUP_S, 99), sr, stream="warmup")
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, RuntimeError, TimeoutError) as e:
         print(f"serve_bench: {e}", file=sys.stderr)
         return 2
-    check_outputs(Upscaler.load(args.model, args.device), signals, sr, outputs, rows)
+    check_outputs(Upscaler.load(args.model, args.device, backend=args.backend), signals, sr, outputs, rows)
     fits = 0
     for row in rows:
         if row["p99_ms"] >= args.block_ms:
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "serve_bench", "model": str(args.model),
               "model_name": Path(args.model).name, "device": args.device, "seconds": args.seconds,
               "input_sr": sr, "block_ms": args.block_ms, "deadline_ms": args.block_ms, "aligned": args.aligned,
-              "server_threads": args.server_threads, "machine": info, "rows": rows,
+              "server_threads": args.server_threads, "backend": args.backend, "machine": info, "rows": rows,
               "max_streams_p99_under_deadline": fits,
               "outputs_match": all(r["matches"] for r in rows), "server_exit": exit_status}
     print(json.dumps(report, indent=1) if args.json else render(report))

@@ -289,3 +289,31 @@ def test_cuda_backends_equal_eager_over_hops_at_every_batch_size(name):
             inputs = _hop_inputs(batch, seed=10 * i + hop)
             got, ref = model.run(states[0], *inputs), eager.run(states[1], *inputs)
             assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_onnx_int8_is_its_own_choice_and_a_streams_bits_are_its_own(onnx_cache):
+    """`onnx-int8`: never what `auto` picks; close to eager (int8 rounding); one quantized graph
+    for every hop length and batch, so a stream's output is the same bits streamed in 20 ms
+    hops, upscaled whole, or batched with another stream (fixed scales: a batch partner's loud
+    input does not change its rounding)."""
+    from rtsr.onnx_backend import STATIC_AFTER
+
+    x = (0.1 * np.random.default_rng(0).standard_normal(16000 * 3)).astype(np.float32)
+    eager, int8 = Upscaler(SuperResModel.random(seed=3, steps=0)), Upscaler(SuperResModel.random(seed=3, steps=0))
+    assert apply_backend(int8.model, "onnx-int8") == "onnx-int8"
+    assert [p.name.split("-")[0] for p in sorted(onnx_cache.glob("*.onnx"))] == ["hop", "int8"]
+    ref, got = eager.upscale(x, 16000), int8.upscale(x, 16000)
+    assert 0 < np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+    s = int8.stream(16000)
+    streamed = np.concatenate([s.feed(x[i:i + 320]) for i in range(0, len(x), 320)] + [s.flush()])
+    np.testing.assert_array_equal(streamed, got)
+    assert not int8.model.run.static and not int8.model.run.making  # STATIC_AFTER hops in a row: still none
+    assert len(x) // 320 > STATIC_AFTER
+    g = torch.Generator().manual_seed(1)
+    cond, low = torch.randn(2, N_MELS, 4, generator=g), torch.randn(2, N_MELS, 4, generator=g)
+    cond[1] *= 30  # the partner: far louder than anything calibrated
+    cutoff, noise = torch.full((4,), 6000.0), torch.zeros(2, N_MELS, 4)
+    both = int8.model.run(int8.model.new_state(2), cond, low, cutoff, noise)
+    alone = int8.model.run(int8.model.new_state(1), cond[:1], low[:1], cutoff, noise[:1])
+    assert torch.equal(both[:1], alone)
+    assert apply_backend(SuperResModel.random(seed=3, steps=0), "auto") == "onnx"
