@@ -142,6 +142,29 @@ def test_the_lsd_loss_weighs_bands_by_width_and_frames_by_their_root():
     assert loss(one, "l2") == pytest.approx(4.0 / frames)
 
 
+def test_the_level_loss_asks_a_swinging_band_for_its_mean_power():
+    """A band that is loud in one frame and quiet in the rest: its mean log level (what l1/l2 ask
+    for) sits far under its mean power; the level term is zero only at the mean power."""
+    from rtsr.features import MEL_STD
+    from rtsr.training.train import band_level
+
+    frames, full = 4, TargetBand(in_band(torch.tensor([24000.0])), torch.tensor([24000.0]))
+    x0, mask = torch.full((1, 80, frames), -1.0), torch.zeros(1, 80)
+    x0[..., 0] = 1.0  # one frame 6 units (of log magnitude, 3 per normalised unit) louder
+    assert torch.allclose(band_level(torch.full((1, 80, frames), 0.3)), torch.full((1, 80), 0.3))
+    power_mean = -1.0 + math.log((math.exp(2 * 2 * MEL_STD) + frames - 1) / frames) / 2 / MEL_STD
+    assert torch.allclose(band_level(x0), torch.full((1, 80), power_mean), atol=1e-5)
+    assert power_mean > x0.mean() + 0.5
+
+    def level_term(pred: float) -> float:
+        net = _Fixed(torch.full((1, 80, frames), pred))
+        return float(regression_loss(net, x0, x0, mask, full, "l2", level=1.0) - regression_loss(net, x0, x0, mask,
+                                                                                                   full, "l2"))
+
+    assert level_term(power_mean) == pytest.approx(0.0, abs=1e-8)
+    assert level_term(float(x0.mean())) > 0.25
+
+
 @pytest.mark.parametrize("mult", [3, 5])
 def test_a_grown_denoiser_starts_where_the_shallower_one_ended(mult):
     """Deeper (new blocks as identities) and, with mult 5, wider block MLPs (new units' output

@@ -26,7 +26,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from rtsr.features import HOP, N_FFT, SR, bin_freqs, cutoff_mask, istft, log_mel, mel_basis, stft
+from rtsr.features import HOP, MEL_MEAN, MEL_STD, N_FFT, SR, bin_freqs, cutoff_mask, istft, log_mel, mel_basis, stft
 from rtsr.model import load_model
 from rtsr.models.diffusion import ddim_update, distill_target, guided_v, noisy, sample, v_target
 from rtsr.models.nets import Denoiser, Vocoder, to_complex
@@ -277,21 +277,34 @@ def mel_widths() -> torch.Tensor:
     return torch.from_numpy(1.0 / mel_basis().max(axis=1))
 
 
+def band_level(x: torch.Tensor) -> torch.Tensor:
+    """(B, mels, T) normalised log-mel -> (B, mels): each band's mean power over the frames, as a
+    normalised log-mel level. A log-domain loss makes the network predict each band's mean log
+    level, which for a band whose level swings (speech's top band: sibilants, then vowels) sits far
+    under its mean power: in a spectrogram, and in realworld.py's edge gap, the band is too dark."""
+    power_log = 2 * (x.float() * MEL_STD + MEL_MEAN)
+    return ((torch.logsumexp(power_log, dim=-1) - math.log(x.shape[-1])) / 2 - MEL_MEAN) / MEL_STD
+
+
 def regression_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
-                    band: TargetBand, kind: str = "l1", lossy: torch.Tensor | None = None) -> torch.Tensor:
+                    band: TargetBand, kind: str = "l1", lossy: torch.Tensor | None = None,
+                    level: float = 0.0) -> torch.Tensor:
     """The one-pass regression network's mel error (input zeroed, t = 0), band-weighted like the
     teacher's: "l1" (the median log-mel), "l2" (the mean log-mel, what minimises LSD's squared log
     error where the high band may be either content or near-silence) or "lsd": LSD's own shape on
     the mel -- each band weighted by its width in bins, the root of each frame's mean, the mean
-    over frames -- so wide top bands and quiet frames count as they do in the score."""
+    over frames -- so wide top bands and quiet frames count as they do in the score. level > 0
+    adds that weight times the squared error of each band's mean power over the window
+    (`band_level`), band-weighted alike."""
     r = net(torch.zeros_like(x0), cond, mask, torch.zeros(len(x0), device=x0.device), lossy=lossy)
     d = r.float() - x0
     w = band_weights(mask, band.mels)
+    extra = level * ((band_level(r) - band_level(x0)).square() * w[..., 0]).mean() if level else 0.0
     if kind == "lsd":
         w = w * mel_widths().to(d.device)[None, :, None]
         per_frame = (d.square() * w).sum(1) / w.sum(1).clamp_min(1e-6)
-        return (per_frame + LSD_EPS).sqrt().mean()
-    return (d.abs() ** {"l1": 1, "l2": 2}[kind] * w).mean()
+        return (per_frame + LSD_EPS).sqrt().mean() + extra
+    return (d.abs() ** {"l1": 1, "l2": 2}[kind] * w).mean() + extra
 
 
 def cosine_decay(done: float, floor: float) -> float:
@@ -535,7 +548,7 @@ def train_regression(tr: Trainer, pool: AudioPool | None, name: str, draw: Draw 
         hr_mel, lr_mel, mask, band, lossy = draw()
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
-            loss = regression_loss(net, x0, cond, mask, band, a.reg_loss, lossy)
+            loss = regression_loss(net, x0, cond, mask, band, a.reg_loss, lossy, a.level_loss)
         clipped_step(opt, loss, net.parameters())
         n += 1
         if n % a.log_every == 0:
@@ -562,7 +575,7 @@ def cached_regression(tr: Trainer, a: argparse.Namespace) -> None:
 
     @torch.no_grad()
     def validate(net: Denoiser) -> float:
-        losses = [regression_loss(net, *aligned(hr, lr), mask, band, a.reg_loss, lossy).item()
+        losses = [regression_loss(net, *aligned(hr, lr), mask, band, a.reg_loss, lossy, a.level_loss).item()
                   for hr, lr, mask, band, lossy in val_batches]
         return round(float(np.mean(losses)), 5)
 
@@ -642,6 +655,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(LSD's shape: bands weighted by width, root of each frame's mean)")
     p.add_argument("--reg-schedule", choices=("constant", "cosine"), default="constant",
                    help="the regression stage's learning rate: constant, or cosine-decayed over its budget")
+    p.add_argument("--level-loss", type=float, default=0.0,
+                   help="regression: weight of each band's mean-power error over the window (band_level)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-split", default="val", help="manifest split used for validation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
