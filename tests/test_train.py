@@ -217,7 +217,7 @@ def test_regression_stage_trains_from_the_joint_regression_and_resumes(tmp_path,
                               batch=2,
                               lr=1e-3, budget_s=1.0, ckpt_s=60.0, log_every=1000, blocks=8, dilations=(1, 2, 4, 8),
                               channels=160, mult=3,
-                              reg_loss=kind, reg_schedule=schedule, codec_flag=False, init_model=None)
+                              reg_loss=kind, level_loss=0.0, reg_schedule=schedule, codec_flag=False, init_model=None)
     tr = Trainer(args)
     start = new_denoiser(tr).state_dict()
     tr.save("joint", {"regression": start})
@@ -246,8 +246,8 @@ def test_regression_stage_grows_the_codec_flag_onto_a_shipped_model(tmp_path):
     shipped_dir = export(plain, basic.vocoder, tmp_path / "plain", "plain", 0, 1.0, {})
     args = argparse.Namespace(frames=16, bank=64, seed=0, device="cpu", tilt=0.0, high_share=0.0, out=tmp_path / "run",
                               batch=2, lr=0.0, budget_s=0.5, ckpt_s=60.0, log_every=1000, blocks=8,
-                              channels=160, mult=3, dilations=(1, 2, 4, 8), reg_loss="l2", reg_schedule="constant",
-                              codec_flag=True, init_model=shipped_dir)
+                              channels=160, mult=3, dilations=(1, 2, 4, 8), reg_loss="l2", level_loss=0.0,
+                              reg_schedule="constant", codec_flag=True, init_model=shipped_dir)
     tr = Trainer(args)
     train_regression(tr, AudioPool(_corpus(tmp_path / "c"), "train", {"music": 1.0}, "cpu", 0), "regression")
     got, shipped = tr.load("regression"), load_model(str(shipped_dir)).denoiser.state_dict()
