@@ -61,31 +61,34 @@ def _alpha_sigma_float(t: float) -> tuple[float, float]:
 
 
 def guided_v(net: Denoiser, z: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
-             t: torch.Tensor | float, guidance: float, cache: Cache | None = None) -> torch.Tensor:
+             t: torch.Tensor | float, guidance: float, cache: Cache | None = None,
+             lossy: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guidance: the unconditional branch sees zeroed conditioning and mask. A
     float t (the sampler's) takes the network's remembered FiLM for that time, so the call
-    copies nothing to the device and reads nothing back."""
+    copies nothing to the device and reads nothing back. lossy: the codec flag per item (a
+    network trained with it; both branches are told)."""
     if isinstance(t, float):
         tt, film = None, net.step_film(t)
     else:
         tt, film = torch.as_tensor(t, dtype=torch.float32, device=z.device).expand(z.shape[0]), None
     if guidance == 1.0:
-        return net(z, cond, mask, tt, cache, film=film)
+        return net(z, cond, mask, tt, cache, lossy=lossy, film=film)
     both = net(torch.cat([z, z]), torch.cat([cond, torch.zeros_like(cond)]),
                torch.cat([mask, torch.zeros_like(mask)]), None if tt is None else torch.cat([tt, tt]), cache,
-               film=film)
+               lossy=None if lossy is None else torch.cat([lossy, lossy]), film=film)
     v_c, v_u = both.chunk(2)
     return v_u + guidance * (v_c - v_u)
 
 
 def sample(net: Denoiser, noise: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor, steps: int,
-           guidance: float = 1.0, caches: list[Cache] | None = None) -> torch.Tensor:
+           guidance: float = 1.0, caches: list[Cache] | None = None,
+           lossy: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM from noise to a clean mel. With `caches` (one per step) it runs chunk by chunk. Times
     are Python floats throughout: nothing in a step waits on the device."""
     z = noise
     times = step_times(steps)
     for k in range(steps):
-        v = guided_v(net, z, cond, mask, times[k], guidance, caches[k] if caches else None)
+        v = guided_v(net, z, cond, mask, times[k], guidance, caches[k] if caches else None, lossy)
         z = ddim_update(z, v, times[k], times[k + 1])
     return z
 

@@ -143,7 +143,8 @@ class SuperResModel:
         cutoff = cutoff.expand(cond.shape[0], -1)[:, None, :]  # (B, 1, T)
         mask = (centers[None, :, None] < cutoff).float()
         if self.steps:
-            mel = sample(self.denoiser, noise * self.temperature, cond, mask, self.steps, self.guidance, state.steps)
+            mel = sample(self.denoiser, noise * self.temperature, cond, mask, self.steps, self.guidance, state.steps,
+                         state.lossy)
         else:  # steps == 0: the one-step regression baseline predicts the mel directly
             mel = self.denoiser(torch.zeros_like(cond), cond, mask, None, state.steps[0], lossy=state.lossy,
                                 film=self.denoiser.step_film(0.0))

@@ -115,3 +115,29 @@ def test_the_regression_stage_trains_from_the_cache_and_exports_a_model(tmp_path
     x = torch.randn(1, 80, 8)
     with torch.no_grad():
         assert model.denoiser(torch.zeros_like(x), x, torch.zeros(1, 80), torch.zeros(1)).isfinite().all()
+
+
+def test_a_few_step_generative_model_trains_from_the_cache_and_exports(tmp_path):
+    """`teacher` then `distill` on cached pairs (the codec flag reaching every network call), a
+    2-step student exported with a shipped vocoder, loadable, and its sampler told each stream's flag."""
+    from rtsr.model import SuperResModel
+    from rtsr.training import export, train
+
+    corpus, cache, run = _corpus(tmp_path / "c"), tmp_path / "cache", tmp_path / "run"
+    render(corpus, cache, "train", 4, 0, 4, FRAMES, 0, 16)
+    args = ["--cache", str(cache), "--out", str(run), "--stages", "teacher,distill", "--budgets", "1,1",
+            "--frames", "16", "--batch", "2", "--blocks", "2", "--codec-flag", "--guidance", "1.0",
+            "--slim-dir", str(run / "slim"), "--device", "cpu"]
+    train.main(args)
+    assert torch.load(run / "teacher.pt")["iters"] > 0
+    assert all((run / f"student{k}.pt").exists() for k in (16, 8, 4, 2, 1))
+    with pytest.raises(SystemExit, match="number"):
+        train.main([*args[:-2], "--guidance", "auto", "--device", "cpu"])
+    export.main(["--slim", str(run / "slim"), "--name", "gen", "--student", "2", "--vocoder-from", "basic",
+                 "--out", str(tmp_path / "m")])
+    model = SuperResModel.from_dir(tmp_path / "m")
+    assert model.steps == 2 and model.denoiser.flags == 1
+    x = torch.randn(2, 80, 4)
+    outs = [model.run(model.new_state(1, lossy=flag), x[:1], x[:1], torch.full((4,), 6000.0), x[1:])
+            for flag in (False, True)]
+    assert all(o.isfinite().all() for o in outs) and not torch.equal(*outs)

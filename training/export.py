@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.average:
         print(average(a.average, a.out or BUNDLED / a.name, a.name, info, a.weights))
         return
-    joint = a.slim / "nets_basic.pt"
-    if not joint.exists() and not (a.regression and a.continued and a.vocoder_from):
-        raise SystemExit(f"{joint} is missing: export a run started from a shipped model with "
-                         "--regression --continued --vocoder-from MODEL")
+    joint, cached = a.slim / "nets_basic.pt", a.slim / "teacher.pt"
+    if not joint.exists() and not a.vocoder_from:
+        raise SystemExit(f"{joint} is missing: a run with no joint stage (started from a shipped model, or "
+                         "on cached features) takes its vocoder from a model: --vocoder-from MODEL")
     nets = torch.load(joint, map_location="cpu") if joint.exists() else {}
-    config = nets.get("joint.config", {})
+    teacher = torch.load(cached, map_location="cpu") if not nets and cached.exists() else {}
+    config = nets.get("joint.config") or teacher.get("teacher.config", {})  # a student is its teacher's copy
     if a.regression and a.speech:
         speech = torch.load(a.slim / "regression_speech.pt", map_location="cpu")
         den, steps, guidance = speech["regression_speech.net"], 0, 1.0
@@ -129,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         den, steps, guidance = studs[f"{key}.net"], a.student, 1.0
         info.update(distill_iters_last_phase=studs.get(f"{key}.iters"), guidance_baked=studs.get(f"{key}.guidance"))
     else:
-        den, steps = nets["joint.ema"], a.teacher_steps
-        guidance = torch.load(a.slim / "students_basic.pt", map_location="cpu").get("student4.guidance", 1.0)
+        den, steps = nets["joint.ema"] if nets else teacher["teacher.ema"], a.teacher_steps
+        students = a.slim / "students_basic.pt"
+        guidance = torch.load(students, map_location="cpu").get("student4.guidance", 1.0) if students.exists() else 1.0
     info["joint_steps"] = nets.get("joint.step")
     den_net, voc_net = Denoiser(**config), Vocoder()
     den_net.load_state_dict({k: v.float() for k, v in den.items()})

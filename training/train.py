@@ -259,13 +259,13 @@ def _widened(have: torch.Tensor, want: torch.Tensor, key: str) -> torch.Tensor:
 
 
 def teacher_loss(net: Denoiser, x0: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
-                 band: TargetBand) -> torch.Tensor:
+                 band: TargetBand, lossy: torch.Tensor | None = None) -> torch.Tensor:
     """v-prediction loss at a random time, conditioning dropped for 10 % of items (what
     classifier-free guidance needs), weighted towards the bands above the cutoff."""
     drop = (torch.rand(x0.shape[0], device=x0.device) < 0.1).float()[:, None]
     t = torch.rand(x0.shape[0], device=x0.device)
     eps = torch.randn_like(x0)
-    v = net(noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t)
+    v = net(noisy(x0, eps, t), cond * (1 - drop[:, :, None]), mask * (1 - drop), t, lossy=lossy)
     return ((v.float() - v_target(x0, eps, t)) ** 2 * band_weights(mask, band.mels)).mean()
 
 
@@ -421,25 +421,26 @@ def evaluate(tr: Trainer, val: AudioPool, teacher: Denoiser, regression: Denoise
     return {k: round(float(np.mean(v)), 4) for k, v in res.items()}
 
 
-def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Denoiser, steps: int,
+def distill_phase(tr: Trainer, draw: Draw, teacher: Denoiser, student: Denoiser, steps: int,
                   guidance: float, budget_s: float) -> int:
     """One progressive-distillation phase: `student` learns 2 teacher steps (of 2*steps) in one."""
     a = tr.args
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr * 0.5, weight_decay=0.0)
     t0, n = time.time(), 0
     while time.time() - t0 < budget_s:
-        _, _, hr_mel, lr_mel, mask, band, _ = tr.batch(pool, a.batch)
+        hr_mel, lr_mel, mask, band, lossy = draw()
         x0, cond = aligned(hr_mel, lr_mel)
         k = torch.randint(0, steps, (x0.shape[0],), device=x0.device)
         t = 1.0 - k.float() / steps
         t_mid, t_end = t - 0.5 / steps, t - 1.0 / steps
         z = noisy(x0, torch.randn_like(x0), t)
         with torch.no_grad(), tr.autocast():
-            z_mid = ddim_update(z, guided_v(teacher, z, cond, mask, t, guidance), t, t_mid)
-            z_end = ddim_update(z_mid, guided_v(teacher, z_mid, cond, mask, t_mid, guidance), t_mid, t_end)
+            z_mid = ddim_update(z, guided_v(teacher, z, cond, mask, t, guidance, lossy=lossy), t, t_mid)
+            z_end = ddim_update(z_mid, guided_v(teacher, z_mid, cond, mask, t_mid, guidance, lossy=lossy), t_mid,
+                                t_end)
             target = distill_target(z, z_end, t, t_end)
         with tr.autocast():
-            v = student(z, cond, mask, t)
+            v = student(z, cond, mask, t, lossy=lossy)
         loss = ((v.float() - target) ** 2 * band_weights(mask, band.mels)).mean()
         clipped_step(opt, loss, student.parameters())
         n += 1
@@ -448,16 +449,18 @@ def distill_phase(tr: Trainer, pool: AudioPool, teacher: Denoiser, student: Deno
     return n
 
 
-def train_distill(tr: Trainer, pool: AudioPool, val: AudioPool, tag: str = "") -> None:
+def train_distill(tr: Trainer, draw: Draw, val: AudioPool | None, tag: str = "") -> None:
     """Bake the guidance scale in at the first phase, then halve the steps down to 1, saving each
     student. `--guidance auto` picks the scale whose 32-step teacher has the lowest validation
     error; that is not the scale that distils best (runs/cpu2: auto chose 1.0 and its 1-step student
-    scored 0.394 val / 0.559 dev LSD-to-sinc, against 0.347 / 0.535 for 1.5), hence the default."""
-    ck = tr.load("joint")
+    scored 0.394 val / 0.559 dev LSD-to-sinc, against 0.347 / 0.535 for 1.5), hence the default.
+    The teacher is the joint stage's EMA, or the `teacher` stage's (cached features, `--cache`),
+    or with a tag that tag's; without `val` (cached features) nothing is evaluated here."""
+    joint = tr.load("joint") if not tag else None
     teacher = new_denoiser(tr)
-    teacher.load_state_dict(ck["ema"] if not tag else tr.load(f"teacher{tag}")["ema"])
+    teacher.load_state_dict((joint or tr.load(f"teacher{tag}"))["ema"])
     teacher.requires_grad_(False)
-    if tr.args.guidance == "auto":
+    if tr.args.guidance == "auto" and val is not None:
         scores = {g: evaluate(tr, val, teacher, guidance=g)[f"teacher{TEACHER_STEPS}"] for g in (1.0, 1.5, 2.5)}
         guidance = min(scores, key=scores.get)
         log.info("guidance scores %s -> %.1f", scores, guidance)
@@ -473,13 +476,14 @@ def train_distill(tr: Trainer, pool: AudioPool, val: AudioPool, tag: str = "") -
         if prev:
             student.load_state_dict(prev["net"])
         else:
-            n = distill_phase(tr, pool, current, student, steps, g, per_phase)
+            n = distill_phase(tr, draw, current, student, steps, g, per_phase)
             tr.save(f"student{tag}{steps}", {"net": student.state_dict(), "iters": n, "guidance": guidance})
         student.requires_grad_(False)
         students[steps] = student
         current, g = student, 1.0  # guidance is baked in after the first phase
-    log.info("distill%s done: val %s", tag, json.dumps(evaluate(tr, val, teacher, None,
-                                                               {k: students[k] for k in (4, 2, 1)}, guidance)))
+    if val is not None:
+        log.info("distill%s done: val %s", tag, json.dumps(evaluate(tr, val, teacher, None,
+                                                                   {k: students[k] for k in (4, 2, 1)}, guidance)))
 
 
 def train_speech_teacher(tr: Trainer, pool: AudioPool) -> None:
@@ -559,17 +563,81 @@ def train_regression(tr: Trainer, pool: AudioPool | None, name: str, draw: Draw 
     tr.save(name, checkpoint())
 
 
-def cached_regression(tr: Trainer, a: argparse.Namespace) -> None:
-    """The regression stage from cached feature pairs (rtsr.training.featcache): no corpus in
-    memory and no degradation per step; validated at each checkpoint on the cache's val split
-    (the mean regression loss over fixed windows, simulated degradations)."""
+def train_teacher(tr: Trainer, draw: Draw) -> None:
+    """The diffusion teacher alone on cached feature pairs: the joint stage's v-prediction teacher
+    and its EMA, without the vocoder and the regression beside it (the cache holds mels only),
+    started from `--init-model`'s denoiser (a regression network: its t = 0 path is the teacher's
+    last step) or resumed from its own checkpoint; `distill` then takes its EMA."""
+    a = tr.args
+    net = new_denoiser(tr)
+    ck = tr.load("teacher")
+    if ck:
+        net.load_state_dict(ck["net"])
+    elif a.init_model:
+        load_grown(net, load_model(str(a.init_model), tr.device).denoiser.state_dict())
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=1e-4)
+    if ck:
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+    t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
+
+    def checkpoint() -> dict:
+        return {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "iters": n,
+                "spent": time.time() - t0, "config": net.config}
+
+    while time.time() - t0 < a.budget_s:
+        for g in opt.param_groups:
+            g["lr"] = a.lr * min(1.0, (n + 1) / 200) * cosine_decay((time.time() - t0) / a.budget_s, 0.05)
+        hr_mel, lr_mel, mask, band, lossy = draw()
+        x0, cond = aligned(hr_mel, lr_mel)
+        with tr.autocast():
+            loss = teacher_loss(net, x0, cond, mask, band, lossy)
+        clipped_step(opt, loss, net.parameters())
+        ema_update(ema, net, 0.999 if n > 1000 else 0.99)
+        n += 1
+        if n % a.log_every == 0:
+            log.info("teacher it %d loss %.4f lr %.2e", n, loss.item(), opt.param_groups[0]["lr"])
+        if time.time() - last_ck > a.ckpt_s:
+            last_ck = time.time()
+            tr.save("teacher", checkpoint())
+    tr.save("teacher", checkpoint())
+
+
+def cached_stages(tr: Trainer, a: argparse.Namespace) -> None:
+    """Stages from cached feature pairs (rtsr.training.featcache): no corpus in memory and no
+    degradation per step. `regression` is validated at each checkpoint on the cache's val split
+    (the mean regression loss over fixed windows, simulated degradations); `teacher` and `distill`
+    make a few-step generative model of the same network (`--guidance` a number here)."""
     from rtsr.training.featcache import CachedPairs  # it builds on this module's features
 
-    if a.stages != "regression":
-        raise SystemExit("--cache trains the regression stage only: --stages regression")
-    a.budget_s = float(a.budgets)
-    resumed = (tr.load("regression") or {}).get("iters", 0)  # a resumed run draws batches it has not drawn
-    pairs = CachedPairs(a.cache, "train", tr.device, a.seed + resumed)
+    stages = a.stages.split(",")
+    if set(stages) - {"regression", "teacher", "distill"}:
+        raise SystemExit("--cache trains the stages regression, teacher and distill")
+    if "distill" in stages and a.guidance == "auto":
+        raise SystemExit("--cache: give --guidance a number (auto needs audio to evaluate the teacher)")
+    for stage, budget in zip(stages, a.budgets.split(","), strict=True):
+        a.budget_s = float(budget)
+        resumed = (tr.load(stage) or {}).get("iters", 0)  # a resumed stage draws batches it has not drawn
+        pairs = CachedPairs(a.cache, "train", tr.device, a.seed + resumed)
+
+        def draw(pairs=pairs):
+            return pairs.draw(a.batch, a.frames, a.codec_share, a.gain_drop)
+
+        if stage == "regression":
+            cached_regression(tr, a, draw)
+        elif stage == "teacher":
+            train_teacher(tr, draw)
+        else:
+            train_distill(tr, draw, None)
+        if a.slim_dir:
+            write_slim(a.out, a.slim_dir)
+
+
+def cached_regression(tr: Trainer, a: argparse.Namespace, draw: Draw) -> None:
+    """The regression stage on cached pairs, validated on the cache's val split."""
+    from rtsr.training.featcache import CachedPairs
+
     val = CachedPairs(a.cache, "val", tr.device, 1234)
     val_batches = [val.draw(a.batch, a.frames) for _ in range(min(max(len(val.clean) // a.batch, 1), VAL_BATCHES))]
 
@@ -579,16 +647,14 @@ def cached_regression(tr: Trainer, a: argparse.Namespace) -> None:
                   for hr, lr, mask, band, lossy in val_batches]
         return round(float(np.mean(losses)), 5)
 
-    train_regression(tr, None, "regression", lambda: pairs.draw(a.batch, a.frames, a.codec_share, a.gain_drop),
-                     validate)
-    if a.slim_dir:
-        write_slim(a.out, a.slim_dir)
+    train_regression(tr, None, "regression", draw, validate)
 
 
 def write_slim(run: Path, dest: Path) -> None:
     """fp16 weights only, grouped in a few files (a lease returns at most 8 files of 16 MiB)."""
     dest.mkdir(parents=True, exist_ok=True)
     groups = {"nets_basic": {"joint": ("ema", "vocoder", "regression")},
+              "teacher": {"teacher": ("ema",)},  # the cached-feature teacher stage's
               "students_basic": {f"student{k}": ("net",) for k in (4, 2, 1)},
               "students_speech": {f"student_speech{k}": ("net",) for k in (4, 2, 1)},
               "regression_speech": {"regression_speech": ("net",)},
@@ -677,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
         a.bank = 0  # degradations are in the cache
     tr = Trainer(a)
     if a.cache:
-        cached_regression(tr, a)
+        cached_stages(tr, a)
         return
     pool = AudioPool(a.data, "train", MIX, tr.device, a.seed)
     val = AudioPool(a.data, a.val_split, MIX, tr.device, a.seed + 1)
@@ -690,14 +756,14 @@ def main(argv: list[str] | None = None) -> None:
         if stage == "joint":
             train_joint(tr, pool, val)
         elif stage == "distill":
-            train_distill(tr, pool, val)
+            train_distill(tr, lambda: tr.batch(pool, a.batch)[2:], val)
         elif stage == "speech-regression":
             train_regression(tr, speech, "regression_speech")
         elif stage == "regression":
             train_regression(tr, pool, "regression")
         elif stage == "speech":
             train_speech_teacher(tr, speech)
-            train_distill(tr, speech, speech_val, tag="_speech")
+            train_distill(tr, lambda: tr.batch(speech, a.batch)[2:], speech_val, tag="_speech")
         else:
             raise SystemExit(f"unknown stage {stage}")
         if a.slim_dir:
