@@ -13,7 +13,9 @@ ONNX Runtime fold the shape arithmetic away (measured 14-20 % faster per hop on 
 per weights in the user cache folder (`$XDG_CACHE_HOME/rtsr/onnx/`, keyed by a hash of the
 weights, the sampler settings and the exporter's versions) and rebuilt when missing or stale. The
 same .onnx file is the road to TensorRT (`trtexec`, or ONNX Runtime's TensorRT provider), which is
-not wired here.
+not wired here. `--backend onnx-int8` runs a quantized copy of the live export (`_quantize`) for
+every hop, with no fixed-shape sessions: one graph and one set of scales, so a stream's bits are
+the same streamed, upscaled whole or batched.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from rtsr.model import ModelState, SuperResModel
 from rtsr.models.nets import GATHER_MAX_FRAMES
 
 EXPORT_VERSION = 5  # bump when the wrapper below or SuperResModel.hop changes
+INT8_VERSION = 1  # bump when the quantization or its calibration changes
 STATIC_AFTER = 16  # calls in a row of one (batch, frames) shape before it gets a session with them fixed
 LIVE_FRAMES = 8  # only hops of at most this many frames (40 ms: live ones) ever get such a session
 STATIC_SESSIONS = 2  # at most this many such sessions (each holds its own packed weights: more thrash the cache)
@@ -219,7 +222,7 @@ def _exported(model: SuperResModel, path: Path, layout: list[tuple[int, str]], f
 
 def _quantized(path: Path, lookahead: int) -> Path:
     """The int8 copy of the export at `path`, made beside it if missing."""
-    quantized = path.with_name(f"int8-{path.name}")
+    quantized = path.with_name(f"int8v{INT8_VERSION}-{path.name}")
     if not quantized.exists():
         _quantize(path, quantized, lookahead)
     return quantized
@@ -298,7 +301,7 @@ def _quantize(src: Path, dst: Path, lookahead: int) -> None:
             return next(self.feeds, None)
 
     # the calibrator keeps this many hops' intermediate tensors at once; it fails on a count that
-    # divides the number of hops (onnxruntime 1.23: it clears them all and has no range left)
+    # divides the number of hops (onnxruntime 1.32: it clears them all and has no range left)
     batch = 64 if len(feeds) % 64 else 63
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
     try:
