@@ -31,6 +31,10 @@ def polyphase_bank(h: np.ndarray, up: int) -> np.ndarray:
 # float64; rounding ~1e-6 of full scale, 30 dB under the filter's stopband). Many phases (44.1 kHz)
 # leave a phase a handful of outputs per block; there each output is one dot product over its taps.
 VERTICAL_MAX_UP = 8
+# With one stride class (down == 1: 8, 16, 24 kHz and 12 kHz in) an output's taps are added this many
+# at a time in one pass over the outputs, which keeps the running sums in registers: 8.7 -> 5.9 us per
+# 20 ms of 16 kHz input, the same bits (each output still sums its taps in order).
+TAP_BLOCK = 16
 
 
 @numba.njit(cache=True, nogil=True)
@@ -45,18 +49,30 @@ def _resample_outputs_side_by_side(bank, up, down, d, x, x0, m0, m1, y):
         xs[rel % down, rel // down] = x[i - x0]
     n_out = m1 - m0
     acc = np.empty((n_out + up - 1) // up, np.float32)
+    b = np.empty(taps, np.float32)
     for r in range(min(up, n_out)):
         t = (m0 + r) * down + d
         row = bank[t % up]
+        for k in range(taps):
+            b[k] = row[k]
         start = t // up - taps + 1 - lo
         nq = (n_out - r + up - 1) // up  # outputs m0 + r, m0 + r + up, ... share this phase
         acc[:nq] = 0.0
-        for k in range(taps):
-            b = np.float32(row[k])
-            j = start + k
+        k = 0
+        if down == 1:  # every input in one row: TAP_BLOCK taps per pass over the outputs, still in order
+            while k + TAP_BLOCK <= taps:
+                bk, src = b[k:k + TAP_BLOCK], xs[0, start + k:start + k + nq + TAP_BLOCK]
+                for q in range(nq):
+                    v = acc[q]
+                    for kk in range(TAP_BLOCK):
+                        v += bk[kk] * src[q + kk]
+                    acc[q] = v
+                k += TAP_BLOCK
+        for tap in range(k, taps):
+            j = start + tap
             src = xs[j % down, j // down:j // down + nq]
             for q in range(nq):
-                acc[q] += b * src[q]
+                acc[q] += b[tap] * src[q]
         for q in range(nq):
             y[r + q * up] = up * acc[q]
 
