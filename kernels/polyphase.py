@@ -14,7 +14,7 @@ import numpy as np
 
 
 def polyphase_bank(h: np.ndarray, up: int) -> np.ndarray:
-    """Rearrange ``h`` into (up, ceil(K / up)) float64 rows, one per branch, reversed and zero-padded.
+    """Rearrange ``h`` into (up, ceil(K / up)) float32 rows, one per branch, reversed and zero-padded.
 
     Row p holds h[p], h[p + up], ... from last to first, so an output becomes one contiguous dot
     product with the inputs in time order, which the compiler can vectorise.
@@ -22,14 +22,15 @@ def polyphase_bank(h: np.ndarray, up: int) -> np.ndarray:
     taps = -(-len(h) // up)
     padded = np.zeros(taps * up)
     padded[: len(h)] = h
-    return np.ascontiguousarray(padded.reshape(taps, up).T[:, ::-1])
+    return np.ascontiguousarray(padded.reshape(taps, up).T[:, ::-1], dtype=np.float32)
 
 
 # Few phases (up <= VERTICAL_MAX_UP: 8, 16, 24, 32 kHz to 48 kHz) give each phase many outputs, which
 # are summed side by side: lanes across outputs, taps in order within each, so no reassociation is
 # needed to vectorise and an output's bits never depend on its neighbours; float32 sums (1.7x faster than
 # float64; rounding ~1e-6 of full scale, 30 dB under the filter's stopband). Many phases (44.1 kHz)
-# leave a phase a handful of outputs per block; there each output is one dot product over its taps.
+# leave a phase a handful of outputs per block; there each output is one dot product over its taps,
+# also in float32 (26 -> 15 us per 20 ms of 44.1 kHz input against float64).
 VERTICAL_MAX_UP = 8
 # With one stride class (down == 1: 8, 16, 24 kHz and 12 kHz in) an output's taps are added this many
 # at a time in one pass over the outputs, which keeps the running sums in registers: 8.7 -> 5.9 us per
@@ -49,12 +50,9 @@ def _resample_outputs_side_by_side(bank, up, down, d, x, x0, m0, m1, y):
         xs[rel % down, rel // down] = x[i - x0]
     n_out = m1 - m0
     acc = np.empty((n_out + up - 1) // up, np.float32)
-    b = np.empty(taps, np.float32)
     for r in range(min(up, n_out)):
         t = (m0 + r) * down + d
-        row = bank[t % up]
-        for k in range(taps):
-            b[k] = row[k]
+        b = bank[t % up]
         start = t // up - taps + 1 - lo
         nq = (n_out - r + up - 1) // up  # outputs m0 + r, m0 + r + up, ... share this phase
         acc[:nq] = 0.0
@@ -82,7 +80,6 @@ def _resample_outputs_side_by_side(bank, up, down, d, x, x0, m0, m1, y):
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _resample_outputs_one_by_one(bank, up, down, d, x, x0, m0, m1, y):
     taps = bank.shape[1]
-    xd = x.astype(np.float64)
     for m in range(m0, m1):
         t = m * down + d
         i_hi = t // up  # newest input with a tap on it
@@ -90,8 +87,8 @@ def _resample_outputs_one_by_one(bank, up, down, d, x, x0, m0, m1, y):
         a = max(i_lo, x0)  # first buffered input in the row's span
         count = max(min(i_hi, x0 + len(x) - 1) - a + 1, 0)
         row = bank[t - i_hi * up, a - i_lo:a - i_lo + count]
-        xc = xd[a - x0:a - x0 + count]
-        s = 0.0
+        xc = x[a - x0:a - x0 + count]
+        s = np.float32(0.0)
         for k in range(row.shape[0]):
             s += row[k] * xc[k]
         y[m - m0] = up * s
