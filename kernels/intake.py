@@ -76,7 +76,9 @@ def intake(bank: np.ndarray, up: int, down: int, d: int, first_rows: np.ndarray,
             hist[r, :hist_len[r]] = x[oldest:]
             for j in range(new_frames[s]):
                 at = (framed[r] + j) * hop - half - x48_base[r]
-                frames[f_at + c * new_frames[s] + j] = y[at:at + n_fft] * window
+                frame = frames[f_at + c * new_frames[s] + j]
+                for i in range(n_fft):  # in place: `y[...] * window` would allocate a frame each time
+                    frame[i] = y[at + i] * window[i]
             keep = (framed[r] + new_frames[s]) * hop - half - x48_base[r] if new_frames[s] else 0
             if len(y) - keep > x48.shape[1]:
                 raise ValueError("intake: 48 kHz tail over its capacity")
