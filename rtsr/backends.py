@@ -7,9 +7,10 @@
                a replay rewrites handed out as copies
     onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
                CPU the fastest, since a live hop's cost is per-operator dispatch
-    onnx-int8  `onnx` with the pointwise layers' weights and inputs in int8 (dynamic quantization):
-               about half the time of a batched hop on an AVX-512 VNNI CPU, outputs within int8
-               rounding of the others' (never taken by `auto`; quality measured in RESULTS.md)
+    onnx-int8  `onnx` with the pointwise layers' weights and inputs in int8 at fixed, calibrated
+               scales (made once per weights on first use, ~15 s): about half the time of a
+               batched hop on an AVX-512 VNNI CPU, outputs within int8 rounding of the others'
+               (never taken by `auto`; quality measured in RESULTS.md)
     tensorrt   torch-tensorrt (dynamo IR, fp16), an optional extra: pip install 'rtsr[tensorrt]';
                untested here (no GPU with it installed has run it)
     auto       only a candidate proven here: it runs a lone stream's and a batch's hops and matches
