@@ -305,7 +305,7 @@ def _quantize(src: Path, dst: Path, lookahead: int) -> None:
     batch = 64 if len(feeds) % 64 else 63
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with warnings.catch_warnings(), _quiet("root"), contextlib.redirect_stdout(None):
+        with warnings.catch_warnings(), _quiet_quantizer(), contextlib.redirect_stdout(None):
             warnings.simplefilter("ignore")
             quantize_static(src, tmp, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
@@ -317,16 +317,21 @@ def _quantize(src: Path, dst: Path, lookahead: int) -> None:
 
 
 @contextlib.contextmanager
-def _quiet(logger: str):
-    """The quantizer's advice, logged as a warning on every call, is not the user's business."""
+def _quiet_quantizer():
+    """The quantizer's advice, logged on the root logger as a warning on every call, is not the
+    user's business. Only records logged from onnxruntime's own files are dropped: a server's other
+    threads go on logging while a quantization runs."""
     import logging
 
-    log, level = logging.getLogger(logger), logging.getLogger(logger).level
-    log.setLevel(logging.ERROR)
+    def theirs(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(theirs)
     try:
         yield
     finally:
-        log.setLevel(level)
+        root.removeFilter(theirs)
 
 
 def _export(model: SuperResModel, state: ModelState, layout: list[tuple[int, str]], path: Path,
