@@ -616,14 +616,15 @@ def cached_stages(tr: Trainer, a: argparse.Namespace) -> None:
         raise SystemExit("--cache trains the stages regression, teacher and distill")
     if "distill" in stages and a.guidance == "auto":
         raise SystemExit("--cache: give --guidance a number (auto needs audio to evaluate the teacher)")
+    pairs = CachedPairs(a.cache, "train", tr.device, a.seed)  # loaded once for every stage
+
+    def draw():
+        return pairs.draw(a.batch, a.frames, a.codec_share, a.gain_drop)
+
     for stage, budget in zip(stages, a.budgets.split(","), strict=True):
         a.budget_s = float(budget)
         resumed = (tr.load(stage) or {}).get("iters", 0)  # a resumed stage draws batches it has not drawn
-        pairs = CachedPairs(a.cache, "train", tr.device, a.seed + resumed)
-
-        def draw(pairs=pairs):
-            return pairs.draw(a.batch, a.frames, a.codec_share, a.gain_drop)
-
+        pairs.gen.manual_seed(a.seed + resumed)
         if stage == "regression":
             cached_regression(tr, a, draw)
         elif stage == "teacher":
