@@ -320,6 +320,17 @@ def clipped_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> None
     opt.step()
 
 
+def teacher_rate(step: int, done: float) -> float:
+    """A teacher's learning-rate factor (joint stage, cached `teacher` stage): a 200-step warm-up,
+    then a half cosine to 5 % over the stage's budget (`done`: the fraction spent)."""
+    return min(1.0, (step + 1) / 200) * cosine_decay(done, 0.05)
+
+
+def teacher_ema_decay(step: int) -> float:
+    """A teacher's EMA decay: 0.99 over its first 1,000 steps, while it moves fast, then 0.999."""
+    return 0.999 if step > 1000 else 0.99
+
+
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), net.parameters(), strict=True):
@@ -371,8 +382,8 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
                 "step": step, "spent": time.time() - t0, "config": nets["teacher"].config}
 
     while time.time() - t0 < a.budget_s:
-        for g in opt.param_groups:  # cosine decay over the stage's time budget
-            g["lr"] = a.lr * min(1.0, (step + 1) / 200) * cosine_decay((time.time() - t0) / a.budget_s, 0.05)
+        for g in opt.param_groups:
+            g["lr"] = a.lr * teacher_rate(step, (time.time() - t0) / a.budget_s)
         hr, hr_spec, hr_mel, lr_mel, mask, band, lossy = tr.batch(pool, a.batch)
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
@@ -380,7 +391,7 @@ def train_joint(tr: Trainer, pool: AudioPool, val: AudioPool) -> None:
             l_reg = regression_loss(nets["regression"], x0, cond, mask, band, a.reg_loss, lossy)
             l_voc = torch.zeros(()) if a.skip_vocoder else vocoder_loss(nets["vocoder"], hr_mel, hr_spec, hr, band.hz)
         clipped_step(opt, l_teacher + l_reg + l_voc, params)
-        ema_update(ema, nets["teacher"], 0.999 if step > 1000 else 0.99)
+        ema_update(ema, nets["teacher"], teacher_ema_decay(step))
         step += 1
         if step % a.log_every == 0:
             log.info("joint step %d %.0fs teacher %.4f reg %.4f voc %.4f", step, time.time() - t0,
@@ -588,13 +599,13 @@ def train_teacher(tr: Trainer, draw: Draw) -> None:
 
     while time.time() - t0 < a.budget_s:
         for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, (n + 1) / 200) * cosine_decay((time.time() - t0) / a.budget_s, 0.05)
+            g["lr"] = a.lr * teacher_rate(n, (time.time() - t0) / a.budget_s)
         hr_mel, lr_mel, mask, band, lossy = draw()
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             loss = teacher_loss(net, x0, cond, mask, band, lossy)
         clipped_step(opt, loss, net.parameters())
-        ema_update(ema, net, 0.999 if n > 1000 else 0.99)
+        ema_update(ema, net, teacher_ema_decay(n))
         n += 1
         if n % a.log_every == 0:
             log.info("teacher it %d loss %.4f lr %.2e", n, loss.item(), opt.param_groups[0]["lr"])
