@@ -82,3 +82,65 @@ def merged_spectra(rows: np.ndarray, q_spec: np.ndarray, band: np.ndarray, band_
                 out[i, t, k] = complex(w[k] * lr.real + (1 - w[k]) * model.real,
                                        w[k] * lr.imag + (1 - w[k]) * model.imag)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def match_levels(rows: np.ndarray, matched: np.ndarray, q_spec: np.ndarray, band: np.ndarray, edge_bin: np.ndarray,
+                 taper: np.ndarray, gen: np.ndarray, ring: np.ndarray, count: np.ndarray, span: int,
+                 max_gain: float) -> np.ndarray:
+    """Raise the model's band to the input's level at the edge, in place, for rows with matched[i]:
+    frame t's model spectrum gen[i, t] (bins from its band's edge bin on; bands with edge_bin -1
+    are left) times g ** taper[band, k], g = sqrt(the input's power in the `span` bins under the
+    edge / the model's in the span bins from it), each power summed over the frame and the ring's
+    LEVEL_FRAMES - 1 before it (oldest first, so a frame's g is the same for any hop lengths),
+    g clipped to [1, max_gain]. Returns each frame's two powers (rows, n, 2) for `remember_levels`."""
+    g, n, bins = gen.shape
+    m = ring.shape[1]
+    powers = np.zeros((g, n, 2))
+    for i in range(g):
+        if not matched[i]:
+            continue
+        r = rows[i]
+        c = count[r]
+        for t in range(n):
+            e = edge_bin[band[i, t]]
+            if e < 0:
+                continue
+            p_in, p_gen = 0.0, 0.0
+            for k in range(max(e - span, 0), e):
+                x = q_spec[r, t, k]
+                p_in += np.float64(x.real) ** 2 + np.float64(x.imag) ** 2
+            for k in range(e, min(e + span, bins)):
+                x = gen[i, t, k]
+                p_gen += np.float64(x.real) ** 2 + np.float64(x.imag) ** 2
+            powers[i, t, 0], powers[i, t, 1] = p_in, p_gen
+            s_in, s_gen = 0.0, 0.0
+            for f in range(max(c + t - m + 1, 0), c + t + 1):  # absolute frames, oldest first
+                if f < c:
+                    s_in += ring[r, f % m, 0]
+                    s_gen += ring[r, f % m, 1]
+                else:
+                    s_in += powers[i, f - c, 0]
+                    s_gen += powers[i, f - c, 1]
+            gain = np.sqrt(s_in / s_gen) if s_gen > 0 else 1.0
+            log_gain = np.log(min(max(gain, 1.0), max_gain))
+            if log_gain > 0:
+                b = band[i, t]
+                for k in range(e, bins):
+                    if taper[b, k] > 0:
+                        gen[i, t, k] *= np.float32(np.exp(log_gain * taper[b, k]))
+    return powers
+
+
+@numba.njit(cache=True, nogil=True)
+def remember_levels(rows: np.ndarray, matched: np.ndarray, powers: np.ndarray, ring: np.ndarray,
+                    count: np.ndarray) -> None:
+    """The hop's frame powers (from `match_levels`) into the rows' rings, once the hop is done."""
+    m = ring.shape[1]
+    for i in range(len(rows)):
+        if not matched[i]:
+            continue
+        r = rows[i]
+        for t in range(powers.shape[1]):
+            ring[r, (count[r] + t) % m] = powers[i, t]
+        count[r] += powers.shape[1]

@@ -54,6 +54,7 @@ MIN_EDGE_HZ, MAX_EDGE_HZ = 1000.0, 19800.0  # edges outside are not looked for (
 MAX_EDGE_RATIO = 0.92  # x the rate's Nyquist: higher "edges" are the resampler's own roll-off
 MIN_CUTOFF_HZ = 1000.0  # a given cutoff below this is refused
 EDGE_MARGIN = 0.035  # x the edge: the input is kept whole this far above an edge
+CODEC_FADE_HZ = 300.0  # a lossy input's weight falls to 0 over this many Hz from its edge
 SLOPE_SPAN = 0.3  # a soft edge: x the knee within which the spectrum must reach the floor...
 SLOPE_EMPTY_DB = 35.0  # ...this far under the band below the knee
 SLOPE_DROP_DB = 6.0  # its edge: the first point SLOPE_DROP_DB under the band below the knee
@@ -76,6 +77,11 @@ class Band:
     a cutoff 3-6 % under the edge raises its band there (39-25 of 60), but each takes a codec-cut
     full-band input, a no-room Vorbis or a with-room case past the bandwidth bar
     (benchmarks/RESULTS.md, 2026-12-04).
+
+    A lossy input's edge (decoded MP3, Vorbis, Opus) is its encoder's low-pass, a brick wall: the
+    input holds nothing above it, so its fade runs from the edge itself over CODEC_FADE_HZ, and the
+    model's band there is raised to the input's level under the edge (rtsr.hopbank, `LEVEL_FRAMES`):
+    real-world dev cases with a seam over 6 dB 44 -> 25 of 60 (RESULTS.md, 2026-12-05).
     """
 
     hz: float
@@ -86,16 +92,19 @@ class Band:
         """A full band (no edge below the output's Nyquist): nothing to add, only resample."""
         return self.source == "rate" and self.hz >= SR / 2
 
-    def merge_range(self) -> tuple[float, float]:
-        """(Hz where the input's weight starts to fall, Hz where it reaches 0)."""
+    def merge_range(self, lossy: bool = False) -> tuple[float, float]:
+        """(Hz where the input's weight starts to fall, Hz where it reaches 0); lossy: the input
+        was decoded from a lossy codec."""
         if self.full:
             return math.inf, math.inf
         if self.source == "rate":
             return 0.88 * self.hz, 0.96 * self.hz
+        if lossy:
+            return self.hz, self.hz + CODEC_FADE_HZ
         return (1 + EDGE_MARGIN) * self.hz, (1 + EDGE_MARGIN + 0.04) * self.hz
 
-    def row(self) -> tuple[float, float, float]:
-        return (self.hz, *self.merge_range())
+    def row(self, lossy: bool = False) -> tuple[float, float, float]:
+        return (self.hz, *self.merge_range(lossy))
 
 
 def rate_band(input_sr: float) -> Band:
@@ -302,8 +311,9 @@ def band_of(lts: LongTermSpectrum, input_sr: float) -> Band:
 class CutoffTracker:
     """Per-frame band of one stream: rows of (cutoff Hz, merge start Hz, merge end Hz)."""
 
-    def __init__(self, input_sr: float, channels: int, fixed: Band | None = None):
-        self.input_sr = input_sr
+    def __init__(self, input_sr: float, channels: int, fixed: Band | None = None, lossy: bool = False):
+        """lossy: the stream is decoded from a lossy codec (`Band.merge_range`)."""
+        self.input_sr, self.lossy = input_sr, lossy
         self.current = fixed or rate_band(input_sr)
         self.deciding = fixed is None  # still allowed to move
         self.lowered = False
@@ -326,9 +336,13 @@ class CutoffTracker:
                 if self.spectrum.active >= DECIDE_AFTER:
                     self._decide()
             upto = min(t1, (t // UPDATE_EVERY + 1) * UPDATE_EVERY) if self.deciding else t1
-            out[t - t0:upto - t0] = self.current.row()
+            out[t - t0:upto - t0] = self.row()
             t = upto
         return out
+
+    def row(self) -> tuple[float, float, float]:
+        """The current band's row."""
+        return self.current.row(self.lossy)
 
     def _decide(self) -> None:
         found = band_of(self.spectrum, self.input_sr)

@@ -3,7 +3,8 @@
     feed(block) = push (validation; the input waits) + per ready hop: `analyse` (resampler to
     48 kHz and framing: one intake kernel call, rtsr.intake; STFT and log-mel; band) ->
     `run_hops`: model.run_slots (few-step sampler -> mel low-band replacement -> vocoder; each
-    stream's caches in the model's bank, rtsr.bank) -> STFT low-band merge and inverse FFT ->
+    stream's caches in the model's bank, rtsr.bank) -> a lossy input's model band raised to the
+    input's level at its edge (rtsr.hopbank.match_levels) -> STFT low-band merge and inverse FFT ->
     overlap-add crossfade (one kernel call, rtsr.hopbank) -> finished samples out.
 
 A stream's state lives in rows of banks shared by all the streams (rtsr.intake: input side,
@@ -65,12 +66,8 @@ def merge_low_band(lr: np.ndarray, gen: np.ndarray, w: np.ndarray, fill_holes: b
     bands for a granule where bits run short, also far below its band edge. Such a hole is not the
     recording's (on real LAME encodes of the dev clips, 13-16 kHz of a 16 kHz speech MP3 sits 1.8
     decades under its source), so in a hole (HOLE_POWER_RATIO) where the input has its whole
-    weight, the model's cell is taken; every other cell stays as merged. The fade above the edge
-    is left as it is: there the input is empty by definition, and filling it would put the
-    model's band hard against the edge (measured on the 36 real-world MP3/Vorbis cases of the dev
-    clips, 2026-12-03: filling it took 30 of them 0.001-0.02 lower, mp3-mid 0.652 -> 0.644 x the
-    input's in-band LSD, but a reference whose own band ends 0.9 kHz above a Vorbis edge 0.998 ->
-    1.059: worse than the input, which the real-world bar does not allow).
+    weight, the model's cell is taken; every other cell stays as merged. Above the edge a lossy
+    input has no whole weight: its fade starts at the edge (rtsr.cutoff.Band.merge_range).
     """
     merged = w * lr + (1 - w) * gen  # STFT-domain low-band replacement
     if not fill_holes:
@@ -173,8 +170,10 @@ def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], o
         noise = np.zeros_like(cond)
     gen = model.run_slots([s.slot for s in members], torch.from_numpy(cond), torch.from_numpy(low),
                           torch.from_numpy(bank.band_hz[band]), torch.from_numpy(noise)).numpy()
+    lossy = np.repeat([s.fill_holes for s in members], bank.channels)
+    powers = bank.match_levels(rows, lossy, band, gen)
     try:
-        frames = synthesise(bank, rows, band, gen, np.repeat([s.fill_holes for s in members], bank.channels))
+        frames = synthesise(bank, rows, band, gen, lossy)
     except Exception:  # find the culprit: each alone
         frames = np.zeros((len(rows), n, N_FFT), np.float32)
         for k, (i, s) in enumerate(group):
@@ -188,6 +187,7 @@ def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], o
     end = np.repeat([(s._n_out if s._finished else NOT_ENDED) - (s._pos - 1) * HOP for s in members],
                     bank.channels)
     y, made = bank.overlap_add(rows, frames, first, end)
+    bank.remember_levels(rows, lossy, powers)
     for k, (i, s) in enumerate(group):
         if i in failed:
             continue
@@ -242,7 +242,7 @@ class Stream:
         self.fill_holes = fill_holes
         self.hop_frames = hop // HOP
         band = as_band(cutoff, input_sr)
-        self.cutoff = CutoffTracker(input_sr, channels, band)
+        self.cutoff = CutoffTracker(input_sr, channels, band, lossy=fill_holes)
         self._n_in = 0
         self._frames = 0  # LR frames analysed (queued in the hop bank from frame _pos on)
         self._pos = 0  # output frames synthesised
@@ -261,7 +261,7 @@ class Stream:
             self.intake, self.row = join_intake(self, input_sr, channels)
             self.hops, self.hop_row = hopbank.join(self, model, channels)
             self.filter = self.intake.filter
-            self.band_now = self.hops.band_id(self.cutoff.current.row())
+            self.band_now = self.hops.band_id(self.cutoff.row())
         # input taken per analysis: a few hops' worth, so that a long block queues a bounded number of frames
         self._take_max = ceil((self.hop_frames + 2) * HOP * input_sr / SR) + 1
         self.flush_to = (-1, 0)  # at the end of input: (the resampler's last output, zeros up to)
@@ -357,7 +357,7 @@ class Stream:
         """The band index of each of the next n frames analysed while the band tracker decides
         (its decisions fall between them); once it has settled, every frame's is `band_now`."""
         rows = self.cutoff.rows(self._frames, self._frames + n)
-        self.band_now = self.hops.band_id(tuple(self.cutoff.current.row()))
+        self.band_now = self.hops.band_id(self.cutoff.row())
         if (rows == rows[0]).all():
             return np.full(n, self.hops.band_id(tuple(rows[0])), np.int32)
         return np.array([self.hops.band_id(tuple(r)) for r in rows], np.int32)

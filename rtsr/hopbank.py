@@ -6,6 +6,11 @@ and band rows, slicing them back, stacking merge weights, growing and trimming a
 buffer). Here a round's frames are queued by one kernel call, a hop's model inputs and merge
 inputs are gathered for all its streams by one indexing each, and one kernel call overlap-adds
 them all (`rtsr.kernels.hops`). Bands are rows of a small table: a frame keeps its band's index.
+
+A lossy input's model band is raised to the input's level at its edge (`match_levels`): a
+log-domain model predicts a band's mean log power, far under the mean power of a band that swings
+(speech's top band: 12-19 dB), which left a dark line above a codec's edge. The levels are power
+sums over the last LEVEL_FRAMES frames, so holes (frames a codec left empty) do not pull them down.
 """
 
 from __future__ import annotations
@@ -15,13 +20,18 @@ import weakref
 
 import numpy as np
 
-from rtsr.audio_spec import HOP, N_FFT
+from rtsr.audio_spec import HOP, N_FFT, SR
 from rtsr.features import N_BINS, N_MELS, merge_weights, window
-from rtsr.kernels.hops import enqueue, overlap_add_hop
+from rtsr.kernels.hops import enqueue, match_levels, overlap_add_hop, remember_levels
 from rtsr.rows import RowBank, grown
 
 assert N_FFT == 2 * HOP  # the overlap-add tail is one HOP (rtsr.kernels.hops)
 INITIAL_FRAMES = 16  # queue length of a new bank; it doubles whenever a stream needs more
+BIN_HZ = SR / N_FFT
+LEVEL_FRAMES = 40  # 200 ms of frames whose power sums set a lossy input's model band level
+LEVEL_SPAN = round(500 / BIN_HZ)  # bins under the edge (input) and from it (model) compared
+LEVEL_TAPER = round(4000 / BIN_HZ)  # the gain falls linearly to none this many bins above the edge
+MAX_LEVEL_GAIN = 10 ** (30 / 20)  # raised by at most 30 dB; never lowered
 
 
 class HopBank(RowBank):
@@ -32,17 +42,23 @@ class HopBank(RowBank):
         self.band = np.zeros((0, INITIAL_FRAMES), np.int32)
         self.queued = np.zeros(0, np.int64)
         self.tail = np.zeros((0, HOP), np.float32)
+        self.levels = np.zeros((0, LEVEL_FRAMES, 2))  # a ring of frame powers (input, model) per row
+        self.level_count = np.zeros(0, np.int64)  # frames the ring has taken
         self._band_ids: dict[tuple[float, float, float], int] = {}
         self.band_hz = np.zeros(0, np.float32)
         self.band_weights = np.zeros((0, N_BINS), np.float32)
+        self.edge_bin = np.zeros(0, np.int64)  # a lossy edge band's edge bin (level matched), else -1
+        self.level_taper = np.zeros((0, N_BINS), np.float32)
 
     def _clear(self, rows: slice) -> None:
-        """Nothing queued, a silent tail."""
+        """Nothing queued, a silent tail, no levels."""
         self.queued[rows] = 0
         self.tail[rows] = 0.0
+        self.levels[rows] = 0.0
+        self.level_count[rows] = 0
 
     def _resize(self, rows: int) -> None:
-        for name in ("spec", "mel", "band", "queued", "tail"):
+        for name in ("spec", "mel", "band", "queued", "tail", "levels", "level_count"):
             setattr(self, name, grown(getattr(self, name), rows))
 
     def band_id(self, row: tuple[float, float, float]) -> int:
@@ -54,6 +70,12 @@ class HopBank(RowBank):
                 k = self._band_ids[row] = len(self.band_hz)
                 self.band_hz = np.append(self.band_hz, np.float32(row[0]))
                 self.band_weights = np.concatenate([self.band_weights, merge_weights(row[1], row[2])[None]])
+                # a fade from the edge itself is a lossy input's (rtsr.cutoff.Band.merge_range)
+                e = round(row[0] / BIN_HZ) if row[1] == row[0] else -1
+                self.edge_bin = np.append(self.edge_bin, e)
+                above = np.arange(N_BINS) - e
+                taper = np.clip(1 - above / LEVEL_TAPER, 0, 1) * (above >= 0) * (e >= 0)
+                self.level_taper = np.concatenate([self.level_taper, taper[None].astype(np.float32)])
             return k
 
     def enqueue(self, rows: np.ndarray, counts: np.ndarray, at: np.ndarray, band_now: np.ndarray,
@@ -72,6 +94,17 @@ class HopBank(RowBank):
         with self.lock:
             return overlap_add_hop(rows, frames, window(), HOP, first, end, self.tail, self.spec, self.mel,
                                    self.band, self.queued)
+
+    def match_levels(self, rows: np.ndarray, lossy: np.ndarray, band: np.ndarray, gen: np.ndarray) -> np.ndarray:
+        """`rtsr.kernels.hops.match_levels` on these rows (gen changed in place); the frames'
+        powers come back for `remember_levels`, called once the hop is done."""
+        with self.lock:
+            return match_levels(rows, lossy, self.spec, band, self.edge_bin, self.level_taper, gen, self.levels,
+                                self.level_count, LEVEL_SPAN, MAX_LEVEL_GAIN)
+
+    def remember_levels(self, rows: np.ndarray, lossy: np.ndarray, powers: np.ndarray) -> None:
+        with self.lock:
+            remember_levels(rows, lossy, powers, self.levels, self.level_count)
 
     def _grow_frames(self, need: int) -> None:
         frames = max(2 * self.spec.shape[1], need)

@@ -24,6 +24,7 @@ from rtsr.batch import step
 from rtsr.cutoff import Band, scan_band
 from rtsr.engine import HALF, Stream
 from rtsr.features import HOP, SR
+from rtsr.hopbank import LEVEL_FRAMES
 from rtsr.models.nets import receptive_field
 from rtsr.resample import rate_filter, resample
 
@@ -66,9 +67,10 @@ class Segment:
 
 def warm_frames(up: Upscaler) -> int:
     """Frames a segment's stream runs before the part it keeps: every network's past reach (each
-    sampler step's denoiser, then the vocoder), the conditioning's look-ahead, one analysis window."""
+    sampler step's denoiser, then the vocoder) and a lossy input's level window over the model's
+    output (rtsr.hopbank.LEVEL_FRAMES), the conditioning's look-ahead, one analysis window."""
     m = up.model
-    reach = max(m.steps, 1) * receptive_field(m.denoiser) + receptive_field(m.vocoder)
+    reach = max(m.steps, 1) * receptive_field(m.denoiser) + receptive_field(m.vocoder) + LEVEL_FRAMES
     return reach + m.lookahead + HALF // HOP + WARM_SPARE_FRAMES
 
 

@@ -3,6 +3,8 @@
 import numpy as np
 import torch
 
+from rtsr.features import N_BINS
+from rtsr.hopbank import LEVEL_FRAMES, LEVEL_SPAN, LEVEL_TAPER, MAX_LEVEL_GAIN, HopBank
 from rtsr.kernels.hops import overlap_add_hop
 from rtsr.kernels.noise import frame_noise
 from rtsr.models.nets import Denoiser, receptive_field
@@ -30,6 +32,68 @@ def test_a_hop_overlap_adds_onto_its_tail_and_leaves_its_queue():
         out.append(y[0, :made[0]])
     np.testing.assert_array_equal(np.concatenate(out), whole[hop:2 * n * hop])
     assert queued[0] == 4 and q_spec[0, 0] == 6 and q_mel[0, 0, 0] == 6 and q_band[0, 3] == 9
+
+
+class Owner:
+    """A stream's stand-in: a bank's row is given back when its owner is gone."""
+
+
+def level_bank(frames: int, under: float, model: float) -> tuple[HopBank, int, np.ndarray]:
+    """One row queued with `frames` frames whose input has amplitude `under` under a lossy 8 kHz
+    edge (none above), and a model spectrum of amplitude `model` everywhere."""
+    bank = HopBank(1)
+    bank.owner = Owner()
+    row = bank.join_for(bank.owner)
+    b = bank.band_id((8000.0, 8000.0, 8300.0))  # a lossy edge band (rtsr.cutoff.Band.merge_range)
+    e = int(bank.edge_bin[b])
+    bank.enqueue(np.array([row]), np.array([frames]), np.array([0]), np.array([b], np.int32),
+                 np.where(np.arange(N_BINS) < e, under, 0).astype(np.complex64)[None].repeat(frames, 0),
+                 np.zeros((frames, 80), np.float32))
+    return bank, e, np.full((1, frames, N_BINS), model, np.complex64)
+
+
+def test_a_lossy_rows_model_band_is_raised_to_the_inputs_level_at_its_edge():
+    bank, e, gen = level_bank(8, under=1.0, model=0.1)
+    rows, lossy, band = np.array([0]), np.array([True]), bank.band[:1, :8]
+    powers = bank.match_levels(rows, lossy, band, gen)
+    assert np.allclose(powers[0, :, 0], LEVEL_SPAN) and np.allclose(powers[0, :, 1], 0.01 * LEVEL_SPAN)
+    assert np.allclose(gen[0, :, :e], 0.1)  # under the edge: untouched (the input is kept there)
+    assert np.allclose(gen[0, :, e], 1.0, rtol=1e-5)  # at the edge: the input's level (x 10)
+    assert np.allclose(gen[0, :, e + LEVEL_TAPER // 2], 0.1 * 10 ** 0.5, rtol=1e-5)  # half the gain in dB
+    assert np.allclose(gen[0, :, e + LEVEL_TAPER:], 0.1)
+    bank.remember_levels(rows, lossy, powers)
+    assert bank.level_count[0] == 8
+    # a model band already louder is never lowered; nor is a row that is not lossy; the gain is capped
+    for under, model, lossy, at_edge in ((0.1, 1.0, True, 1.0), (1.0, 0.1, False, 0.1),
+                                         (1.0, 1e-4, True, 1e-4 * MAX_LEVEL_GAIN)):
+        bank, e, gen = level_bank(8, under, model)
+        bank.match_levels(rows, np.array([lossy]), bank.band[:1, :8], gen)
+        assert np.allclose(gen[0, :, e], at_edge, rtol=1e-5)
+
+
+def test_a_frames_level_gain_is_the_same_for_any_hop_lengths():
+    """The gain sums each frame's LEVEL_FRAMES last powers, oldest first: split into hops, a frame
+    gets the bits it gets in one long hop."""
+    n = 2 * LEVEL_FRAMES + 7
+    rng = np.random.default_rng(0)
+    gens = 0.01 * (rng.standard_normal((1, n, N_BINS)) + 1j * rng.standard_normal((1, n, N_BINS)))
+    gens = gens.astype(np.complex64)
+    whole, _, _ = level_bank(n, 1.0, 0.0)
+    whole.spec[0, :n] *= rng.uniform(0.1, 2.0, (n, 1)).astype(np.float32)
+    one = gens.copy()
+    whole.match_levels(np.array([0]), np.array([True]), whole.band[:1, :n], one)
+    parts, _, _ = level_bank(n, 1.0, 0.0)
+    parts.spec[:] = whole.spec
+    at = 0
+    for k in (1, 5, LEVEL_FRAMES, 30, n - LEVEL_FRAMES - 36):
+        g = gens[:, at:at + k].copy()
+        p = parts.match_levels(np.array([0]), np.array([True]), parts.band[:1, :k], g)
+        parts.spec[0, :n - k] = parts.spec[0, k:n].copy()  # the hop's frames leave the queue
+        parts.band[0, :n - k] = parts.band[0, k:n].copy()
+        parts.remember_levels(np.array([0]), np.array([True]), p)
+        assert np.array_equal(g, one[:, at:at + k]), at
+        at += k
+    assert at == n
 
 
 def test_noise_depends_only_on_its_coordinates():

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rtsr import hopbank
+from rtsr.cutoff import Band
 from rtsr.features import HOP, SR
 from rtsr.model import SuperResModel
 from rtsr.offline import OFFLINE_HOP_MS, Signal, plan, upscale_signals
@@ -41,6 +43,20 @@ def test_segments_put_together_are_one_streams_bits(regression: Upscaler, sr: in
     for rows, workers in ((1, 1), (3, 1), (3, 2)):
         y = upscale_signals(regression, [Signal(x, sr)], rows=rows, workers=workers)[0]
         assert np.array_equal(y, ref), (rows, workers)
+
+
+def test_a_lossy_signal_cut_gives_one_streams_bits(regression: Upscaler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lossy input's model band follows the input's level over its last frames (rtsr.hopbank):
+    the cut still gives one stream's bits."""
+    x = signal(44100, 31.7) + 0.3 * np.random.default_rng(1).standard_normal((44100 * 317 // 10, 1)).astype(np.float32)
+    band = Band(6000.0, "given")
+    s = regression.stream(44100, 1, OFFLINE_HOP_MS, band, fill_holes=True)
+    ref = np.concatenate([s.feed(x), s.flush()])
+    assert len(plan(0, len(x), 44100, regression, 3)) == 3
+    y = upscale_signals(regression, [Signal(x, 44100, band, fill_holes=True)], rows=3)[0]
+    assert np.array_equal(y, ref)
+    monkeypatch.setattr(hopbank, "MAX_LEVEL_GAIN", 1.0)  # the levels did act
+    assert not np.array_equal(y, upscale_signals(regression, [Signal(x, 44100, band, fill_holes=True)], rows=3)[0])
 
 
 def test_a_signal_gives_the_same_bits_alone_and_in_a_batch(regression: Upscaler) -> None:
