@@ -41,46 +41,65 @@ def overlap_add_hop(rows: np.ndarray, frames: np.ndarray, window: np.ndarray, ho
     here) onto its tail and drops the hop's n frames from its queue. Of the n HOP samples made final,
     those at or past `first[i]` (relative: the stream's samples before its first are not output)
     and before `end[i]` (relative: the end of a flushed stream) come out: (rows, n HOP) with the
-    count per row."""
+    count per row. Each HOP of samples is written once, as the sum of the two frames over it (the
+    tail or the earlier frame first, as adding them one by one would), and the frames left in the
+    queue move to its front element by element: twice as fast as adding into a zeroed buffer and
+    moving them with slice copies."""
     g, n, n_fft = frames.shape
     out = np.zeros((g, n * hop), np.float32)
     made = np.zeros(g, np.int64)
     buf = np.empty((n + 1) * hop, np.float32)
     for i in range(g):
         r = rows[i]
-        buf[:hop] = tail[r]
-        buf[hop:] = 0.0
-        for k in range(n):
-            for j in range(n_fft):
-                buf[k * hop + j] += frames[i, k, j] * window[j]
+        for j in range(hop):
+            buf[j] = tail[r, j] + frames[i, 0, j] * window[j]
+        for k in range(1, n):
+            for j in range(hop):
+                buf[k * hop + j] = frames[i, k - 1, hop + j] * window[hop + j] + frames[i, k, j] * window[j]
+        for j in range(hop):
+            buf[n * hop + j] = frames[i, n - 1, hop + j] * window[hop + j]
         lo, hi = max(first[i], 0), min(end[i], n * hop)
         if hi > lo:
             out[i, :hi - lo] = buf[lo:hi]
             made[i] = hi - lo
         tail[r] = buf[n * hop:]
         q = queued[r]
-        q_spec[r, :q - n] = q_spec[r, n:q].copy()
-        q_mel[r, :, :q - n] = q_mel[r, :, n:q].copy()
-        q_band[r, :q - n] = q_band[r, n:q].copy()
+        for j in range(q - n):
+            for b in range(q_spec.shape[2]):
+                q_spec[r, j, b] = q_spec[r, n + j, b]
+            for m in range(q_mel.shape[1]):
+                q_mel[r, m, j] = q_mel[r, m, n + j]
+            q_band[r, j] = q_band[r, n + j]
         queued[r] = q - n
     return out, made
 
 
-@numba.njit(cache=True, nogil=True)
 def merged_spectra(rows: np.ndarray, q_spec: np.ndarray, band: np.ndarray, band_weights: np.ndarray,
                    gen: np.ndarray) -> np.ndarray:
     """The low-band merge of a hop, in one pass: w x the queued input spectrum + (1 - w) x the
     model's (gen: (rows, n, bins)), w the input's weight per bin from each frame's band (band:
-    (rows, n) indices into band_weights). The arithmetic of `rtsr.engine.merge_low_band`, bit for bit."""
-    g, n, bins = gen.shape
-    out = np.empty((g, n, bins), np.complex64)
+    (rows, n) indices into band_weights). The arithmetic of `rtsr.engine.merge_low_band` (the
+    compiled loop may fuse a multiply and an add: a last-bit difference, the same for every row
+    and batch), on the spectra's real and imaginary parts as float32 pairs, which vectorises:
+    twice as fast as complex cells."""
+    pairs = _merged_pairs(rows, q_spec.view(np.float32), band, band_weights,
+                          np.ascontiguousarray(gen).view(np.float32))
+    return pairs.view(np.complex64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _merged_pairs(rows: np.ndarray, q_spec: np.ndarray, band: np.ndarray, band_weights: np.ndarray,
+                  gen: np.ndarray) -> np.ndarray:
+    g, n, pairs = gen.shape
+    out = np.empty((g, n, pairs), np.float32)
     for i in range(g):
         for t in range(n):
             w = band_weights[band[i, t]]
-            for k in range(bins):
-                lr, model = q_spec[rows[i], t, k], gen[i, t, k]
-                out[i, t, k] = complex(w[k] * lr.real + (1 - w[k]) * model.real,
-                                       w[k] * lr.imag + (1 - w[k]) * model.imag)
+            lr, model, o = q_spec[rows[i], t], gen[i, t], out[i, t]
+            for k in range(pairs // 2):
+                a, b = w[k], 1 - w[k]
+                o[2 * k] = a * lr[2 * k] + b * model[2 * k]
+                o[2 * k + 1] = a * lr[2 * k + 1] + b * model[2 * k + 1]
     return out
 
 

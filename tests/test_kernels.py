@@ -5,7 +5,8 @@ import torch
 
 from rtsr.features import N_BINS
 from rtsr.hopbank import LEVEL_FRAMES, LEVEL_SPAN, LEVEL_TAPER, MAX_LEVEL_GAIN, HopBank
-from rtsr.kernels.hops import overlap_add_hop
+from rtsr.engine import merge_low_band
+from rtsr.kernels.hops import merged_spectra, overlap_add_hop
 from rtsr.kernels.noise import frame_noise
 from rtsr.models.nets import Denoiser, receptive_field
 
@@ -22,8 +23,8 @@ def test_a_hop_overlap_adds_onto_its_tail_and_leaves_its_queue():
     for k, f in enumerate(frames.reshape(2 * n, 2 * hop)):
         whole[k * hop:k * hop + 2 * hop] += f * window
     tail = np.zeros((1, hop), np.float32)
-    q_spec, q_mel, q_band = (np.arange(10, dtype=t)[None].repeat(1, 0) for t in (np.complex64, np.float32, np.int32))
-    q_mel, queued = q_mel[:, None].copy(), np.array([10])
+    q_spec, q_mel, q_band = (np.arange(10, dtype=t)[None] for t in (np.complex64, np.float32, np.int32))
+    q_spec, q_mel, queued = q_spec[:, :, None].repeat(3, 2), q_mel[:, None].copy(), np.array([10])  # 3 bins, 1 mel
     rows = np.array([0])
     out = []
     for h in range(2):
@@ -31,7 +32,19 @@ def test_a_hop_overlap_adds_onto_its_tail_and_leaves_its_queue():
                                   np.array([10 ** 9]), tail, q_spec, q_mel, q_band, queued)
         out.append(y[0, :made[0]])
     np.testing.assert_array_equal(np.concatenate(out), whole[hop:2 * n * hop])
-    assert queued[0] == 4 and q_spec[0, 0] == 6 and q_mel[0, 0, 0] == 6 and q_band[0, 3] == 9
+    assert queued[0] == 4 and (q_spec[0, 0] == 6).all() and q_mel[0, 0, 0] == 6 and q_band[0, 3] == 9
+
+
+def test_the_merge_kernel_is_merge_low_bands_arithmetic():
+    """Rows gathered from a queue, each frame its band's weights: the plain merge, to its last bit
+    or so (the compiled loop may fuse a multiply and an add)."""
+    rng = np.random.default_rng(0)
+    q_spec = (rng.standard_normal((5, 7, N_BINS)) + 1j * rng.standard_normal((5, 7, N_BINS))).astype(np.complex64)
+    gen = (rng.standard_normal((3, 4, N_BINS)) + 1j * rng.standard_normal((3, 4, N_BINS))).astype(np.complex64)
+    weights, rows, band = rng.random((3, N_BINS)).astype(np.float32), np.array([4, 0, 2]), rng.integers(0, 3, (3, 4))
+    plain = merge_low_band(q_spec[rows, :4], gen, weights[band])
+    merged = merged_spectra(rows, q_spec, band, weights, gen)
+    assert np.abs(merged - plain).max() <= 4e-7 * np.abs(plain).max() and not np.array_equal(merged, 0 * plain)
 
 
 class Owner:
