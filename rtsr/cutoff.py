@@ -81,7 +81,7 @@ class Band:
     A lossy input's edge (decoded MP3, Vorbis, Opus) is its encoder's low-pass, a brick wall: the
     input holds nothing above it, so its fade runs from the edge itself over CODEC_FADE_HZ, and the
     model's band there is raised to the input's level under the edge (rtsr.hopbank, `LEVEL_FRAMES`):
-    real-world dev cases with a seam over 6 dB 44 -> 25 of 60 (RESULTS.md, 2026-12-05).
+    real-world dev cases with a seam over 6 dB 44 -> 19 of 60 (RESULTS.md, 2026-12-05).
     """
 
     hz: float

@@ -30,8 +30,18 @@ INITIAL_FRAMES = 16  # queue length of a new bank; it doubles whenever a stream 
 BIN_HZ = SR / N_FFT
 LEVEL_FRAMES = 40  # 200 ms of frames whose power sums set a lossy input's model band level
 LEVEL_SPAN = round(500 / BIN_HZ)  # bins under the edge (input) and from it (model) compared
-LEVEL_TAPER = round(4000 / BIN_HZ)  # the gain falls linearly to none this many bins above the edge
+LEVEL_FLAT = round(1000 / BIN_HZ)  # the bins above the edge that take the whole gain...
+LEVEL_TAPER = round(3000 / BIN_HZ)  # ...then it falls linearly to none over this many
 MAX_LEVEL_GAIN = 10 ** (30 / 20)  # raised by at most 30 dB; never lowered
+
+
+def level_taper(edge_bin: int) -> np.ndarray:
+    """The share of a lossy band's level gain (in dB) each bin takes: all from the edge bin for
+    LEVEL_FLAT bins, then less and less to none LEVEL_TAPER bins on; nothing under the edge (nor
+    anywhere for edge_bin -1)."""
+    above = np.arange(N_BINS) - edge_bin
+    share = np.clip(1 - (above - LEVEL_FLAT) / LEVEL_TAPER, 0, 1)
+    return (share * (above >= 0) * (edge_bin >= 0)).astype(np.float32)
 
 
 class HopBank(RowBank):
@@ -73,9 +83,7 @@ class HopBank(RowBank):
                 # a fade from the edge itself is a lossy input's (rtsr.cutoff.Band.merge_range)
                 e = round(row[0] / BIN_HZ) if row[1] == row[0] else -1
                 self.edge_bin = np.append(self.edge_bin, e)
-                above = np.arange(N_BINS) - e
-                taper = np.clip(1 - above / LEVEL_TAPER, 0, 1) * (above >= 0) * (e >= 0)
-                self.level_taper = np.concatenate([self.level_taper, taper[None].astype(np.float32)])
+                self.level_taper = np.concatenate([self.level_taper, level_taper(e)[None]])
             return k
 
     def enqueue(self, rows: np.ndarray, counts: np.ndarray, at: np.ndarray, band_now: np.ndarray,

@@ -3,9 +3,9 @@
 import numpy as np
 import torch
 
-from rtsr.features import N_BINS
-from rtsr.hopbank import LEVEL_FRAMES, LEVEL_SPAN, LEVEL_TAPER, MAX_LEVEL_GAIN, HopBank
 from rtsr.engine import merge_low_band
+from rtsr.features import N_BINS
+from rtsr.hopbank import LEVEL_FLAT, LEVEL_FRAMES, LEVEL_SPAN, LEVEL_TAPER, MAX_LEVEL_GAIN, HopBank
 from rtsr.kernels.hops import merged_spectra, overlap_add_hop
 from rtsr.kernels.noise import frame_noise
 from rtsr.models.nets import Denoiser, receptive_field
@@ -72,8 +72,9 @@ def test_a_lossy_rows_model_band_is_raised_to_the_inputs_level_at_its_edge():
     assert np.allclose(powers[0, :, 0], LEVEL_SPAN) and np.allclose(powers[0, :, 1], 0.01 * LEVEL_SPAN)
     assert np.allclose(gen[0, :, :e], 0.1)  # under the edge: untouched (the input is kept there)
     assert np.allclose(gen[0, :, e], 1.0, rtol=1e-5)  # at the edge: the input's level (x 10)
-    assert np.allclose(gen[0, :, e + LEVEL_TAPER // 2], 0.1 * 10 ** 0.5, rtol=1e-5)  # half the gain in dB
-    assert np.allclose(gen[0, :, e + LEVEL_TAPER:], 0.1)
+    assert np.allclose(gen[0, :, e + LEVEL_FLAT], 1.0, rtol=1e-5)  # the first kHz: all of it
+    assert np.allclose(gen[0, :, e + LEVEL_FLAT + LEVEL_TAPER // 2], 0.1 * 10 ** 0.5, rtol=1e-5)  # half, in dB
+    assert np.allclose(gen[0, :, e + LEVEL_FLAT + LEVEL_TAPER:], 0.1)
     bank.remember_levels(rows, lossy, powers)
     assert bank.level_count[0] == 8
     # a model band already louder is never lowered; nor is a row that is not lossy; the gain is capped
