@@ -18,12 +18,13 @@ MAX_CHANNELS = 64  # more is a transposed array, not audio (the engine keeps per
 def as_frames(block: np.ndarray, channels: int) -> np.ndarray:
     """Validate one block of audio and return it as (frames, channels) float32."""
     x = np.asarray(block)
-    if x.dtype.kind not in "fiu":
-        raise TypeError(f"audio must be numeric, got dtype {x.dtype}")
-    if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1); unsigned PCM (8-bit WAV's) is centred at half its range
-        half = float(2 ** (8 * x.dtype.itemsize - 1))
-        x = (x.astype(np.float64) - (half if x.dtype.kind == "u" else 0.0)) / half
-    x = x.astype(np.float32, copy=False)
+    if x.dtype != np.float32:
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"audio must be numeric, got dtype {x.dtype}")
+        if x.dtype.kind in "iu":  # integer PCM: scale to [-1, 1); unsigned (8-bit WAV's) is centred at half its range
+            half = float(2 ** (8 * x.dtype.itemsize - 1))
+            x = (x.astype(np.float64) - (half if x.dtype.kind == "u" else 0.0)) / half
+        x = x.astype(np.float32)
     if x.ndim == 1 and channels == 1:
         x = x[:, None]
     if x.ndim == 2 and x.shape[1] > MAX_CHANNELS:

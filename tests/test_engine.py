@@ -119,6 +119,10 @@ def test_bad_blocks_raise_clear_errors(model):
     s = Stream(model, 16000, 2)
     with pytest.raises(ValueError, match="NaN/Inf"):
         s.feed(np.full((10, 2), np.nan, np.float32))
+    one_inf = np.zeros((10, 2), np.float32)
+    one_inf[7, 1] = -np.inf
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        s.feed(one_inf)
     with pytest.raises(ValueError, match="expected"):
         s.feed(np.zeros((10, 3), np.float32))
     with pytest.raises(ValueError, match="hop_ms"):
