@@ -9,8 +9,8 @@ them all (`rtsr.kernels.hops`). Bands are rows of a small table: a frame keeps i
 
 A lossy input's model band is raised to the input's level at its edge (`match_levels`): a
 log-domain model predicts a band's mean log power, far under the mean power of a band that swings
-(speech's top band: 12-19 dB), which left a dark line above a codec's edge. The levels are power
-sums over the last LEVEL_FRAMES frames, so holes (frames a codec left empty) do not pull them down.
+(speech's top band most), which left a dark line above a codec's edge. The levels are power sums
+over the last LEVEL_FRAMES frames, so holes (frames a codec left empty) do not pull them down.
 """
 
 from __future__ import annotations
