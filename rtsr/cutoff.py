@@ -257,24 +257,32 @@ def _slope_edge(power: np.ndarray, top_hz: float) -> float | None:
     """A soft edge: scanning up from 1 kHz, the first knee b where 80 % of the bands from
     (1 + SLOPE_SPAN) x b to 0.99 x top_hz, and of their first kHz, sit SLOPE_EMPTY_DB under the
     band just below b (median of 600 Hz) and PEAK_GAP_DB under the peak. The edge is the first point
-    above b where the level (250 Hz average) is SLOPE_DROP_DB under that band."""
+    above b where the level (250 Hz average) is SLOPE_DROP_DB under that band. Every knee is judged
+    at once, as `_cliff_edge` judges its positions (one at a time took a live stream's decision
+    1-4 ms, and a server's streams that start together decide in the same round)."""
     f, level = _pooled_db(power)
     top = np.searchsorted(f, 0.99 * top_hz)
-    smooth = np.convolve(level, np.ones(5) / 5, mode="same")
     below_n, near_n = round(600 / GRID_HZ), round(1000 / GRID_HZ)
     limit = min(MAX_EDGE_RATIO * top_hz, SLOPE_MAX_HZ)
-    peak = level[f >= 50].max()
-    for b in range(max(np.searchsorted(f, MIN_EDGE_HZ), 5 * below_n), np.searchsorted(f, limit)):
-        floor_from = b + max(below_n, round(SLOPE_SPAN * f[b] / GRID_HZ))
-        if top - floor_from < near_n:
-            return None
-        plateau = np.median(level[b - below_n:b])
-        loud = level[floor_from:top] > min(plateau - SLOPE_EMPTY_DB, peak - PEAK_GAP_DB)
-        if loud.mean() <= LOUD_SHARE and loud[:near_n].mean() <= LOUD_SHARE:
-            fall = np.nonzero(smooth[b:floor_from] < plateau - SLOPE_DROP_DB)[0]
-            edge = float(f[b + fall[0]]) if len(fall) else None
-            return edge if edge is not None and MIN_EDGE_HZ <= edge <= limit else None
-    return None
+    cand = np.arange(max(np.searchsorted(f, MIN_EDGE_HZ), 5 * below_n), np.searchsorted(f, limit))
+    floor_from = cand + np.maximum(below_n, np.round(SLOPE_SPAN * f[cand] / GRID_HZ)).astype(int)
+    cand, floor_from = cand[top - floor_from >= near_n], floor_from[top - floor_from >= near_n]  # room to judge
+    if not len(cand):
+        return None
+    plateau = np.median(np.lib.stride_tricks.sliding_window_view(level, below_n)[cand - below_n], axis=1)
+    quiet = np.minimum(plateau - SLOPE_EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB)
+    above = np.arange(top)[None, :] - floor_from[:, None]  # each column's distance from each knee's floor
+    loud = (level[None, :top] > quiet[:, None]) & (above >= 0)
+    near = loud & (above < near_n)
+    hits = np.nonzero((loud.sum(axis=1) / (top - floor_from) <= LOUD_SHARE)
+                      & (near.sum(axis=1) / near_n <= LOUD_SHARE))[0]
+    if not len(hits):
+        return None
+    k = hits[0]
+    b, smooth = cand[k], np.convolve(level, np.ones(5) / 5, mode="same")
+    fall = np.nonzero(smooth[b:floor_from[k]] < plateau[k] - SLOPE_DROP_DB)[0]
+    edge = float(f[b + fall[0]]) if len(fall) else None
+    return edge if edge is not None and MIN_EDGE_HZ <= edge <= limit else None
 
 
 def scan_band(x: np.ndarray, input_sr: int, block: int = 1 << 16) -> Band:
