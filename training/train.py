@@ -546,32 +546,27 @@ def train_regression(tr: Trainer, pool: AudioPool | None, name: str, draw: Draw 
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr * 0.3, weight_decay=1e-4)
     if ck and "opt" in ck:
         opt.load_state_dict(ck["opt"])
-    t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
 
-    def checkpoint() -> dict:
-        ck = {"net": net.state_dict(), "opt": opt.state_dict(), "iters": n, "spent": time.time() - t0,
+    def checkpoint(n: int, spent: float) -> dict:
+        ck = {"net": net.state_dict(), "opt": opt.state_dict(), "iters": n, "spent": spent,
               "loss": a.reg_loss, "config": net.config}
         if validate:
             ck["val"] = validate(net)
             log.info("%s it %d val %.4f", name, n, ck["val"])
         return ck
 
-    while time.time() - t0 < a.budget_s:
+    def step(n: int, done: float) -> torch.Tensor:
         if a.reg_schedule == "cosine":
             for g in opt.param_groups:
-                g["lr"] = a.lr * 0.3 * cosine_decay((time.time() - t0) / a.budget_s, 0.0)
+                g["lr"] = a.lr * 0.3 * cosine_decay(done, 0.0)
         hr_mel, lr_mel, mask, band, lossy = draw()
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             loss = regression_loss(net, x0, cond, mask, band, a.reg_loss, lossy, a.level_loss)
         clipped_step(opt, loss, net.parameters())
-        n += 1
-        if n % a.log_every == 0:
-            log.info("%s it %d loss %.4f lr %.2e", name, n, loss.item(), opt.param_groups[0]["lr"])
-        if time.time() - last_ck > a.ckpt_s:
-            last_ck = time.time()
-            tr.save(name, checkpoint())
-    tr.save(name, checkpoint())
+        return loss
+
+    run_budget(tr, name, step, checkpoint, opt, ck)
 
 
 def train_teacher(tr: Trainer, draw: Draw) -> None:
@@ -591,28 +586,41 @@ def train_teacher(tr: Trainer, draw: Draw) -> None:
     if ck:
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
-    t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
-
-    def checkpoint() -> dict:
+    def checkpoint(n: int, spent: float) -> dict:
         return {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "iters": n,
-                "spent": time.time() - t0, "config": net.config}
+                "spent": spent, "config": net.config}
 
-    while time.time() - t0 < a.budget_s:
+    def step(n: int, done: float) -> torch.Tensor:
         for g in opt.param_groups:
-            g["lr"] = a.lr * teacher_rate(n, (time.time() - t0) / a.budget_s)
+            g["lr"] = a.lr * teacher_rate(n, done)
         hr_mel, lr_mel, mask, band, lossy = draw()
         x0, cond = aligned(hr_mel, lr_mel)
         with tr.autocast():
             loss = teacher_loss(net, x0, cond, mask, band, lossy)
         clipped_step(opt, loss, net.parameters())
         ema_update(ema, net, teacher_ema_decay(n))
+        return loss
+
+    run_budget(tr, "teacher", step, checkpoint, opt, ck)
+
+
+def run_budget(tr: Trainer, name: str, step: Callable[[int, float], torch.Tensor],
+               checkpoint: Callable[[int, float], dict], opt: torch.optim.Optimizer, ck: dict | None) -> None:
+    """A stage's loop: `step(iteration, share of the budget spent)` until its wall-time budget
+    (`--budget-s`, counted across resumes from the checkpoint `ck`) is spent, a log line every
+    `--log-every` iterations, `checkpoint(iterations, seconds spent)` saved as `name` every
+    `--ckpt-s` seconds and at the end: a stage killed at any moment resumes from its last save."""
+    a = tr.args
+    t0, n, last_ck = time.time() - (ck or {}).get("spent", 0.0), (ck or {}).get("iters", 0), time.time()
+    while time.time() - t0 < a.budget_s:
+        loss = step(n, (time.time() - t0) / a.budget_s)
         n += 1
         if n % a.log_every == 0:
-            log.info("teacher it %d loss %.4f lr %.2e", n, loss.item(), opt.param_groups[0]["lr"])
+            log.info("%s it %d loss %.4f lr %.2e", name, n, loss.item(), opt.param_groups[0]["lr"])
         if time.time() - last_ck > a.ckpt_s:
             last_ck = time.time()
-            tr.save("teacher", checkpoint())
-    tr.save("teacher", checkpoint())
+            tr.save(name, checkpoint(n, time.time() - t0))
+    tr.save(name, checkpoint(n, time.time() - t0))
 
 
 def cached_stages(tr: Trainer, a: argparse.Namespace) -> None:
