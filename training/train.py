@@ -586,6 +586,7 @@ def train_teacher(tr: Trainer, draw: Draw) -> None:
     if ck:
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
+
     def checkpoint(n: int, spent: float) -> dict:
         return {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "iters": n,
                 "spent": spent, "config": net.config}
