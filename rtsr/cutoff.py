@@ -54,6 +54,7 @@ MIN_EDGE_HZ, MAX_EDGE_HZ = 1000.0, 19800.0  # edges outside are not looked for (
 MAX_EDGE_RATIO = 0.92  # x the rate's Nyquist: higher "edges" are the resampler's own roll-off
 MIN_CUTOFF_HZ = 1000.0  # a given cutoff below this is refused
 EDGE_MARGIN = 0.035  # x the edge: the input is kept whole this far above an edge
+RATE_FADE = (0.93, 0.98)  # x a rate band's Nyquist: where the input's weight starts to fall, where it is 0
 CODEC_FADE_HZ = 300.0  # a lossy input's weight falls to 0 over this many Hz from its edge
 SLOPE_SPAN = 0.3  # a soft edge: x the knee within which the spectrum must reach the floor...
 SLOPE_EMPTY_DB = 35.0  # ...this far under the band below the knee
@@ -66,7 +67,10 @@ class Band:
     """Where the input's band ends (Hz) and who says so: "rate" (its Nyquist), "detected", "given".
 
     The source decides the low-band merge: below a rate's Nyquist the resampler already rolls off,
-    so the input is faded out over [0.88, 0.96] x it (as the model was trained); an edge (detected
+    so the input is faded out over RATE_FADE x it, across the resampler's own transition (its
+    passband ends at 0.90 x, -6 dB at 0.95 x; dev set, in-band LSD x sinc: 0.4635 fading over
+    [0.88, 0.96], where the model's mel is replaced, 0.4616 over [0.93, 0.98]; RESULTS.md,
+    2026-12-05); an edge (detected
     or given) is where content really stops, so the input is kept whole up to just above it and
     faded out over the next 4 %: nothing generated lands below the edge, nor leaks into the input's
     weak top through the synthesis window (measured on codec-limited 48 kHz music: generation from
@@ -98,7 +102,7 @@ class Band:
         if self.full:
             return math.inf, math.inf
         if self.source == "rate":
-            return 0.88 * self.hz, 0.96 * self.hz
+            return RATE_FADE[0] * self.hz, RATE_FADE[1] * self.hz
         if lossy:
             return self.hz, self.hz + CODEC_FADE_HZ
         return (1 + EDGE_MARGIN) * self.hz, (1 + EDGE_MARGIN + 0.04) * self.hz

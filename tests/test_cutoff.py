@@ -79,7 +79,7 @@ def test_given_cutoffs_are_checked():
 def test_merge_ranges_keep_the_input_below_an_edge():
     lo, hi = Band(8000, "detected").merge_range()
     assert 8000 < lo < hi <= 8000 * 1.1  # generated only above the edge
-    assert Band(8000, "rate").merge_range() == pytest.approx((7040, 7680))
+    assert Band(8000, "rate").merge_range() == pytest.approx((7440, 7840))
     assert np.isinf(rate_band(48000).merge_range()[0])  # a full band: nothing generated
     # a codec's low-pass is a brick wall: a lossy input fades from its edge itself
     assert Band(8000, "detected").merge_range(lossy=True) == (8000, 8300)
