@@ -21,7 +21,7 @@ from rtsr.features import HOP, N_FFT, bin_freqs, frame_count, istft, merge_weigh
 from rtsr.resample import resample
 
 SLOPE_DB_PER_OCTAVE = -12.0
-TOP_OCTAVE = (0.5, 0.88)  # x cutoff: the band whose level is continued (0.88: merge_weights' transition)
+TOP_OCTAVE = (0.5, 0.88)  # x cutoff: the band whose level is continued (under any band's fade: Band.merge_range)
 HALF = N_FFT // 2
 
 
