@@ -17,6 +17,7 @@ import torch
 from rtsr.audio_spec import HOP, N_FFT, SR
 
 N_BINS = N_FFT // 2 + 1
+BIN_HZ = SR / N_FFT  # the spacing of the STFT's bins
 N_MELS = 80
 LOG_FLOOR = 1e-5  # magnitudes below this (about -125 dBFS for noise) are all "silence"
 MEL_MEAN, MEL_STD = -5.0, 3.0  # fixed affine map of log-mel to roughly unit scale for the networks
@@ -30,7 +31,7 @@ def window() -> np.ndarray:
 
 
 def bin_freqs() -> np.ndarray:
-    return np.arange(N_BINS) * (SR / N_FFT)
+    return np.arange(N_BINS) * BIN_HZ
 
 
 def _hz_to_mel(f: np.ndarray | float) -> np.ndarray:

@@ -20,14 +20,13 @@ import weakref
 
 import numpy as np
 
-from rtsr.audio_spec import HOP, N_FFT, SR
-from rtsr.features import N_BINS, N_MELS, merge_weights, window
+from rtsr.audio_spec import HOP, N_FFT
+from rtsr.features import BIN_HZ, N_BINS, N_MELS, merge_weights, window
 from rtsr.kernels.hops import enqueue, match_levels, overlap_add_hop, remember_levels
 from rtsr.rows import RowBank, grown
 
 assert N_FFT == 2 * HOP  # the overlap-add tail is one HOP (rtsr.kernels.hops)
 INITIAL_FRAMES = 16  # queue length of a new bank; it doubles whenever a stream needs more
-BIN_HZ = SR / N_FFT
 LEVEL_FRAMES = 40  # 200 ms of frames whose power sums set a lossy input's model band level
 LEVEL_SPAN = round(500 / BIN_HZ)  # bins under the edge (input) and from it (model) compared
 LEVEL_FLAT = round(1000 / BIN_HZ)  # the bins above the edge that take the whole gain...
