@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtsr.features import N_FFT, N_MELS, SR, log_mel
+from rtsr.features import N_FFT, N_MELS, SR, bin_freqs, log_mel, stft
 from rtsr.model import ModelState, SuperResModel
 from rtsr.models.nets import GATHER_MAX_FRAMES
 
@@ -250,11 +250,9 @@ def calibration_feeds(session, lookahead: int, frames: int, lossy: bool, every: 
     """The float graph's inputs for every `every`th of the consecutive hops of `frames` frames over
     every calibration signal at every calibration cutoff (its spectrum cut there, as a
     band-limited input is), the states carried from hop to hop by running the float session."""
-    from rtsr.features import stft
-
     names = [i.name for i in session.get_inputs()]
     states = [i for i in session.get_inputs() if i.name.startswith("state")]
-    bins = torch.fft.rfftfreq(N_FFT, 1 / SR)
+    bins = torch.from_numpy(bin_freqs())
     feeds = []
     for x in calibration_signals():
         spec = stft(torch.nn.functional.pad(torch.from_numpy(x), (N_FFT // 2, N_FFT // 2)))
