@@ -171,7 +171,7 @@ def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], o
     gen = model.run_slots([s.slot for s in members], torch.from_numpy(cond), torch.from_numpy(low),
                           torch.from_numpy(bank.band_hz[band]), torch.from_numpy(noise)).numpy()
     lossy = np.repeat([s.fill_holes for s in members], bank.channels)
-    powers = bank.match_levels(rows, lossy, band, gen)
+    powers = bank.match_levels(rows, lossy, band, gen) if lossy.any() else None  # no call for a round of WAVs
     try:
         frames = synthesise(bank, rows, band, gen, lossy)
     except Exception:  # find the culprit: each alone
@@ -187,7 +187,8 @@ def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], o
     end = np.repeat([(s._n_out if s._finished else NOT_ENDED) - (s._pos - 1) * HOP for s in members],
                     bank.channels)
     y, made = bank.overlap_add(rows, frames, first, end)
-    bank.remember_levels(rows, lossy, powers)
+    if powers is not None:
+        bank.remember_levels(rows, lossy, powers)
     for k, (i, s) in enumerate(group):
         if i in failed:
             continue
