@@ -34,6 +34,27 @@ def enqueue(rows: np.ndarray, counts: np.ndarray, at: np.ndarray, channels: int,
 
 
 @numba.njit(cache=True, nogil=True)
+def hop_inputs(rows: np.ndarray, q_mel: np.ndarray, q_band: np.ndarray, lookahead: int,
+               n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A hop's model inputs from the queues of these rows: the log-mel `lookahead` frames ahead
+    (conditioning) and of the hop's own n frames (the low band kept), and the frames' bands:
+    (rows, mels, n) twice and (rows, n), what numpy's fancy indexing gives, four times faster."""
+    g, mels = len(rows), q_mel.shape[1]
+    cond = np.empty((g, mels, n), np.float32)
+    low = np.empty((g, mels, n), np.float32)
+    band = np.empty((g, n), q_band.dtype)
+    for i in range(g):
+        r = rows[i]
+        for m in range(mels):
+            for t in range(n):
+                cond[i, m, t] = q_mel[r, m, lookahead + t]
+                low[i, m, t] = q_mel[r, m, t]
+        for t in range(n):
+            band[i, t] = q_band[r, t]
+    return cond, low, band
+
+
+@numba.njit(cache=True, nogil=True)
 def overlap_add_hop(rows: np.ndarray, frames: np.ndarray, window: np.ndarray, hop: int, first: np.ndarray,
                     end: np.ndarray, tail: np.ndarray, q_spec: np.ndarray, q_mel: np.ndarray, q_band: np.ndarray,
                     queued: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,15 +33,16 @@ from rtsr import hopbank
 from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
 from rtsr.cutoff import Band, CutoffTracker, as_band
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel
+from rtsr.hopbank import NOT_ENDED
 from rtsr.intake import join as join_intake
-from rtsr.kernels.hops import merged_spectra
+from rtsr.kernels.hops import hop_inputs, merged_spectra
+from rtsr.kernels.intake import all_finite
 from rtsr.kernels.mel import magnitude
 from rtsr.kernels.noise import frame_noise
 from rtsr.model import ModelState, SuperResModel
 from rtsr.resample import StreamingResampler
 
 HALF = N_FFT // 2
-NOT_ENDED = np.iinfo(np.int64).max // 4  # the end of a stream whose input has not ended
 
 
 # A lossy input's cell is a codec hole where its power, and its two neighbours', is under 1/10 (-10 dB)
@@ -76,16 +77,20 @@ def merge_low_band(lr: np.ndarray, gen: np.ndarray, w: np.ndarray, fill_holes: b
     return np.where(hole, gen, merged)
 
 
-def analyse(streams: Iterable[Stream]) -> None:
+def analyse(streams: Iterable[Stream]) -> list[Stream]:
     """Resample, frame, STFT, log-mel and band the input each stream has taken (`take_input`):
     one intake call per input rate and channel count (rtsr.intake: resampler and framing of every
     stream in one kernel call), one FFT and one mel projection for all the frames, one queueing
-    call per hop bank. A stream whose band tracker fails is marked failed; the others go on."""
+    call per hop bank. A stream whose band tracker fails is marked failed; the others go on.
+    Returns the streams with input left (`take_input` takes a few hops' worth at a time)."""
     groups: dict[object, list[tuple[Stream, np.ndarray, tuple[int, int]]]] = {}
+    left = []
     for s in streams:
         if (taken := s.take_input()) is not None:
             groups.setdefault(s.intake, []).append((s, *taken))
-    framed: list[tuple[Stream, int]] = []
+            if s._pending:
+                left.append(s)
+    framed: list[tuple[list[Stream], np.ndarray]] = []
     frames = []
     for bank, group in groups.items():
         members = [s for s, _, _ in group]
@@ -95,40 +100,49 @@ def analyse(streams: Iterable[Stream]) -> None:
         f, counts, made, made_counts = bank.take(np.array([s.row for s in members], np.int64),
                                                   np.concatenate([x for _, x, _ in group]), new_at, ends[:, 0],
                                                   ends[:, 1])
-        at = 0
-        for s, m in zip(members, made_counts, strict=True):
+        starts = np.cumsum(made_counts) - made_counts
+        for k, s in enumerate(members):
             if s.cutoff.deciding:
-                _guarded(s, s.cutoff.feed, made[at:at + m])
-            at += m
-        framed += zip(members, counts.tolist(), strict=True)
+                _guarded(s, s.cutoff.feed, made[starts[k]:starts[k] + made_counts[k]])
+        framed.append((members, counts))
         frames.append(f)
     f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
     if f is None or not len(f):
-        return
+        return left
     spec = torch.fft.rfft(torch.from_numpy(f), dim=-1).numpy()  # (frames, bins), stream by stream, channel by channel
     mel = log_mel(torch.from_numpy(magnitude(spec))).numpy()
-    by_bank: dict[object, list[tuple[Stream, int, int]]] = {}
+    by_bank: dict[object, list[tuple[list[Stream], np.ndarray, np.ndarray]]] = {}
     at = 0
-    for s, n in framed:
-        if n:
-            by_bank.setdefault(s.hops, []).append((s, n, at))
-        at += s.channels * n
-    for bank, group in by_bank.items():
+    for members, counts in framed:  # one intake bank's streams: the same channel count
+        spans = members[0].channels * counts
+        starts = at + np.cumsum(spans) - spans
+        at += int(spans.sum())
+        banks = [s.hops for s in members]
+        if all(b is banks[0] for b in banks):  # a server's usual round: one model, one hop bank
+            by_bank.setdefault(banks[0], []).append((members, counts, starts))
+        else:
+            for k, (s, b) in enumerate(zip(members, banks, strict=True)):
+                by_bank.setdefault(b, []).append(([s], counts[k:k + 1], starts[k:k + 1]))
+    for bank, parts in by_bank.items():
+        members = [s for m, _, _ in parts for s in m]
+        counts = np.concatenate([c for _, c, _ in parts])
+        at = np.concatenate([a for _, _, a in parts])
+        rows = np.array([s.hop_row for s in members], np.int64)
         # a settled band is each frame's band; a deciding tracker says (a failed one: its stream alone)
-        deciding = {k: _guarded(s, s.band_rows, n) for k, (s, n, _) in enumerate(group) if s.cutoff.deciding}
-        rows, counts, at = np.array([(s.hop_row, n, a) for s, n, a in group], np.int64).T
-        band_now = np.array([s.band_now for s, _, _ in group], np.int32)
+        deciding = {k: _guarded(s, s.band_rows, int(counts[k])) for k, s in enumerate(members)
+                    if s.cutoff.deciding and counts[k]}
+        band_now = bank.band_now[rows]
         for k, ids in deciding.items():
             if ids is not None:
                 band_now[k] = ids[0]
         bank.enqueue(rows, counts, at, band_now, spec, mel)
+        bank.analysed[rows] += counts
         for k, ids in deciding.items():
             if ids is not None and (ids != ids[0]).any():  # the band moved within these frames
-                s, n, _ = group[k]
-                q = s.hops.queued[s.hop_row]
-                s.hops.band[s.hop_row:s.hop_row + s.channels, q - n:q] = ids
-        for s, n, _ in group:
-            s._frames += n
+                s, n = members[k], int(counts[k])
+                q = bank.queued[s.hop_row]
+                bank.band[s.hop_row:s.hop_row + s.channels, q - n:q] = ids
+    return left
 
 
 def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
@@ -137,67 +151,87 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
     overlap-add for all its streams. Finished samples go to out[i]. A stream's own failure is
     recorded in `failed` (index -> error; the stream marked failed) and the others go on; a model
     call's is raised, with no stream moved past its last finished hop."""
-    analyse(streams)
-    asking = list(range(len(streams)))
+    index = {id(s): i for i, s in enumerate(streams)}
+    left = {id(s) for s in analyse(streams)}
+    asking = [i for i, s in enumerate(streams) if not s.passthrough]
     while asking:
         failed.update({i: streams[i]._failed for i in asking if streams[i]._failed is not None and i not in failed})
-        groups: dict[tuple, list[tuple[int, Stream]]] = {}
+        by_bank: dict[hopbank.HopBank, list[int]] = {}
         for i in asking:
-            s = streams[i]
-            if i not in failed and (n := s.ready_frames()):
-                groups.setdefault((id(s.model), s.hops, n), []).append((i, s))
-        for (_, bank, n), group in groups.items():
-            group.sort(key=lambda i_s: i_s[1].slot.start)  # the model bank's order: its rows are one slice
-            _run_group(bank, n, group, out, failed)
-        ran = {i for group in groups.values() for i, _ in group}
-        # only a stream that ran a hop, or has input left (`take_input` takes a few hops' worth), can have another
-        asking = [i for i in asking if i not in failed and (i in ran or streams[i].has_input())]
-        analyse(streams[i] for i in asking)
+            if i not in failed:
+                by_bank.setdefault(streams[i].hops, []).append(i)
+        ran: list[int] = []
+        for bank, idx in by_bank.items():
+            first = np.array([streams[i].hop_row for i in idx], np.int64)
+            all_in = (bank.out_end[first] != NOT_ENDED) & np.array([id(streams[i]) not in left for i in idx])
+            n_of = bank.ready_frames(first, all_in)
+            for n in np.unique(n_of[n_of > 0]):  # a hop bank is one model's
+                pick = np.flatnonzero(n_of == n)
+                group = [idx[k] for k in pick[np.argsort(bank.slot_start[first[pick]], kind="stable")]]
+                _run_group(bank, int(n), group, streams, out, failed)  # in the model bank's row order
+                ran += group
+        # a stream that ran may have another hop queued; one with input left needs analysing first
+        more = [i for i in ran if i not in failed]
+        if more:
+            by_bank = {}
+            for i in more:
+                by_bank.setdefault(streams[i].hops, []).append(i)
+            more = [i for bank, idx in by_bank.items()
+                    for i, go in zip(idx, _may_run(bank, [streams[i] for i in idx], left), strict=True) if go]
+        waiting = [streams[i] for i in asking if id(streams[i]) in left and i not in failed]
+        left = {id(s) for s in analyse(waiting)}
+        asking = sorted(set(more) | {index[id(s)] for s in waiting})
 
 
-def _run_group(bank: hopbank.HopBank, n: int, group: list[tuple[int, Stream]], out: list[list[np.ndarray]],
+def _may_run(bank: hopbank.HopBank, members: list[Stream], left: set[int]) -> np.ndarray:
+    """Whether each stream has another hop ready or input left to analyse."""
+    first = np.array([s.hop_row for s in members], np.int64)
+    has_left = np.array([id(s) in left for s in members])
+    all_in = (bank.out_end[first] != NOT_ENDED) & ~has_left
+    return has_left | (bank.ready_frames(first, all_in) > 0)
+
+
+def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stream], out: list[list[np.ndarray]],
                failed: dict[int, Exception]) -> None:
-    """One hop of n frames for each stream of the group (one model, one bank)."""
-    members = [s for _, s in group]
+    """One hop of n frames for each stream idx[k] of streams (one model, one bank, in the model
+    bank's row order)."""
+    members = [streams[i] for i in idx]
     model = members[0].model
-    rows = (np.array([s.hop_row for s in members])[:, None] + np.arange(bank.channels)).ravel()
-    la = model.lookahead
-    cond, low = bank.mel[rows, :, la:la + n], bank.mel[rows, :, :n]
-    band = bank.band[rows, :n]
+    first = np.array([s.hop_row for s in members], np.int64)
+    rows = (first[:, None] + np.arange(bank.channels)).ravel()
+    pos = np.repeat(bank.synthesised[first], bank.channels)
+    cond, low, band = hop_inputs(rows, bank.mel, bank.band, model.lookahead, n)
     if model.steps:
-        noise = np.concatenate([frame_noise(s.seed, s._pos, n, N_MELS, s.channels) for s in members])
+        noise = np.concatenate([frame_noise(s.seed, int(p), n, N_MELS, s.channels)
+                                for s, p in zip(members, pos[::bank.channels], strict=True)])
     else:  # a one-pass regression starts from no noise
         noise = np.zeros_like(cond)
     gen = model.run_slots([s.slot for s in members], torch.from_numpy(cond), torch.from_numpy(low),
                           torch.from_numpy(bank.band_hz[band]), torch.from_numpy(noise)).numpy()
-    lossy = np.repeat([s.fill_holes for s in members], bank.channels)
+    lossy = bank.lossy[rows]
     powers = bank.match_levels(rows, lossy, band, gen) if lossy.any() else None  # no call for a round of WAVs
     try:
         frames = synthesise(bank, rows, band, gen, lossy)
     except Exception:  # find the culprit: each alone
         frames = np.zeros((len(rows), n, N_FFT), np.float32)
-        for k, (i, s) in enumerate(group):
+        for k, (i, s) in enumerate(zip(idx, members, strict=True)):
             part = slice(k * bank.channels, (k + 1) * bank.channels)
-            if (f := _guarded(s, synthesise, bank, rows[part], band[part], gen[part],
-                              np.full(s.channels, s.fill_holes))) is None:
+            if (f := _guarded(s, synthesise, bank, rows[part], band[part], gen[part], lossy[part])) is None:
                 failed[i] = s._failed
             else:
                 frames[part] = f
-    first = np.repeat([s._emitted - (s._pos - 1) * HOP for s in members], bank.channels)
-    end = np.repeat([(s._n_out if s._finished else NOT_ENDED) - (s._pos - 1) * HOP for s in members],
-                    bank.channels)
-    y, made = bank.overlap_add(rows, frames, first, end)
+    start = (pos - 1) * HOP
+    y, made = bank.overlap_add(rows, frames, np.repeat(bank.emitted[first], bank.channels) - start,
+                               np.repeat(bank.out_end[first], bank.channels) - start)
     if powers is not None:
         bank.remember_levels(rows, lossy, powers)
-    for k, (i, s) in enumerate(group):
-        if i in failed:
-            continue
-        r = k * bank.channels
-        samples = _guarded(s, s.finish_hop, n, y[r:r + s.channels, :made[r]].T)
-        if samples is None:
-            failed[i] = s._failed
-        else:
-            out[i].append(samples)
+    made = made[::bank.channels]
+    bank.synthesised[first] += n
+    bank.emitted[first] += made
+    for k, i in enumerate(idx):
+        if i not in failed:
+            r = k * bank.channels
+            out[i].append(y[r:r + bank.channels, :made[k]].T)
 
 
 def synthesise(bank: hopbank.HopBank, rows: np.ndarray, band: np.ndarray, gen: np.ndarray,
@@ -245,12 +279,7 @@ class Stream:
         band = as_band(cutoff, input_sr)
         self.cutoff = CutoffTracker(input_sr, channels, band, lossy=fill_holes)
         self._n_in = 0
-        self._frames = 0  # LR frames analysed (queued in the hop bank from frame _pos on)
-        self._pos = 0  # output frames synthesised
-        self._emitted = 0  # output samples handed out
         self._finished = False
-        self._last = 0  # the last frame to synthesise, known once the input has ended
-        self._n_out = 0  # the output's length, known once the input has ended
         # a band known to be full (a scanned file at 48 kHz or more): nothing to add, resample only
         self.passthrough = band is not None and band.full
         if self.passthrough:
@@ -260,9 +289,10 @@ class Stream:
             self.slot = model.bank.join(channels, lossy=fill_holes)  # the networks' caches
             weakref.finalize(self, model.bank.leave, self.slot)
             self.intake, self.row = join_intake(self, input_sr, channels)
-            self.hops, self.hop_row = hopbank.join(self, model, channels)
+            # its frame counters too (frames analysed, synthesised, samples handed out, its end)
+            self.hops, self.hop_row = hopbank.join(self, model, channels, self.hop_frames, fill_holes, self.slot.start)
             self.filter = self.intake.filter
-            self.band_now = self.hops.band_id(self.cutoff.row())
+            self.hops.band_now[self.hop_row] = self.hops.band_id(self.cutoff.row())
         # input taken per analysis: a few hops' worth, so that a long block queues a bounded number of frames
         self._take_max = ceil((self.hop_frames + 2) * HOP * input_sr / SR) + 1
         self.flush_to = (-1, 0)  # at the end of input: (the resampler's last output, zeros up to)
@@ -310,8 +340,9 @@ class Stream:
     def push(self, block: np.ndarray) -> None:
         """Take input; it is resampled and analysed when hops are run (`feed`, `flush`,
         `rtsr.batch.step`)."""
-        self._check_open()
-        x = as_frames(block, self.channels)
+        if self._failed is not None or self._finished:
+            self._check_open()
+        x = as_frames(block, self.channels, all_finite)
         self._n_in += len(x)
         if self.passthrough:
             self._ready.append(self.resampler.process(x))
@@ -325,9 +356,11 @@ class Stream:
         if self.passthrough:
             self._ready.append(self.resampler.flush())
             return
-        self._n_out = self.filter.total_out(self._n_in)
-        self._last = -(-self._n_out // HOP)  # frames 0..last make every sample < n_out final
-        self.flush_to = (self._n_out, (self._last + self.model.lookahead) * HOP + HALF)
+        n_out = self.filter.total_out(self._n_in)
+        last = -(-n_out // HOP)  # frames 0..last make every sample < n_out final
+        with self.hops.lock:
+            self.hops.out_end[self.hop_row], self.hops.last_frame[self.hop_row] = n_out, last
+        self.flush_to = (n_out, (last + self.model.lookahead) * HOP + HALF)
 
     @property
     def band(self) -> Band:
@@ -357,27 +390,17 @@ class Stream:
     def band_rows(self, n: int) -> np.ndarray:
         """The band index of each of the next n frames analysed while the band tracker decides
         (its decisions fall between them); once it has settled, every frame's is `band_now`."""
-        rows = self.cutoff.rows(self._frames, self._frames + n)
-        self.band_now = self.hops.band_id(self.cutoff.row())
+        t = int(self.hops.analysed[self.hop_row])
+        rows = self.cutoff.rows(t, t + n)
+        self.hops.band_now[self.hop_row] = self.hops.band_id(self.cutoff.row())
         if (rows == rows[0]).all():
             return np.full(n, self.hops.band_id(tuple(rows[0])), np.int32)
         return np.array([self.hops.band_id(tuple(r)) for r in rows], np.int32)
 
-    def ready_frames(self) -> int:
-        """The length of the next hop that can run now (its frames analysed, with the lookahead's
-        beyond them), or 0."""
-        if self.passthrough or self._failed is not None:
-            return 0
-        if self._finished and not self.has_input():  # every frame up to the end analysed
-            return max(min(self.hop_frames, self._last + 1 - self._pos), 0)
-        ready = self._frames - self.model.lookahead - self._pos
-        return self.hop_frames if ready >= self.hop_frames else 0
-
-    def finish_hop(self, n: int, samples: np.ndarray) -> np.ndarray:
-        """A hop of n frames ran: take its finished samples, (samples, channels)."""
-        self._pos += n
-        self._emitted += len(samples)
-        return samples
+    @property
+    def analysed_frames(self) -> int:
+        """Input frames analysed so far (`band` is the band of the latest)."""
+        return 0 if self.passthrough else int(self.hops.analysed[self.hop_row])
 
     def _check_not_failed(self) -> None:
         if self._failed is not None:

@@ -7,6 +7,10 @@ buffer). Here a round's frames are queued by one kernel call, a hop's model inpu
 inputs are gathered for all its streams by one indexing each, and one kernel call overlap-adds
 them all (`rtsr.kernels.hops`). Bands are rows of a small table: a frame keeps its band's index.
 
+Each stream's frame counters sit in its first row too (frames analysed, synthesised, samples
+handed out, where its input ends), so which streams have a hop ready, and where each hop's samples
+start and end, are a few array operations for all the streams of a round, not calls per stream.
+
 A lossy input's model band is raised to the input's level at its edge (`match_levels`): a
 log-domain model predicts a band's mean log power, far under the mean power of a band that swings
 (speech's top band most), which left a dark line above a codec's edge. The levels are power sums
@@ -32,6 +36,8 @@ LEVEL_SPAN = round(500 / BIN_HZ)  # bins under the edge (input) and from it (mod
 LEVEL_FLAT = round(1000 / BIN_HZ)  # the bins above the edge that take the whole gain...
 LEVEL_TAPER = round(3000 / BIN_HZ)  # ...then it falls linearly to none over this many
 MAX_LEVEL_GAIN = 10 ** (30 / 20)  # raised by at most 30 dB; never lowered
+NOT_ENDED = np.iinfo(np.int64).max // 4  # the end of a stream whose input has not ended
+COUNTERS = ("analysed", "synthesised", "emitted", "out_end", "last_frame", "hop_frames", "slot_start")
 
 
 def level_taper(edge_bin: int) -> np.ndarray:
@@ -44,8 +50,10 @@ def level_taper(edge_bin: int) -> np.ndarray:
 
 
 class HopBank(RowBank):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, lookahead: int = 0):
+        """lookahead: the model's conditioning frames beyond a hop's last (`SuperResModel.lookahead`)."""
         super().__init__(channels)
+        self.lookahead = lookahead
         self.spec = np.zeros((0, INITIAL_FRAMES, N_BINS), np.complex64)
         self.mel = np.zeros((0, N_MELS, INITIAL_FRAMES), np.float32)
         self.band = np.zeros((0, INITIAL_FRAMES), np.int32)
@@ -58,17 +66,36 @@ class HopBank(RowBank):
         self.band_weights = np.zeros((0, N_BINS), np.float32)
         self.edge_bin = np.zeros(0, np.int64)  # a lossy edge band's edge bin (level matched), else -1
         self.level_taper = np.zeros((0, N_BINS), np.float32)
+        # per stream, at its first row: LR frames analysed (queued from frame `synthesised` on),
+        # output frames synthesised, samples handed out, the output's length and its last frame once
+        # the input has ended (NOT_ENDED before), frames per hop, its first row in the model's bank
+        for name in COUNTERS:
+            setattr(self, name, np.zeros(0, np.int64))
+        self.band_now = np.zeros(0, np.int32)  # the band of the stream's next analysed frame
+        self.lossy = np.zeros(0, bool)  # per row: decoded from a lossy codec (holes filled, levels matched)
 
     def _clear(self, rows: slice) -> None:
-        """Nothing queued, a silent tail, no levels."""
+        """Nothing queued, a silent tail, no levels, no frames."""
         self.queued[rows] = 0
         self.tail[rows] = 0.0
         self.levels[rows] = 0.0
         self.level_count[rows] = 0
+        for name in COUNTERS:
+            getattr(self, name)[rows] = NOT_ENDED if name in ("out_end", "last_frame") else 0
 
     def _resize(self, rows: int) -> None:
-        for name in ("spec", "mel", "band", "queued", "tail", "levels", "level_count"):
+        for name in ("spec", "mel", "band", "queued", "tail", "levels", "level_count", *COUNTERS, "band_now", "lossy"):
             setattr(self, name, grown(getattr(self, name), rows))
+
+    def ready_frames(self, first: np.ndarray, all_in: np.ndarray) -> np.ndarray:
+        """The length of each stream's next hop that can run now, or 0 (first: the streams' first
+        rows; all_in: every frame up to its end analysed): a whole hop once its frames and the
+        lookahead beyond them are analysed, at the end the frames left up to the last."""
+        pos, n = self.synthesised[first], self.hop_frames[first]
+        if not all_in.any():
+            return np.where(self.analysed[first] - self.lookahead - pos >= n, n, 0)
+        return np.where(all_in, np.clip(np.minimum(n, self.last_frame[first] + 1 - pos), 0, None),
+                        np.where(self.analysed[first] - self.lookahead - pos >= n, n, 0))
 
     def band_id(self, row: tuple[float, float, float]) -> int:
         """The table index of a band row (cutoff Hz, merge start, merge end), added when new; the
@@ -123,11 +150,17 @@ _banks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _banks_lock = threading.Lock()
 
 
-def join(owner: object, model: object, channels: int) -> tuple[HopBank, int]:
-    """Rows for `owner` (a stream) in the bank of its model and channel count, given back when the
-    owner is gone."""
+def join(owner: object, model: object, channels: int, hop_frames: int, lossy: bool,
+         slot_start: int) -> tuple[HopBank, int]:
+    """Rows for `owner` (a stream of hops of hop_frames frames; lossy: decoded from a lossy codec;
+    slot_start: its first row in the model's bank) in the bank of its model and channel count,
+    given back when the owner is gone."""
     with _banks_lock:
         bank = _banks.setdefault(model, {}).setdefault(channels, None)
         if bank is None:
-            bank = _banks[model][channels] = HopBank(channels)
-    return bank, bank.join_for(owner)
+            bank = _banks[model][channels] = HopBank(channels, model.lookahead)
+    row = bank.join_for(owner)
+    with bank.lock:
+        bank.hop_frames[row], bank.slot_start[row] = hop_frames, slot_start
+        bank.lossy[row:row + channels] = lossy
+    return bank, row

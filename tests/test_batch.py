@@ -68,9 +68,9 @@ def test_the_glue_benchmark_prints_its_per_stream_cost(versus):
     assert out["us_per_stream_round"] > 0 and (not versus or out["us_per_stream_round_versus"] > 0)
 
 
-@pytest.mark.parametrize("fail_in", ["finish_hop", "band_rows", "merge"])
+@pytest.mark.parametrize("fail_in", ["band_rows", "merge"])
 def test_a_failing_stream_leaves_the_others_whole(fail_in, monkeypatch):
-    """One stream's part of a batched round fails (taking its samples; its band tracker; its merge,
+    """One stream's part of a batched round fails (its band tracker; its merge,
     done for all the streams of a bank at once, then stream by stream to find the culprit): the
     round goes on for the others, StepFailed names it, and their samples come out of their next
     step (or feed), neither short nor shifted."""

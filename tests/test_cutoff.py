@@ -111,7 +111,7 @@ def test_a_stream_lowers_its_cutoff_after_a_second_then_restores_it(model):
     frames = []
     for i in range(0, len(x), 4800):
         s.feed(x[i:i + 4800])
-        frames.append((s._frames, s.band))
+        frames.append((s.analysed_frames, s.band))
     bands = [b for _, b in frames]
     assert bands[0] == rate_band(48000)
     lowered = next(k for k, b in enumerate(bands) if b.source == "detected")

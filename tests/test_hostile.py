@@ -328,7 +328,7 @@ def test_the_broker_answers_an_unknown_type_as_such_and_shows_no_worker_ids(up):
 
 
 def test_a_stream_failing_in_a_batched_round_ends_alone_and_the_others_are_whole(up):
-    """Socket-free: four streams' audio in each batch; one stream's overlap-add fails from its
+    """Socket-free: four streams' audio in each batch; one stream's band tracker fails from its
     third call on. It gets `internal` (closed) with its seq; the others equal offline upscaling."""
     svc = service(up)
     peer, xs, tokens = b"p", {i: noise(16000, 0.6, seed=i) for i in range(4)}, {}
@@ -336,14 +336,14 @@ def test_a_stream_failing_in_a_batched_round_ends_alone_and_the_others_are_whole
         (_, frames), = svc.handle_batch([(peer, P.encode({"type": "open", "stream": i, "sr": 16000}))])
         tokens[i] = json.loads(frames[0])["token"]
     engine = svc.sessions[(peer, 1)].engine
-    real, calls = engine.finish_hop, {"n": 0}
+    real, calls = engine.band_rows, {"n": 0}
 
     def breaks_from_the_third_call(*args):
         calls["n"] += 1
         if calls["n"] >= 3:
             raise ValueError("injected")
         return real(*args)
-    engine.finish_hop = breaks_from_the_third_call
+    engine.band_rows = breaks_from_the_third_call
     outs: dict[int, list[np.ndarray]] = {i: [] for i in xs}
     errors = []
     for seq, pos in enumerate(range(0, 9600, 960)):

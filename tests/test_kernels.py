@@ -6,7 +6,8 @@ import torch
 from rtsr.engine import merge_low_band
 from rtsr.features import N_BINS
 from rtsr.hopbank import LEVEL_FLAT, LEVEL_FRAMES, LEVEL_SPAN, LEVEL_TAPER, MAX_LEVEL_GAIN, HopBank
-from rtsr.kernels.hops import merged_spectra, overlap_add_hop
+from rtsr.kernels.hops import hop_inputs, merged_spectra, overlap_add_hop
+from rtsr.kernels.intake import all_finite
 from rtsr.kernels.noise import frame_noise
 from rtsr.models.nets import Denoiser, receptive_field
 
@@ -135,3 +136,28 @@ def test_denoiser_receptive_field_is_what_it_says():
     future = x.clone()
     future[..., 39] += 10.0  # causal: frame 38 never sees frame 39
     assert torch.equal(net(future, cond, mask, t)[..., 38], base[..., 38])
+
+
+def test_a_hops_model_inputs_are_numpys_gather():
+    """Conditioning (lookahead frames on), the hop's own log-mel and bands, rows in any order."""
+    rng = np.random.default_rng(1)
+    q_mel = rng.standard_normal((9, 80, 12)).astype(np.float32)
+    q_band = rng.integers(0, 7, (9, 12)).astype(np.int32)
+    rows = np.array([7, 2, 5, 0])
+    cond, low, band = hop_inputs(rows, q_mel, q_band, 2, 4)
+    np.testing.assert_array_equal(cond, q_mel[rows, :, 2:6])
+    np.testing.assert_array_equal(low, q_mel[rows, :, :4])
+    np.testing.assert_array_equal(band, q_band[rows, :4])
+
+
+def test_the_compiled_finite_check_is_numpys():
+    """NaN or Inf anywhere, in any channel and layout (a transposed or sliced block), is found."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((50, 3)).astype(np.float32)
+    assert all_finite(x) and all_finite(x[:, 1:2]) and all_finite(np.asfortranarray(x))
+    for bad in (np.nan, np.inf, -np.inf):
+        for i, c in ((0, 0), (49, 2), (17, 1)):
+            y = x.copy()
+            y[i, c] = bad
+            others = [k for k in range(3) if k != c]
+            assert not all_finite(y) and not all_finite(np.asfortranarray(y)) and all_finite(y[:, others])
