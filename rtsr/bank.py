@@ -94,7 +94,7 @@ class StateBank:
             return self._gather(_rows(slots, self._lossy.device))
 
     @contextmanager
-    def state_of(self, slots: list[Slot]) -> Iterator[ModelState]:
+    def state_of(self, slots: list[Slot] | slice) -> Iterator[ModelState]:
         """The slots' state, gathered for one model call (which may replace its tensors); written
         back into the bank when the block ends without an error, left as it was if it raises."""
         rows = _rows(slots, self._lossy.device)
@@ -188,8 +188,11 @@ def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
             **{(-1, key): t for key, t in state.vocoder.items()}}
 
 
-def _rows(slots: list[Slot], device: torch.device) -> slice | torch.Tensor:
-    """The slots' rows in order: a slice when they follow each other, else an index."""
+def _rows(slots: list[Slot] | slice, device: torch.device) -> slice | torch.Tensor:
+    """The slots' rows in order: a slice when they follow each other (or a slice of rows given), else
+    an index."""
+    if isinstance(slots, slice):
+        return slots
     if all(b.start == a.start + a.rows for a, b in zip(slots, slots[1:], strict=False)):
         return slice(slots[0].start, slots[-1].start + slots[-1].rows)
     return torch.from_numpy(np.concatenate([np.arange(s.start, s.start + s.rows) for s in slots])).to(device)

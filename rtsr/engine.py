@@ -97,13 +97,13 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
         new_at = np.zeros(len(group) + 1, np.int64)
         np.cumsum([len(x) for _, x, _ in group], out=new_at[1:])
         ends = np.array([end for _, _, end in group], np.int64).reshape(-1, 2)
+        deciding = np.array([s.cutoff.deciding for s in members])  # their trackers take the 48 kHz samples
         f, counts, made, made_counts = bank.take(np.array([s.row for s in members], np.int64),
                                                   np.concatenate([x for _, x, _ in group]), new_at, ends[:, 0],
-                                                  ends[:, 1])
+                                                  ends[:, 1], deciding)
         starts = np.cumsum(made_counts) - made_counts
-        for k, s in enumerate(members):
-            if s.cutoff.deciding:
-                _guarded(s, s.cutoff.feed, made[starts[k]:starts[k] + made_counts[k]])
+        for k in np.flatnonzero(deciding):
+            _guarded(members[k], members[k].cutoff.feed, made[starts[k]:starts[k] + made_counts[k]])
         framed.append((members, counts))
         frames.append(f)
     f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
@@ -206,7 +206,10 @@ def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stre
                                 for s, p in zip(members, pos[::bank.channels], strict=True)])
     else:  # a one-pass regression starts from no noise
         noise = np.zeros_like(cond)
-    gen = model.run_slots([s.slot for s in members], torch.from_numpy(cond), torch.from_numpy(low),
+    starts = bank.slot_start[first]  # ascending: the streams' slots follow each other if they span no more
+    contiguous = starts[-1] - starts[0] == (len(starts) - 1) * bank.channels
+    slots = slice(int(starts[0]), int(starts[-1]) + bank.channels) if contiguous else [s.slot for s in members]
+    gen = model.run_slots(slots, torch.from_numpy(cond), torch.from_numpy(low),
                           torch.from_numpy(bank.band_hz[band]), torch.from_numpy(noise)).numpy()
     lossy = bank.lossy[rows]
     powers = bank.match_levels(rows, lossy, band, gen) if lossy.any() else None  # no call for a round of WAVs

@@ -105,11 +105,12 @@ class SuperResModel:
                           vocoder=init_cache(self.vocoder, batch, self.device),
                           lossy=torch.full((batch,), float(lossy), device=self.device))
 
-    def run_slots(self, slots: list[Slot], cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
+    def run_slots(self, slots: list[Slot] | slice, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
         """`run` for the streams that own these slots of `bank`, their rows in this order (cutoff
-        (B, T), one row per channel): one call for all, their state updated in place in the bank,
-        and only if the call succeeds."""
+        (B, T), one row per channel), or for a slice of the bank's rows (streams whose slots follow
+        each other): one call for all, their state updated in place in the bank, and only if the
+        call succeeds."""
         with self.bank.state_of(slots) as state:
             return self.run(state, cond, low, cutoff, noise)
 
