@@ -151,7 +151,6 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
     overlap-add for all its streams. Finished samples go to out[i]. A stream's own failure is
     recorded in `failed` (index -> error; the stream marked failed) and the others go on; a model
     call's is raised, with no stream moved past its last finished hop."""
-    index = {id(s): i for i, s in enumerate(streams)}
     left = {id(s) for s in analyse(streams)}
     asking = [i for i, s in enumerate(streams) if not s.passthrough]
     while asking:
@@ -160,35 +159,22 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
         for i in asking:
             if i not in failed:
                 by_bank.setdefault(streams[i].hops, []).append(i)
-        ran: list[int] = []
+        more: list[int] = []
         for bank, idx in by_bank.items():
             first = np.array([streams[i].hop_row for i in idx], np.int64)
-            all_in = (bank.out_end[first] != NOT_ENDED) & np.array([id(streams[i]) not in left for i in idx])
+            has_left = np.array([id(streams[i]) in left for i in idx]) if left else np.zeros(len(idx), bool)
+            all_in = (bank.out_end[first] != NOT_ENDED) & ~has_left  # every frame up to its end analysed
             n_of = bank.ready_frames(first, all_in)
             for n in np.unique(n_of[n_of > 0]):  # a hop bank is one model's
                 pick = np.flatnonzero(n_of == n)
                 group = [idx[k] for k in pick[np.argsort(bank.slot_start[first[pick]], kind="stable")]]
                 _run_group(bank, int(n), group, streams, out, failed)  # in the model bank's row order
-                ran += group
-        # a stream that ran may have another hop queued; one with input left needs analysing first
-        more = [i for i in ran if i not in failed]
-        if more:
-            by_bank = {}
-            for i in more:
-                by_bank.setdefault(streams[i].hops, []).append(i)
-            more = [i for bank, idx in by_bank.items()
-                    for i, go in zip(idx, _may_run(bank, [streams[i] for i in idx], left), strict=True) if go]
-        waiting = [streams[i] for i in asking if id(streams[i]) in left and i not in failed]
+            # asked again: a stream that ran and has another hop queued, or one with input to analyse
+            again = ((n_of > 0) & (bank.ready_frames(first, all_in) > 0)) | has_left
+            more += [idx[k] for k in np.flatnonzero(again) if idx[k] not in failed]
+        waiting = [streams[i] for i in more if id(streams[i]) in left]
         left = {id(s) for s in analyse(waiting)}
-        asking = sorted(set(more) | {index[id(s)] for s in waiting})
-
-
-def _may_run(bank: hopbank.HopBank, members: list[Stream], left: set[int]) -> np.ndarray:
-    """Whether each stream has another hop ready or input left to analyse."""
-    first = np.array([s.hop_row for s in members], np.int64)
-    has_left = np.array([id(s) in left for s in members])
-    all_in = (bank.out_end[first] != NOT_ENDED) & ~has_left
-    return has_left | (bank.ready_frames(first, all_in) > 0)
+        asking = more
 
 
 def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stream], out: list[list[np.ndarray]],
