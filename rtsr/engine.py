@@ -136,7 +136,6 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
             if ids is not None:
                 band_now[k] = ids[0]
         bank.enqueue(rows, counts, at, band_now, spec, mel)
-        bank.analysed[rows] += counts
         for k, ids in deciding.items():
             if ids is not None and (ids != ids[0]).any():  # the band moved within these frames
                 s, n = members[k], int(counts[k])
@@ -185,11 +184,10 @@ def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stre
     model = members[0].model
     first = np.array([s.hop_row for s in members], np.int64)
     rows = (first[:, None] + np.arange(bank.channels)).ravel()
-    pos = np.repeat(bank.synthesised[first], bank.channels)
     cond, low, band = hop_inputs(rows, bank.mel, bank.band, model.lookahead, n)
     if model.steps:
         noise = np.concatenate([frame_noise(s.seed, int(p), n, N_MELS, s.channels)
-                                for s, p in zip(members, pos[::bank.channels], strict=True)])
+                                for s, p in zip(members, bank.synthesised[first], strict=True)])
     else:  # a one-pass regression starts from no noise
         noise = np.zeros_like(cond)
     starts = bank.slot_start[first]  # ascending: the streams' slots follow each other if they span no more
@@ -209,14 +207,9 @@ def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stre
                 failed[i] = s._failed
             else:
                 frames[part] = f
-    start = (pos - 1) * HOP
-    y, made = bank.overlap_add(rows, frames, np.repeat(bank.emitted[first], bank.channels) - start,
-                               np.repeat(bank.out_end[first], bank.channels) - start)
+    y, made = bank.overlap_add(first, n, frames)
     if powers is not None:
         bank.remember_levels(rows, lossy, powers)
-    made = made[::bank.channels]
-    bank.synthesised[first] += n
-    bank.emitted[first] += made
     for k, i in enumerate(idx):
         if i not in failed:
             r = k * bank.channels
@@ -281,7 +274,7 @@ class Stream:
             # its frame counters too (frames analysed, synthesised, samples handed out, its end)
             self.hops, self.hop_row = hopbank.join(self, model, channels, self.hop_frames, fill_holes, self.slot.start)
             self.filter = self.intake.filter
-            self.hops.band_now[self.hop_row] = self.hops.band_id(self.cutoff.row())
+            self.hops.set_band_now(self.hop_row, self.cutoff.row())
         # input taken per analysis: a few hops' worth, so that a long block queues a bounded number of frames
         self._take_max = ceil((self.hop_frames + 2) * HOP * input_sr / SR) + 1
         self.flush_to = (-1, 0)  # at the end of input: (the resampler's last output, zeros up to)
@@ -381,7 +374,7 @@ class Stream:
         (its decisions fall between them); once it has settled, every frame's is `band_now`."""
         t = int(self.hops.analysed[self.hop_row])
         rows = self.cutoff.rows(t, t + n)
-        self.hops.band_now[self.hop_row] = self.hops.band_id(self.cutoff.row())
+        self.hops.set_band_now(self.hop_row, self.cutoff.row())
         if (rows == rows[0]).all():
             return np.full(n, self.hops.band_id(tuple(rows[0])), np.int32)
         return np.array([self.hops.band_id(tuple(r)) for r in rows], np.int32)

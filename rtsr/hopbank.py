@@ -112,22 +112,38 @@ class HopBank(RowBank):
                 self.level_taper = np.concatenate([self.level_taper, level_taper(e)[None]])
             return k
 
-    def enqueue(self, rows: np.ndarray, counts: np.ndarray, at: np.ndarray, band_now: np.ndarray,
-                spec: np.ndarray, mel: np.ndarray) -> None:
-        """Queue each stream's new frames (see `rtsr.kernels.hops.enqueue`), the queue grown first
-        if a stream needs more room."""
+    def set_band_now(self, first: int, row: tuple[float, float, float]) -> None:
+        """The band of a stream's next analysed frames (a band row, `band_id`)."""
         with self.lock:
-            need = int((self.queued[rows] + counts).max()) if len(rows) else 0
+            self.band_now[first] = self.band_id(row)
+
+    def enqueue(self, first: np.ndarray, counts: np.ndarray, at: np.ndarray, band_now: np.ndarray,
+                spec: np.ndarray, mel: np.ndarray) -> None:
+        """Queue each stream's new frames (see `rtsr.kernels.hops.enqueue`; first: the streams'
+        first rows), the queue grown first if a stream needs more room, and count them analysed."""
+        with self.lock:
+            need = int((self.queued[first] + counts).max()) if len(first) else 0
             if need > self.spec.shape[1]:
                 self._grow_frames(need)
-            enqueue(rows, counts, at, self.channels, band_now, spec, mel, self.spec, self.mel, self.band, self.queued)
+            enqueue(first, counts, at, self.channels, band_now, spec, mel, self.spec, self.mel, self.band,
+                    self.queued)
+            self.analysed[first] += counts
 
-    def overlap_add(self, rows: np.ndarray, frames: np.ndarray, first: np.ndarray,
-                    end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`rtsr.kernels.hops.overlap_add_hop` on these rows."""
+    def overlap_add(self, first: np.ndarray, n: int, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A hop of n frames of these streams (first rows) done: `rtsr.kernels.hops.overlap_add_hop`
+        on their rows (frames: theirs, row by row), the samples each hands out from its first on,
+        up to its end; they count as synthesised. Returns (samples (rows, n HOP), each stream's
+        count of them)."""
+        rows = (first[:, None] + np.arange(self.channels)).ravel()
         with self.lock:
-            return overlap_add_hop(rows, frames, window(), HOP, first, end, self.tail, self.spec, self.mel,
-                                   self.band, self.queued)
+            start = (self.synthesised[first] - 1) * HOP  # the hop's first sample, relative to each stream's
+            since, until = (np.repeat(v - start, self.channels) for v in (self.emitted[first], self.out_end[first]))
+            y, made = overlap_add_hop(rows, frames, window(), HOP, since, until, self.tail, self.spec, self.mel,
+                                      self.band, self.queued)
+            made = made[::self.channels]
+            self.synthesised[first] += n
+            self.emitted[first] += made
+        return y, made
 
     def match_levels(self, rows: np.ndarray, lossy: np.ndarray, band: np.ndarray, gen: np.ndarray) -> np.ndarray:
         """`rtsr.kernels.hops.match_levels` on these rows (gen changed in place); the frames'

@@ -183,3 +183,42 @@ def test_a_stream_collected_while_its_banks_are_busy_leaves_them_without_a_deadl
     t.start()
     t.join(timeout=20)
     assert not t.is_alive()
+
+
+def test_streams_fed_on_threads_of_their_own_while_others_join_are_each_their_offline_output():
+    """Each thread feeds its own stream of one model in random blocks while the main thread makes
+    streams come and go (the banks grow, their arrays replaced under their locks): every stream's
+    counters and queues stay its own, so each output is its offline upscale."""
+    import threading
+
+    model = SuperResModel.random(steps=1, seed=6)
+    specs = [(16000, 1), (8000, 1), (16000, 1), (22050, 1)]
+    inputs = [signal(sr, 0.4, ch, 20 + k) for k, (sr, ch) in enumerate(specs)]
+    outs: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def feed(k: int) -> None:
+        try:
+            rng, s, x = np.random.default_rng(k), Stream(model, specs[k][0], 1, 20.0, seed=k), inputs[k]
+            parts, at = [], 0
+            while at < len(x):
+                n = int(rng.integers(1, 2000))
+                parts.append(s.feed(x[at:at + n]))
+                at += n
+            outs[k] = np.concatenate([*parts, s.flush()])
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=feed, args=(k,)) for k in range(len(specs))]
+    for t in threads:
+        t.start()
+    crowd = []
+    while any(t.is_alive() for t in threads):
+        crowd.append(Stream(model, 16000, 1))  # joins: the banks grow
+        if len(crowd) > 24:
+            crowd.clear()
+            gc.collect()  # leaves: their rows go back
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert_offline(model, outs, inputs, specs)
