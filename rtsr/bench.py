@@ -17,6 +17,7 @@ from a shared or differently threaded machine are not comparable.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ from rtsr.audio_io import AudioError, read_audio
 from rtsr.backends import BACKENDS
 from rtsr.bench_band import add_band_parser, band_report, render_band
 from rtsr.bench_quality import add_quality_parser, quality_report, render_quality
+from rtsr.cli import positive_int
 from rtsr.engine import Stream
 from rtsr.features import HOP, SR
 from rtsr.files import offline_workers
@@ -306,14 +308,7 @@ def model_line(m: dict) -> str:
     return f"model {m['name']} ({m['steps']} sampler step{'s' * (m['steps'] != 1)}, {m['device']})"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:  # refused below, in words that name the value (argparse's own name this function)
-        n = 0
-    if not 1 <= n <= MAX_STREAMS:
-        raise argparse.ArgumentTypeError(f"expected 1..{MAX_STREAMS}, got {text!r}")
-    return n
+_positive_int = functools.partial(positive_int, most=MAX_STREAMS)
 
 
 def _common(p: argparse.ArgumentParser, steps: bool = True) -> None:

@@ -91,12 +91,15 @@ class CliError(Exception):
 # --- arguments ------------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """An argparse type whose refusal names the value, not this function."""
+def positive_int(text: str, most: int | None = None) -> int:
+    """An argparse type (up to `most`: bind it with functools.partial) whose refusal names the
+    value, not this function."""
     try:
         n = int(text)
     except ValueError:
         n = 0
+    if most is not None and not 1 <= n <= most:
+        raise argparse.ArgumentTypeError(f"expected 1..{most}, got {text!r}")
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return n
