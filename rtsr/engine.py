@@ -210,10 +210,10 @@ def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stre
     y, made = bank.overlap_add(first, n, frames)
     if powers is not None:
         bank.remember_levels(rows, lossy, powers)
-    for k, i in enumerate(idx):
+    samples, ch = y.T, bank.channels  # (samples, rows): each stream's part a view
+    for k, (i, m) in enumerate(zip(idx, made.tolist(), strict=True)):
         if i not in failed:
-            r = k * bank.channels
-            out[i].append(y[r:r + bank.channels, :made[k]].T)
+            out[i].append(samples[:m, k * ch:(k + 1) * ch])
 
 
 def synthesise(bank: hopbank.HopBank, rows: np.ndarray, band: np.ndarray, gen: np.ndarray,
