@@ -17,10 +17,11 @@ would instead cut inside the real band.
 
 Streaming stability: the cutoff moves at most twice. It is lowered (or not) once, at the first
 200 ms frame boundary after a second of active audio; a lowered cutoff is restored to the rate's
-band, for good, as soon as the long-term spectrum shows content above it (keeping more of the input
-is always safe). Decisions fall on fixed frame boundaries and see only detector frames that end
-before them, so any block sizes give the same cutoff for every frame. A file can instead be scanned
-whole first (`scan_band`) and streamed with the band it found, fixed from its first sample.
+band, for good, at the first 1 s boundary where the long-term spectrum shows content above it
+(keeping more of the input is always safe). Decisions fall on fixed frame boundaries and see only
+detector frames that end before them, so any block sizes give the same cutoff for every frame. A
+file can instead be scanned whole first (`scan_band`) and streamed with the band it found, fixed
+from its first sample.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from rtsr.audio_spec import HOP, N_FFT, SR
 DETECT_FFT = 4096  # detector frame (85 ms at 48 kHz): 11.7 Hz bins
 DETECT_HOP = DETECT_FFT // 2
 UPDATE_EVERY = 40  # engine frames (200 ms) between decisions
+WATCH_EVERY = 200  # ...once lowered, between the checks for content above it (1 s: each costs ~0.3 ms)
 DECIDE_AFTER = 24  # active detector frames (~1 s of audio) of evidence before the first decision
 ACTIVE_DBFS = -70.0  # a detector frame whose RMS is above this counts as signal
 GRID_HZ = 50.0  # the long-term spectrum is pooled into bands this wide before the edge search
@@ -178,9 +180,8 @@ class LongTermSpectrum:
         n = (len(self.buf) - DETECT_FFT) // DETECT_HOP + 1
         if n <= 0:
             return
-        starts = slice(0, (n - 1) * DETECT_HOP + 1, DETECT_HOP)
-        windows = np.lib.stride_tricks.sliding_window_view(self.buf, DETECT_FFT, axis=0)[starts]
-        frames = windows * _window()  # (n, channels, fft), one pass over the samples
+        # (n, channels, fft): slices, not a sliding-window view (whose checks cost ~20 us a call here)
+        frames = np.stack([self.buf[k * DETECT_HOP:k * DETECT_HOP + DETECT_FFT].T for k in range(n)]) * _window()
         spec = scipy.fft.rfft(frames, axis=2)  # in float32: ~5x numpy's float64 FFT, levels within 0.001 dB
         power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
         for k in range(n):
@@ -338,19 +339,29 @@ class CutoffTracker:
 
     def rows(self, t0: int, t1: int) -> np.ndarray:
         """(t1 - t0, 3) rows for engine frames t0..t1-1; frame t's window ends at t*HOP + N_FFT/2.
-        The band can only move at a decision frame (a multiple of UPDATE_EVERY): the frames
-        between two are one row repeated."""
+        The band can only move at a decision frame (a multiple of UPDATE_EVERY, of WATCH_EVERY
+        once lowered): the frames between two are one row repeated."""
         out = np.empty((max(t1 - t0, 0), 3), np.float32)
         t = t0
         while t < t1:
-            if self.deciding and t and t % UPDATE_EVERY == 0:
+            if self.deciding and t and t % self._every() == 0:
                 self.spectrum.commit(t * HOP + N_FFT // 2)
                 if self.spectrum.active >= DECIDE_AFTER:
                     self._decide()
-            upto = min(t1, (t // UPDATE_EVERY + 1) * UPDATE_EVERY) if self.deciding else t1
+            upto = min(t1, (t // self._every() + 1) * self._every()) if self.deciding else t1
             out[t - t0:upto - t0] = self.row()
             t = upto
         return out
+
+    def decides_within(self, t0: int, t1: int) -> bool:
+        """Whether engine frames t0..t1-1 hold a decision frame (where the band may move)."""
+        if not self.deciding:
+            return False
+        every = self._every()
+        return -(-max(t0, 1) // every) * every < t1
+
+    def _every(self) -> int:
+        return WATCH_EVERY if self.lowered else UPDATE_EVERY
 
     def row(self) -> tuple[float, float, float]:
         """The current band's row."""

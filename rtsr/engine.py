@@ -373,6 +373,8 @@ class Stream:
         """The band index of each of the next n frames analysed while the band tracker decides
         (its decisions fall between them); once it has settled, every frame's is `band_now`."""
         t = int(self.hops.analysed[self.hop_row])
+        if not self.cutoff.decides_within(t, t + n):  # the band holds over these frames
+            return np.full(n, self.hops.band_now[self.hop_row], np.int32)
         rows = self.cutoff.rows(t, t + n)
         self.hops.set_band_now(self.hop_row, self.cutoff.row())
         if (rows == rows[0]).all():
