@@ -18,10 +18,11 @@ would instead cut inside the real band.
 Streaming stability: the cutoff moves at most twice. It is lowered (or not) once, at the first
 200 ms frame boundary after a second of active audio; a lowered cutoff is restored to the rate's
 band, for good, at the first 1 s boundary where the long-term spectrum shows content above it
-(keeping more of the input is always safe). Decisions fall on fixed frame boundaries and see only
-detector frames that end before them, so any block sizes give the same cutoff for every frame. A
-file can instead be scanned whole first (`scan_band`) and streamed with the band it found, fixed
-from its first sample.
+(keeping more of the input is always safe); after ten such checks without it the band is settled
+and watched no more (the watching cost a phone-band stream more than the rest of its hop).
+Decisions fall on fixed frame boundaries and see only detector frames that end before them, so
+any block sizes give the same cutoff for every frame. A file can instead be scanned whole first
+(`scan_band`) and streamed with the band it found, fixed from its first sample.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ DETECT_FFT = 4096  # detector frame (85 ms at 48 kHz): 11.7 Hz bins
 DETECT_HOP = DETECT_FFT // 2
 UPDATE_EVERY = 40  # engine frames (200 ms) between decisions
 WATCH_EVERY = 200  # ...once lowered, between the checks for content above it (1 s: each costs ~0.3 ms)
+WATCH_CHECKS = 10  # ...and the checks made before the lowered band counts as settled (the watching ends)
 DECIDE_AFTER = 24  # active detector frames (~1 s of audio) of evidence before the first decision
 ACTIVE_DBFS = -70.0  # a detector frame whose RMS is above this counts as signal
 GRID_HZ = 50.0  # the long-term spectrum is pooled into bands this wide before the edge search
@@ -330,6 +332,7 @@ class CutoffTracker:
         self.current = fixed or rate_band(input_sr)
         self.deciding = fixed is None  # still allowed to move
         self.lowered = False
+        self.checks = 0  # made on a lowered band
         self.spectrum = LongTermSpectrum(channels) if self.deciding else None
 
     def feed(self, x48: np.ndarray) -> None:
@@ -376,5 +379,8 @@ class CutoffTracker:
                 self.deciding = False
         elif found.source != "detected" or found.hz > self.current.hz + 500:
             self.current, self.deciding = rate_band(self.input_sr), False
+        else:
+            self.checks += 1
+            self.deciding = self.checks < WATCH_CHECKS
         if not self.deciding:
             self.spectrum = None

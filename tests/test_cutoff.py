@@ -6,7 +6,17 @@ from scipy import signal
 
 from rtsr import SuperResModel, Upscaler, hopbank
 from rtsr.bench_band import bank, codec_edge, encode, generated, judge, music_like, speech_like
-from rtsr.cutoff import DECIDE_AFTER, DETECT_HOP, Band, given_band, rate_band, scan_band
+from rtsr.cutoff import (
+    DECIDE_AFTER,
+    DETECT_HOP,
+    WATCH_CHECKS,
+    WATCH_EVERY,
+    Band,
+    CutoffTracker,
+    given_band,
+    rate_band,
+    scan_band,
+)
 from rtsr.engine import Stream
 from rtsr.features import HOP, SR
 
@@ -120,6 +130,33 @@ def test_a_stream_lowers_its_cutoff_after_a_second_then_restores_it(model):
     assert bands[-1] == rate_band(48000)  # content above the edge arrived: restored, for good
     changes = sum(a != b for a, b in zip(bands, bands[1:], strict=False))
     assert changes == 2
+
+
+def tracked(x: np.ndarray, block: int) -> list[tuple[int, Band, bool]]:
+    """A band tracker fed x (48 kHz) in blocks, as the engine feeds it: each frame's band and
+    whether the tracker still decides, per block."""
+    tracker, t, out = CutoffTracker(48000, 1), 0, []
+    for i in range(0, len(x), block):
+        tracker.feed(x[i:i + block])
+        t1 = (i + block) // HOP
+        moved = tracker.decides_within(t, t1)
+        rows = tracker.rows(t, t1)
+        assert moved or (rows == rows[0]).all()  # no decision frame: one band over the frames
+        t = t1
+        out.append((t, tracker.current, tracker.deciding))
+    return out
+
+
+def test_a_lowered_band_is_watched_for_ten_seconds_then_settled():
+    """Lowered at ~1 s, checked each second for content above it: full-band content after ten
+    checks no longer restores it (the watching ends, and its cost), content before them does."""
+    late = tracked(phone_then_full(12.5, 2.0), 4800)
+    assert late[-1][1].source == "detected" and not late[-1][2]
+    settled = next(t for t, _, deciding in late if not deciding)
+    lowered = next(t for t, band, _ in late if band.source == "detected")
+    assert settled - lowered == pytest.approx(WATCH_CHECKS * WATCH_EVERY, abs=120)  # 120 frames: a block
+    early = tracked(phone_then_full(5.0, 2.0), 4800)
+    assert early[-1][1] == rate_band(48000) and not early[-1][2]
 
 
 @pytest.mark.parametrize("lossy", [False, True])
