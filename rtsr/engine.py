@@ -166,8 +166,8 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
             n_of = bank.ready_frames(first, all_in)
             for n in np.unique(n_of[n_of > 0]):  # a hop bank is one model's
                 pick = np.flatnonzero(n_of == n)
-                group = [idx[k] for k in pick[np.argsort(bank.slot_start[first[pick]], kind="stable")]]
-                _run_group(bank, int(n), group, streams, out, failed)  # in the model bank's row order
+                pick = pick[np.argsort(bank.slot_start[first[pick]], kind="stable")]  # the model bank's row order
+                _run_group(bank, int(n), [idx[k] for k in pick], first[pick], streams, out, failed)
             # asked again: a stream that ran and has another hop queued, or one with input to analyse
             again = ((n_of > 0) & (bank.ready_frames(first, all_in) > 0)) | has_left
             more += [idx[k] for k in np.flatnonzero(again) if idx[k] not in failed]
@@ -176,13 +176,12 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
         asking = more
 
 
-def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], streams: list[Stream], out: list[list[np.ndarray]],
-               failed: dict[int, Exception]) -> None:
-    """One hop of n frames for each stream idx[k] of streams (one model, one bank, in the model
-    bank's row order)."""
+def _run_group(bank: hopbank.HopBank, n: int, idx: list[int], first: np.ndarray, streams: list[Stream],
+               out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
+    """One hop of n frames for each stream idx[k] of streams (first row first[k]; one model, one
+    bank, in the model bank's row order)."""
     members = [streams[i] for i in idx]
     model = members[0].model
-    first = np.array([s.hop_row for s in members], np.int64)
     rows = (first[:, None] + np.arange(bank.channels)).ravel()
     cond, low, band = hop_inputs(rows, bank.mel, bank.band, model.lookahead, n)
     if model.steps:
