@@ -80,8 +80,8 @@ class Timer:
 
 def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = None, waves: int = 1) -> dict:
     """Feed n_streams streams n_rounds + warmup blocks; time the last n_rounds (and the first warmup).
-    band_hz: the test signal low-passed there, so the band tracker lowers the band and keeps
-    watching the spectrum (a phone call, a codec-limited stream). waves: each round's streams are
+    band_hz: the test signal low-passed there, so the band tracker lowers the band and watches
+    the spectrum for ~10 s (a phone call, a codec-limited stream). waves: each round's streams are
     stepped in this many random parts, as a server whose polls find some streams' blocks at a time."""
     model, timer = ShapeStub.like(), Timer()
     model.run_slots = timer.wrap("model_call", model.run_slots)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=80, help="rounds before timing (the tracker decides in these)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--band-limited", type=float, metavar="HZ",
-                   help="low-pass the test signal at HZ: the tracker lowers the band and keeps deciding")
+                   help="low-pass the test signal at HZ: the tracker lowers the band and watches it for ~10 s")
     p.add_argument("--waves", type=int, default=1,
                    help="step each round's streams in this many random parts (a server's polls)")
     p.add_argument("--versus", type=Path, metavar="DIR",
