@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -45,16 +46,20 @@ class SuperResModel:
         self.temperature = temperature
         self.name, self.device, self.info = name, device, info or {}
         self._bank: StateBank | None = None
+        self._bank_made = threading.Lock()
         # mel band centres on the device once, not uploaded from numpy every hop
         self._centers = torch.from_numpy(mel_centers()).to(device)
         prepare(self.denoiser, steps)
 
     @property
     def bank(self) -> StateBank:
-        """Every stream's streaming state (rtsr.bank), made when the first stream joins."""
-        if self._bank is None:
-            self._bank = StateBank(self.new_state)
-        return self._bank
+        """Every stream's streaming state (rtsr.bank), made when the first stream joins (once:
+        streams made on several threads at once had each made a bank, and all but the last shared
+        its rows with others)."""
+        with self._bank_made:
+            if self._bank is None:
+                self._bank = StateBank(self.new_state)
+            return self._bank
 
     @classmethod
     def random(cls, channels: int = 32, blocks: int = 2, steps: int = 2, seed: int = 0,
