@@ -139,8 +139,9 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
         for k, ids in deciding.items():
             if ids is not None and (ids != ids[0]).any():  # the band moved within these frames
                 s, n = members[k], int(counts[k])
-                q = bank.queued[s.hop_row]
-                bank.band[s.hop_row:s.hop_row + s.channels, q - n:q] = ids
+                with bank.lock:  # a stream joining on another thread may grow the bank's arrays
+                    q = bank.queued[s.hop_row]
+                    bank.band[s.hop_row:s.hop_row + s.channels, q - n:q] = ids
     return left
 
 
