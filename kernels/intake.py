@@ -21,18 +21,18 @@ from rtsr.kernels.polyphase import oldest_needed, ready_end, resample_row
 
 @numba.njit(cache=True, nogil=True)
 def intake(bank: np.ndarray, up: int, down: int, d: int, first_rows: np.ndarray, new: np.ndarray,
-           new_at: np.ndarray, m_end_given: np.ndarray, pad_until: np.ndarray, keep: np.ndarray,
+           new_at: np.ndarray, m_end_given: np.ndarray, pad_until: np.ndarray, hand_back: np.ndarray,
            hist: np.ndarray, hist_len: np.ndarray, n_in: np.ndarray, m_next: np.ndarray,
            x48: np.ndarray, x48_len: np.ndarray, x48_base: np.ndarray, framed: np.ndarray,
            window: np.ndarray, hop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Stream s (rows first_rows[s] .. + channels) takes new[new_at[s]:new_at[s + 1]] ((frames,
     channels) at its input rate). m_end_given[s] >= 0: the stream ends, its resampler emits up to
     there; pad_until[s] > 0: its 48 kHz signal is padded with zeros up to that absolute index;
-    keep[s]: its 48 kHz samples are handed back (for a band tracker still deciding).
+    hand_back[s]: its 48 kHz samples are handed back (for a band tracker still deciding).
 
     Returns (frames (sum over streams of channels x new frames, n_fft): windowed, stream by stream,
     channel by channel; each stream's new frame count; the 48 kHz samples made for the streams
-    kept, (total, channels), stream by stream; each stream's count of them, 0 where not kept)."""
+    handed them, (total, channels), stream by stream; each stream's count of them, 0 where not handed)."""
     n_streams, channels = len(first_rows), new.shape[1]
     n_fft, half, taps = len(window), len(window) // 2, bank.shape[1]
     made = np.zeros(n_streams, np.int64)
@@ -48,7 +48,7 @@ def intake(bank: np.ndarray, up: int, down: int, d: int, first_rows: np.ndarray,
         t1 = (end - half) // hop + 1 if end >= half else 0
         new_frames[s] = max(t1 - framed[r], 0)
     frames = np.empty((channels * new_frames.sum(), n_fft), np.float32)
-    handed = made * keep
+    handed = made * hand_back
     samples = np.empty((handed.sum(), channels), np.float32)
     f_at = s_at = 0
     for s in range(n_streams):

@@ -42,12 +42,12 @@ class IntakeBank(RowBank):
         self._ints = {k: grown(v, rows) for k, v in self._ints.items()}
 
     def take(self, first_rows: np.ndarray, new: np.ndarray, new_at: np.ndarray, m_end_given: np.ndarray,
-             pad_until: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             pad_until: np.ndarray, hand_back: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`rtsr.kernels.intake.intake` on these streams' rows: (windowed frames, new frames per
-        stream, 48 kHz samples made for the streams kept, their count per stream)."""
+        stream, 48 kHz samples made for the streams handed them (hand_back), their count per stream)."""
         f, i = self.filter, self._ints
         with self.lock:
-            return intake(f.bank, f.up, f.down, f.d, first_rows, new, new_at, m_end_given, pad_until, keep,
+            return intake(f.bank, f.up, f.down, f.d, first_rows, new, new_at, m_end_given, pad_until, hand_back,
                           self._hist, i["hist_len"], i["n_in"], i["m_next"], self._x48, i["x48_len"],
                           i["x48_base"], i["framed"], window(), HOP)
 
