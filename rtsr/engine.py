@@ -340,8 +340,7 @@ class Stream:
             return
         n_out = self.filter.total_out(self._n_in)
         last = -(-n_out // HOP)  # frames 0..last make every sample < n_out final
-        with self.hops.lock:
-            self.hops.out_end[self.hop_row], self.hops.last_frame[self.hop_row] = n_out, last
+        self.hops.end(self.hop_row, n_out)
         self.flush_to = (n_out, (last + self.model.lookahead) * HOP + HALF)
 
     @property

@@ -37,7 +37,7 @@ LEVEL_FLAT = round(1000 / BIN_HZ)  # the bins above the edge that take the whole
 LEVEL_TAPER = round(3000 / BIN_HZ)  # ...then it falls linearly to none over this many
 MAX_LEVEL_GAIN = 10 ** (30 / 20)  # raised by at most 30 dB; never lowered
 NOT_ENDED = np.iinfo(np.int64).max // 4  # the end of a stream whose input has not ended
-COUNTERS = ("analysed", "synthesised", "emitted", "out_end", "last_frame", "hop_frames", "slot_start")
+COUNTERS = ("analysed", "synthesised", "emitted", "out_end", "hop_frames", "slot_start")
 
 
 def level_taper(edge_bin: int) -> np.ndarray:
@@ -67,8 +67,8 @@ class HopBank(RowBank):
         self.edge_bin = np.zeros(0, np.int64)  # a lossy edge band's edge bin (level matched), else -1
         self.level_taper = np.zeros((0, N_BINS), np.float32)
         # per stream, at its first row: LR frames analysed (queued from frame `synthesised` on),
-        # output frames synthesised, samples handed out, the output's length and its last frame once
-        # the input has ended (NOT_ENDED before), frames per hop, its first row in the model's bank
+        # output frames synthesised, samples handed out, the output's length once the input has
+        # ended (NOT_ENDED before), frames per hop, its first row in the model's bank
         for name in COUNTERS:
             setattr(self, name, np.zeros(0, np.int64))
         self.band_now = np.zeros(0, np.int32)  # the band of the stream's next analysed frame
@@ -81,7 +81,7 @@ class HopBank(RowBank):
         self.levels[rows] = 0.0
         self.level_count[rows] = 0
         for name in COUNTERS:
-            getattr(self, name)[rows] = NOT_ENDED if name in ("out_end", "last_frame") else 0
+            getattr(self, name)[rows] = NOT_ENDED if name == "out_end" else 0
 
     def _resize(self, rows: int) -> None:
         for name in ("spec", "mel", "band", "queued", "tail", "levels", "level_count", *COUNTERS, "band_now", "lossy"):
@@ -90,12 +90,14 @@ class HopBank(RowBank):
     def ready_frames(self, first: np.ndarray, all_in: np.ndarray) -> np.ndarray:
         """The length of each stream's next hop that can run now, or 0 (first: the streams' first
         rows; all_in: every frame up to its end analysed): a whole hop once its frames and the
-        lookahead beyond them are analysed, at the end the frames left up to the last."""
+        lookahead beyond them are analysed, at the end the frames left up to the last (frames
+        0..ceil(out_end / HOP) make every sample before the end final)."""
         pos, n = self.synthesised[first], self.hop_frames[first]
+        ready = np.where(self.analysed[first] - self.lookahead - pos >= n, n, 0)
         if not all_in.any():
-            return np.where(self.analysed[first] - self.lookahead - pos >= n, n, 0)
-        return np.where(all_in, np.clip(np.minimum(n, self.last_frame[first] + 1 - pos), 0, None),
-                        np.where(self.analysed[first] - self.lookahead - pos >= n, n, 0))
+            return ready
+        left = -(-self.out_end[first] // HOP) + 1 - pos
+        return np.where(all_in, np.clip(np.minimum(n, left), 0, None), ready)
 
     def band_id(self, row: tuple[float, float, float]) -> int:
         """The table index of a band row (cutoff Hz, merge start, merge end), added when new; the
@@ -116,6 +118,11 @@ class HopBank(RowBank):
         """The band of a stream's next analysed frames (a band row, `band_id`)."""
         with self.lock:
             self.band_now[first] = self.band_id(row)
+
+    def end(self, first: int, n_out: int) -> None:
+        """A stream's input has ended: its output is n_out samples long."""
+        with self.lock:
+            self.out_end[first] = n_out
 
     def enqueue(self, first: np.ndarray, counts: np.ndarray, at: np.ndarray, band_now: np.ndarray,
                 spec: np.ndarray, mel: np.ndarray) -> None:
