@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -164,41 +163,45 @@ def _active_power() -> float:
 class LongTermSpectrum:
     """Mean power spectrum of the active detector frames of a 48 kHz signal, fed in any blocks.
 
-    Frame k covers samples [k * DETECT_HOP, k * DETECT_HOP + DETECT_FFT); frames are computed as
-    their samples arrive but only counted by `commit(until)`, so the sum at any sample position is
-    the same whatever the block sizes were.
+    Frame k covers samples [k * DETECT_HOP, k * DETECT_HOP + DETECT_FFT); `commit(until)` counts
+    every frame that ends at or before sample `until` and whose samples have all come, so the sum
+    at any sample position is the same whatever the block sizes were. `feed` only keeps the
+    samples; frames are made when committed, all at once: a live stream commits at its tracker's
+    decision frames (every 200 ms, every second once lowered), so a round costs a deciding stream
+    an append, not an FFT call of its own.
     """
 
     def __init__(self, channels: int):
-        self.buf = np.zeros((0, channels), np.float32)
-        self.base = 0  # absolute index of buf[0]
-        self.pending: deque[tuple[int, np.ndarray]] = deque()  # (end sample, power) not yet committed
+        self.channels = channels
+        self.blocks: list[np.ndarray] = []  # the samples from `base` on, not yet framed
+        self.held = 0  # ...their count
+        self.base = 0  # absolute index of the first held sample
         self.power = np.zeros(DETECT_FFT // 2 + 1)
         self.active = 0
 
     def feed(self, x: np.ndarray) -> None:
-        """x: (samples, channels) continuing the signal."""
-        self.buf = np.concatenate([self.buf, x]) if len(self.buf) else x.astype(np.float32)
-        n = (len(self.buf) - DETECT_FFT) // DETECT_HOP + 1
-        if n <= 0:
-            return
-        # (n, channels, fft): slices, not a sliding-window view (whose checks cost ~20 us a call here)
-        frames = np.stack([self.buf[k * DETECT_HOP:k * DETECT_HOP + DETECT_FFT].T for k in range(n)]) * _window()
-        spec = scipy.fft.rfft(frames, axis=2)  # in float32: ~5x numpy's float64 FFT, levels within 0.001 dB
-        power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
-        for k in range(n):
-            self.pending.append((self.base + k * DETECT_HOP + DETECT_FFT, power[k]))
-        self.buf = self.buf[n * DETECT_HOP:]
-        self.base += n * DETECT_HOP
+        """x: (samples, channels) continuing the signal (kept, not copied: not to be changed after)."""
+        if len(x):
+            self.blocks.append(np.asarray(x, np.float32))
+            self.held += len(x)
 
     def commit(self, until: int | None = None) -> None:
-        """Count every pending frame that ends at or before sample `until` (all if None)."""
-        threshold = _active_power() * self.buf.shape[1]
-        while self.pending and (until is None or self.pending[0][0] <= until):
-            _, p = self.pending.popleft()
-            if p.mean() > threshold:
-                self.power += p
-                self.active += 1
+        """Count every frame whose samples have come that ends at or before sample `until` (all if None)."""
+        end = self.base + self.held if until is None else min(until, self.base + self.held)
+        n = (end - self.base - DETECT_FFT) // DETECT_HOP + 1
+        if n <= 0:
+            return
+        buf = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
+        # (n, channels, fft): slices, not a sliding-window view (whose checks cost ~20 us a call here)
+        frames = np.stack([buf[k * DETECT_HOP:k * DETECT_HOP + DETECT_FFT].T for k in range(n)]) * _window()
+        spec = scipy.fft.rfft(frames, axis=2)  # in float32: ~5x numpy's float64 FFT, levels within 0.001 dB
+        power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
+        loud = power.mean(axis=1) > _active_power() * self.channels
+        for p in power[loud]:  # frame by frame, in order: the same sums for any n
+            self.power += p
+        self.active += int(loud.sum())
+        rest = buf[n * DETECT_HOP:]
+        self.blocks, self.held, self.base = [rest] if len(rest) else [], len(rest), self.base + n * DETECT_HOP
 
     def mean(self) -> np.ndarray:
         return self.power / max(self.active, 1)

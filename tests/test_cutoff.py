@@ -8,11 +8,13 @@ from rtsr import SuperResModel, Upscaler, hopbank
 from rtsr.bench_band import bank, codec_edge, encode, generated, judge, music_like, speech_like
 from rtsr.cutoff import (
     DECIDE_AFTER,
+    DETECT_FFT,
     DETECT_HOP,
     WATCH_CHECKS,
     WATCH_EVERY,
     Band,
     CutoffTracker,
+    LongTermSpectrum,
     given_band,
     rate_band,
     scan_band,
@@ -157,6 +159,40 @@ def test_a_lowered_band_is_watched_for_ten_seconds_then_settled():
     assert settled - lowered == pytest.approx(WATCH_CHECKS * WATCH_EVERY, abs=120)  # 120 frames: a block
     early = tracked(phone_then_full(5.0, 2.0), 4800)
     assert early[-1][1] == rate_band(48000) and not early[-1][2]
+
+
+def test_the_long_term_spectrum_does_not_depend_on_block_sizes():
+    """Committed at the same sample positions, any blocks give the same sums bit for bit, and a
+    commit counts only the frames whose samples have all come (the rest wait for the next)."""
+    x = (np.random.default_rng(1).standard_normal((5 * DETECT_FFT, 2)) * [0.1, 0.001]).astype(np.float32)
+    x[DETECT_FFT:2 * DETECT_FFT] = 0  # silent frames are not counted
+    commits = [DETECT_FFT + 100, 3 * DETECT_FFT, 3 * DETECT_FFT + 1, len(x)]
+
+    def spectrum(cuts: list[int]) -> tuple[LongTermSpectrum, list[int]]:
+        lts, counted = LongTermSpectrum(2), []
+        for a, b in zip([0, *cuts], [*cuts, len(x)], strict=True):
+            lts.feed(x[a:b])
+            for until in commits:
+                if a < until <= b:
+                    lts.commit(until)
+                    counted.append(lts.active)
+        return lts, counted
+
+    whole, counted = spectrum([])
+    assert counted == [1, 4, 4, 8]  # frames ending by each commit (9 in all), frame 2 silent
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        cuts = sorted(set(rng.integers(1, len(x), 12).tolist()) | set(commits[:-1]))
+        split, split_counted = spectrum(cuts)
+        split.commit()
+        assert split_counted == counted and split.active == whole.active
+        assert np.array_equal(split.power, whole.power)
+    early = LongTermSpectrum(2)
+    early.feed(x[:3 * DETECT_FFT - 1])
+    early.commit(3 * DETECT_FFT)  # its last frame's samples have not all come
+    early.feed(x[3 * DETECT_FFT - 1:])
+    early.commit()
+    assert np.array_equal(early.power, whole.power)
 
 
 @pytest.mark.parametrize("lossy", [False, True])
