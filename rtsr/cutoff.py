@@ -220,12 +220,13 @@ def _pooled_db(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def find_edge(power: np.ndarray, top_hz: float) -> float | None:
     """The band edge (Hz) in a long-term power spectrum whose band cannot exceed top_hz, or None:
     a steep cliff if there is one, else a soft low-pass skirt below SLOPE_MAX_HZ."""
-    edge = _cliff_edge(power, top_hz)
-    return edge if edge is not None else _slope_edge(power, top_hz)
+    f, level = _pooled_db(power)
+    edge = _cliff_edge(f, level, top_hz)
+    return edge if edge is not None else _slope_edge(f, level, top_hz)
 
 
-def _cliff_edge(power: np.ndarray, top_hz: float) -> float | None:
-    """The band edge (Hz) in a long-term power spectrum whose band cannot exceed top_hz, or None.
+def _cliff_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None:
+    """The band edge (Hz) in a long-term spectrum (`_pooled_db`) whose band cannot exceed top_hz, or None.
 
     Scanning up from 1 kHz, the first position b where 80 % of the bands from 250 Hz above b up to
     0.99 x top_hz, and 80 % of its first kHz, sit EMPTY_DB under the band just below b (median of
@@ -233,7 +234,6 @@ def _cliff_edge(power: np.ndarray, top_hz: float) -> float | None:
     (or 15 %) of b. The edge is the top of that cliff: the last band before its steepest point (250 Hz
     either side, within 600 Hz of b) still within TOP_DB of the plateau before it.
     """
-    f, level = _pooled_db(power)
     top = np.searchsorted(f, 0.99 * top_hz)
     below_n, gap, steep_n, step_n, near_n = (round(hz / GRID_HZ) for hz in (600, 250, 600, 250, 1000))
     limit = min(MAX_EDGE_RATIO * top_hz, MAX_EDGE_HZ)
@@ -241,19 +241,15 @@ def _cliff_edge(power: np.ndarray, top_hz: float) -> float | None:
     stop = min(np.searchsorted(f, limit), top - gap - round(1000 / GRID_HZ))  # >= 1 kHz above to judge
     if stop <= start:
         return None
+    from rtsr.kernels.edges import first_quiet  # numba: not for the protocol's, broker's and client's imports
+
     cand = np.arange(start, stop)
-    windows = np.lib.stride_tricks.sliding_window_view(level, below_n)
-    below = np.median(windows[cand - below_n], axis=1)
-    quiet_below = np.minimum(below - EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB)
-    loud = (level[None, :top] > quiet_below[:, None]) & (np.arange(top)[None, :] >= (cand + gap)[:, None])
-    loud_share = loud.sum(axis=1) / np.maximum(top - (cand + gap), 1)
-    near = loud & (np.arange(top)[None, :] < (cand + gap + near_n)[:, None])  # the first kHz above
-    reach = np.maximum(steep_n, np.round(STEEP_SPAN * f[cand] / GRID_HZ)).astype(int)
-    steep = below - level[np.minimum(cand + reach, top - 1)] >= STEEP_DB
-    hits = np.nonzero((loud_share <= LOUD_SHARE) & (near.sum(axis=1) <= LOUD_SHARE * near_n) & steep)[0]
-    if not len(hits):
+    reach = np.maximum(steep_n, np.round(STEEP_SPAN * f[cand] / GRID_HZ)).astype(np.int64)
+    hit = first_quiet(level, top, cand, below_n, EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB,
+                      np.minimum(cand + reach, top - 1), STEEP_DB, cand + gap, near_n, LOUD_SHARE)
+    if hit < 0:
         return None
-    b = cand[hits[0]]
+    b = cand[hit]
     pos = np.arange(b - below_n, min(b + steep_n, top - step_n) + 1)  # the steepest point of the fall
     means = np.lib.stride_tricks.sliding_window_view(level, step_n).mean(axis=1)  # means[i]: level[i:i + step_n]
     fall = means[pos - step_n] - means[pos]
@@ -264,14 +260,13 @@ def _cliff_edge(power: np.ndarray, top_hz: float) -> float | None:
     return edge if MIN_EDGE_HZ <= edge <= limit else None
 
 
-def _slope_edge(power: np.ndarray, top_hz: float) -> float | None:
+def _slope_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None:
     """A soft edge: scanning up from 1 kHz, the first knee b where 80 % of the bands from
     (1 + SLOPE_SPAN) x b to 0.99 x top_hz, and of their first kHz, sit SLOPE_EMPTY_DB under the
     band just below b (median of 600 Hz) and PEAK_GAP_DB under the peak. The edge is the first point
     above b where the level (250 Hz average) is SLOPE_DROP_DB under that band. Every knee is judged
     at once, as `_cliff_edge` judges its positions (one at a time took a live stream's decision
     1-4 ms, and a server's streams that start together decide in the same round)."""
-    f, level = _pooled_db(power)
     top = np.searchsorted(f, 0.99 * top_hz)
     below_n, near_n = round(600 / GRID_HZ), round(1000 / GRID_HZ)
     limit = min(MAX_EDGE_RATIO * top_hz, SLOPE_MAX_HZ)
@@ -280,18 +275,14 @@ def _slope_edge(power: np.ndarray, top_hz: float) -> float | None:
     cand, floor_from = cand[top - floor_from >= near_n], floor_from[top - floor_from >= near_n]  # room to judge
     if not len(cand):
         return None
-    plateau = np.median(np.lib.stride_tricks.sliding_window_view(level, below_n)[cand - below_n], axis=1)
-    quiet = np.minimum(plateau - SLOPE_EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB)
-    above = np.arange(top)[None, :] - floor_from[:, None]  # each column's distance from each knee's floor
-    loud = (level[None, :top] > quiet[:, None]) & (above >= 0)
-    near = loud & (above < near_n)
-    hits = np.nonzero((loud.sum(axis=1) / (top - floor_from) <= LOUD_SHARE)
-                      & (near.sum(axis=1) / near_n <= LOUD_SHARE))[0]
-    if not len(hits):
+    from rtsr.kernels.edges import first_quiet
+
+    k = first_quiet(level, top, cand, below_n, SLOPE_EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB,
+                    np.full(len(cand), -1), 0.0, floor_from, near_n, LOUD_SHARE)
+    if k < 0:
         return None
-    k = hits[0]
     b, smooth = cand[k], np.convolve(level, np.ones(5) / 5, mode="same")
-    fall = np.nonzero(smooth[b:floor_from[k]] < plateau[k] - SLOPE_DROP_DB)[0]
+    fall = np.nonzero(smooth[b:floor_from[k]] < np.median(level[b - below_n:b]) - SLOPE_DROP_DB)[0]
     edge = float(f[b + fall[0]]) if len(fall) else None
     return edge if edge is not None and MIN_EDGE_HZ <= edge <= limit else None
 
