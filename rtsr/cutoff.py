@@ -42,10 +42,10 @@ from rtsr.audio_spec import HOP, N_FFT, SR
 DETECT_FFT = 4096  # detector frame (85 ms at 48 kHz): 11.7 Hz bins
 DETECT_HOP = DETECT_FFT // 2
 UPDATE_EVERY = 40  # engine frames (200 ms) between decisions
-WATCH_EVERY = 200  # ...once lowered, between the checks for content above it (1 s: each costs ~0.3 ms)
-COMMIT_FRAMES = 1  # detector frames a live stream holds before they are made ahead of its next decision
+WATCH_EVERY = 200  # ...once lowered, between the checks for content above it (1 s: each costs ~0.1 ms)
 WATCH_CHECKS = 10  # ...and the checks made before the lowered band counts as settled (the watching ends)
 DECIDE_AFTER = 24  # active detector frames (~1 s of audio) of evidence before the first decision
+COMMIT_FRAMES = 2  # complete detector frames a deciding stream holds before it makes them (one FFT call)
 ACTIVE_DBFS = -70.0  # a detector frame whose RMS is above this counts as signal
 GRID_HZ = 50.0  # the long-term spectrum is pooled into bands this wide before the edge search
 EMPTY_DB = 30.0  # above an edge, 80 % of the bands sit at least this far under the band below it
@@ -167,9 +167,8 @@ class LongTermSpectrum:
     Frame k covers samples [k * DETECT_HOP, k * DETECT_HOP + DETECT_FFT); `commit(until)` counts
     every frame that ends at or before sample `until` and whose samples have all come, so the sum
     at any sample position is the same whatever the block sizes were. `feed` only keeps the
-    samples; frames are made when committed, all at once: a live stream commits at its tracker's
-    decision frames (every 200 ms, every second once lowered), so a round costs a deciding stream
-    an append, not an FFT call of its own.
+    samples; frames are made when committed, all in one FFT call (a live stream's tracker commits
+    them two at a time, not one call per block: most of its rounds cost an append).
     """
 
     def __init__(self, channels: int):
@@ -334,11 +333,12 @@ class CutoffTracker:
     def feed(self, x48: np.ndarray) -> None:
         """The stream's 48 kHz samples (samples, channels), from its first sample on. Once
         COMMIT_FRAMES frames are held, those that end by the next decision are counted now (the
-        decision would count the same ones, in the same order), so a decision round does not make
-        a second's frames at once (a lowered stream's: ~0.27 ms) and the FFTs still go a few at a time."""
+        decision would count the same ones, in the same order): a decision round does not make a
+        second's frames at once (a lowered stream's: ~0.27 ms), and streams that started together
+        do not all make theirs in one round."""
         if self.deciding and len(x48):
             self.spectrum.feed(x48)
-            if self.spectrum.held >= DETECT_FFT + COMMIT_FRAMES * DETECT_HOP:
+            if self.spectrum.held >= DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP:
                 every = self._every()
                 decision = -(-max(self.next_frame, 1) // every) * every
                 self.spectrum.commit(decision * HOP + N_FFT // 2)

@@ -180,6 +180,7 @@ def test_the_edge_scan_is_the_first_hit_of_the_whole_matrix():
         loud = (level[None, :top] > quiet[:, None]) & (cols >= 0)
         near = loud & (cols < 20)
         steep = (steep_at < 0) | (below - level[steep_at] >= 20.0)
-        hits = np.flatnonzero((loud.sum(1) / np.maximum(top - quiet_from, 1) <= 0.2) & (near.sum(1) <= 0.2 * 20) & steep)
+        quiet_enough = (loud.sum(1) / np.maximum(top - quiet_from, 1) <= 0.2) & (near.sum(1) <= 0.2 * 20)
+        hits = np.flatnonzero(quiet_enough & steep)
         got = first_quiet(level, top, cand, 12, 30.0, level.max() - 50.0, steep_at, 20.0, quiet_from, 20, 0.2)
         assert got == (hits[0] if len(hits) else -1), case
