@@ -28,6 +28,7 @@ any block sizes give the same cutoff for every frame. A file can instead be scan
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ WATCH_EVERY = 200  # ...once lowered, between the checks for content above it (1
 WATCH_CHECKS = 10  # ...and the checks made before the lowered band counts as settled (the watching ends)
 DECIDE_AFTER = 24  # active detector frames (~1 s of audio) of evidence before the first decision
 COMMIT_FRAMES = 2  # complete detector frames a deciding stream holds before it makes them (one FFT call)
+DECIDE_LAG = UPDATE_EVERY  # a decision at frame d sees the detector frames that end by frame d - this
 ACTIVE_DBFS = -70.0  # a detector frame whose RMS is above this counts as signal
 GRID_HZ = 50.0  # the long-term spectrum is pooled into bands this wide before the edge search
 EMPTY_DB = 30.0  # above an edge, 80 % of the bands sit at least this far under the band below it
@@ -317,8 +319,21 @@ def band_of(lts: LongTermSpectrum, input_sr: float) -> Band:
     return Band(edge, "detected") if edge is not None else full
 
 
+def _decision_every(lowered: bool) -> int:
+    """Engine frames between a tracker's decisions."""
+    return WATCH_EVERY if lowered else UPDATE_EVERY
+
+
 class CutoffTracker:
-    """Per-frame band of one stream: rows of (cutoff Hz, merge start Hz, merge end Hz)."""
+    """Per-frame band of one stream: rows of (cutoff Hz, merge start Hz, merge end Hz).
+
+    The decision that takes effect at frame d sees the detector frames that end by frame d -
+    DECIDE_LAG, so it can be made in any round between those frames' arrival and frame d: each
+    tracker makes its own at a turn of its own within that window (`feed`), and streams that
+    started together do not all decide in one round (a decision ~0.1-0.3 ms each). When it is made
+    changes nothing it holds; a decision still pending when frame d is analysed is made then."""
+
+    _turns = itertools.count()
 
     def __init__(self, input_sr: float, channels: int, fixed: Band | None = None, lossy: bool = False):
         """lossy: the stream is decoded from a lossy codec (`Band.merge_range`)."""
@@ -327,21 +342,27 @@ class CutoffTracker:
         self.deciding = fixed is None  # still allowed to move
         self.lowered = False
         self.checks = 0  # made on a lowered band
-        self.next_frame = 0  # the first engine frame `rows` has not given yet
         self.spectrum = LongTermSpectrum(channels) if self.deciding else None
+        self.boundary = UPDATE_EVERY  # the next decision frame not made yet (0: none)
+        self.pending: tuple[int, tuple[Band, bool, bool, int]] | None = None  # (frame, the state it sets)
+        self.turn = next(self._turns) % DECIDE_LAG + 1  # frames after its data are complete that it decides
 
     def feed(self, x48: np.ndarray) -> None:
         """The stream's 48 kHz samples (samples, channels), from its first sample on. Once
-        COMMIT_FRAMES frames are held, those that end by the next decision are counted now (the
-        decision would count the same ones, in the same order): a decision round does not make a
-        second's frames at once (a lowered stream's: ~0.27 ms), and streams that started together
-        do not all make theirs in one round."""
-        if self.deciding and len(x48):
-            self.spectrum.feed(x48)
-            if self.spectrum.held >= DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP:
-                every = self._every()
-                decision = -(-max(self.next_frame, 1) // every) * every
-                self.spectrum.commit(decision * HOP + N_FFT // 2)
+        COMMIT_FRAMES frames are held, those that end by the next decision's data are counted now
+        (the decision would count the same ones, in the same order): a decision round does not make
+        a second's frames at once (a lowered stream's: ~0.27 ms), and streams that started together
+        do not all make theirs in one round. The next decision is made at this tracker's turn."""
+        if not (self.deciding and len(x48)):
+            return
+        self.spectrum.feed(x48)
+        if not self.boundary:  # the pending decision ends the deciding
+            return
+        data_end = self._data_end(self.boundary)
+        if self.pending is None and self.spectrum.base + self.spectrum.held >= data_end + self.turn * HOP:
+            self._prepare(self.boundary)
+        elif self.spectrum.held >= DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP:
+            self.spectrum.commit(data_end)
 
     def rows(self, t0: int, t1: int) -> np.ndarray:
         """(t1 - t0, 3) rows for engine frames t0..t1-1; frame t's window ends at t*HOP + N_FFT/2.
@@ -351,13 +372,12 @@ class CutoffTracker:
         t = t0
         while t < t1:
             if self.deciding and t and t % self._every() == 0:
-                self.spectrum.commit(t * HOP + N_FFT // 2)
-                if self.spectrum.active >= DECIDE_AFTER:
-                    self._decide()
+                if self.pending is None:
+                    self._prepare(t)
+                self._apply()
             upto = min(t1, (t // self._every() + 1) * self._every()) if self.deciding else t1
             out[t - t0:upto - t0] = self.row()
             t = upto
-        self.next_frame = max(self.next_frame, t1)
         return out
 
     def decides_within(self, t0: int, t1: int) -> bool:
@@ -368,23 +388,37 @@ class CutoffTracker:
         return -(-max(t0, 1) // every) * every < t1
 
     def _every(self) -> int:
-        return WATCH_EVERY if self.lowered else UPDATE_EVERY
+        return _decision_every(self.lowered)
+
+    @staticmethod
+    def _data_end(frame: int) -> int:
+        """The sample by which the detector frames that the decision at `frame` sees end."""
+        return (frame - DECIDE_LAG) * HOP + N_FFT // 2
 
     def row(self) -> tuple[float, float, float]:
         """The current band's row."""
         return self.current.row(self.lossy)
 
-    def _decide(self) -> None:
-        found = band_of(self.spectrum, self.input_sr)
-        if not self.lowered:
-            if found.source == "detected":
-                self.current, self.lowered = found, True
-            else:
-                self.deciding = False
-        elif found.source != "detected" or found.hz > self.current.hz + 500:
-            self.current, self.deciding = rate_band(self.input_sr), False
-        else:
-            self.checks += 1
-            self.deciding = self.checks < WATCH_CHECKS
+    def _prepare(self, frame: int) -> None:
+        """Make the decision that takes effect at `frame` (the next one), kept until then."""
+        self.spectrum.commit(self._data_end(frame))
+        state = (self.current, self.lowered, self.deciding, self.checks)
+        if self.spectrum.active >= DECIDE_AFTER:
+            state = self._decided()
+        self.pending = (frame, state)
+        every = _decision_every(state[1])
+        self.boundary = (frame // every + 1) * every if state[2] else 0
+
+    def _apply(self) -> None:
+        (_, (self.current, self.lowered, self.deciding, self.checks)), self.pending = self.pending, None
         if not self.deciding:
             self.spectrum = None
+
+    def _decided(self) -> tuple[Band, bool, bool, int]:
+        """The state after a decision: (band, lowered, still deciding, checks made)."""
+        found = band_of(self.spectrum, self.input_sr)
+        if not self.lowered:
+            return (found, True, True, 0) if found.source == "detected" else (self.current, False, False, 0)
+        if found.source != "detected" or found.hz > self.current.hz + 500:
+            return rate_band(self.input_sr), True, False, self.checks
+        return self.current, True, self.checks + 1 < WATCH_CHECKS, self.checks + 1

@@ -8,6 +8,7 @@ from rtsr import SuperResModel, Upscaler, hopbank
 from rtsr.bench_band import bank, codec_edge, encode, generated, judge, music_like, speech_like
 from rtsr.cutoff import (
     DECIDE_AFTER,
+    DECIDE_LAG,
     DETECT_FFT,
     DETECT_HOP,
     WATCH_CHECKS,
@@ -147,6 +148,26 @@ def tracked(x: np.ndarray, block: int) -> list[tuple[int, Band, bool]]:
         t = t1
         out.append((t, tracker.current, tracker.deciding))
     return out
+
+
+def test_a_decision_is_the_same_whenever_its_tracker_makes_it():
+    """Trackers at other turns make their decisions in other blocks (a server's streams that
+    started together do not all decide in one round) and give every frame the same band."""
+    x = phone_then_full(2.5, 2.0)
+    runs = []
+    for turn in (1, DECIDE_LAG // 2, DECIDE_LAG):
+        tracker, t, rows, made_at = CutoffTracker(48000, 1), 0, [], []
+        tracker.turn = turn
+        for i in range(0, len(x), 960):
+            tracker.feed(x[i:i + 960])
+            if tracker.pending is not None:
+                made_at.append(i)
+            rows.append(tracker.rows(t, (i + 960) // HOP))
+            t = (i + 960) // HOP
+        runs.append((np.concatenate(rows), made_at))
+    assert len({tuple(made_at) for _, made_at in runs}) == 3
+    assert all(np.array_equal(rows, runs[0][0]) for rows, _ in runs)
+    assert (np.diff(runs[0][0][:, 0]) != 0).sum() == 2  # lowered, then restored
 
 
 def test_a_lowered_band_is_watched_for_ten_seconds_then_settled():
