@@ -16,12 +16,13 @@ falls 6 dB (a resampler's half-amplitude point is its Nyquist). AudioSR's 98.5 %
 would instead cut inside the real band.
 
 Streaming stability: the cutoff moves at most twice. It is lowered (or not) once, at the first
-200 ms frame boundary after a second of active audio; a lowered cutoff is restored to the rate's
+200 ms frame boundary at least 200 ms after a second of active audio; a lowered cutoff is restored to the rate's
 band, for good, at the first 1 s boundary where the long-term spectrum shows content above it
 (keeping more of the input is always safe); after ten such checks without it the band is settled
 and watched no more (the watching cost a phone-band stream more than the rest of its hop).
-Decisions fall on fixed frame boundaries and see only detector frames that end before them, so
-any block sizes give the same cutoff for every frame. A file can instead be scanned whole first
+Decisions fall on fixed frame boundaries and see only detector frames that end 200 ms before them
+(so that a server's streams can each make theirs in a round of their own), so any block sizes give
+the same cutoff for every frame. A file can instead be scanned whole first
 (`scan_band`) and streamed with the band it found, fixed from its first sample.
 """
 
