@@ -9,8 +9,10 @@ gathering a hop's inputs, the conv caches' way in and out of the model call (`mo
 merge and inverse FFT (`synthesise`) and overlap-add. That is the per-stream cost that no
 accelerator removes (issue 28). Rounds after `--warmup` (by default past the band tracker's first
 decision, ~1 s, as in a long live call) are timed; the first rounds, while the tracker still
-decides (a 4096-point spectrum every 2048 samples, then the decision), are reported apart. One
-stream runs a few hops first, so one-off loading is in neither.
+decides (a 4096-point spectrum every 2048 samples, then the decisions), are reported apart; so is
+the spread of whole rounds from the first (`round_ms`: p50, p99, max; the decision rounds are a
+server's tail when its streams start together). One stream runs a few hops first, so one-off
+loading is in neither.
 
     python benchmarks/glue_bench.py --streams 256 --json
     python benchmarks/glue_bench.py --streams 256 --versus /tmp/before   # another checkout beside this one
@@ -108,6 +110,7 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
     if band_hz:
         x = signal.sosfilt(signal.butter(12, band_hz, fs=SR_IN, output="sos"), x, axis=0).astype(np.float32)
     warm_s = timed_s = 0.0
+    round_ms = []
     order = np.random.default_rng(0)
     for r in range(warmup + n_rounds):
         timer.on = r >= warmup
@@ -120,6 +123,7 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
         for wave in np.array_split(np.arange(n_streams), waves):
             batch.step([arrived[k] for k in wave])
         t2 = time.perf_counter()
+        round_ms.append(1e3 * (t2 - t0))
         if timer.on:
             timer.spent["push"] = timer.spent.get("push", 0.0) + t1 - t0
             timed_s += t2 - t0
@@ -130,6 +134,8 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
     stages["rest"] = round(timed_s * per - sum(stages.values()), 1)
     return {"streams": n_streams, "rounds": n_rounds, "us_per_stream_round": round(timed_s * per, 1),
             "us_per_stream_round_warmup": round(1e6 * warm_s / (n_streams * max(warmup, 1)), 1),
+            "round_ms": {q: round(float(np.percentile(round_ms, v)), 1) for q, v in (("p50", 50), ("p99", 99),
+                                                                                    ("max", 100))},
             "stages_us_per_stream_round": stages}
 
 
@@ -198,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
         return
     print(f"{r['streams']} streams, {r['rounds']} rounds: {r['us_per_stream_round']} us per stream per round "
-          f"({r['us_per_stream_round_warmup']} while the band tracker decides)")
+          f"({r['us_per_stream_round_warmup']} while the band tracker decides); whole rounds from the first, "
+          "ms: " + ", ".join(f"{q} {v}" for q, v in r["round_ms"].items()))
     for stage, us in r["stages_us_per_stream_round"].items():
         print(f"  {stage}: {us} us")
 

@@ -66,6 +66,8 @@ def test_the_glue_benchmark_prints_its_per_stream_cost(versus):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["us_per_stream_round"] > 0 and (not versus or out["us_per_stream_round_versus"] > 0)
+    if not versus:
+        assert 0 < out["round_ms"]["p50"] <= out["round_ms"]["p99"] <= out["round_ms"]["max"]
 
 
 @pytest.mark.parametrize("fail_in", ["band_rows", "merge"])
