@@ -8,7 +8,7 @@ resampling, framing, STFT and log-mel and queueing the frames (`analyse`), the b
 gathering a hop's inputs, the conv caches' way in and out of the model call (`model_call`),
 merge and inverse FFT (`synthesise`) and overlap-add. That is the per-stream cost that no
 accelerator removes (issue 28). Rounds after `--warmup` (by default past the band tracker's first
-decision, ~1 s, as in a long live call) are timed; the first rounds, while the tracker still
+decision, ~1.4 s, as in a long live call) are timed; the first rounds, while the tracker still
 decides (a 4096-point spectrum every 2048 samples, then the decisions), are reported apart; so is
 the spread of whole rounds from the first (`round_ms`: p50, p99, max; the decision rounds are a
 server's tail when its streams start together). One stream runs a few hops first, so one-off
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--rounds", type=int, default=50, help="timed rounds of 20 ms")
-    p.add_argument("--warmup", type=int, default=80, help="rounds before timing (the tracker decides in these)")
+    p.add_argument("--warmup", type=int, default=100, help="rounds before timing (the tracker decides in these)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--band-limited", type=float, metavar="HZ",
                    help="low-pass the test signal at HZ: the tracker lowers the band and watches it for ~10 s")

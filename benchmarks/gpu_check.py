@@ -89,7 +89,7 @@ def main() -> None:
     hops, secs, files = (12, 2.0, 2) if a.quick else (60, 30.0, 16)
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"device {name}, torch {torch.__version__}", flush=True)
-    glue = {n: glue_bench.rounds(n, 10 if a.quick else 50, 80) for n in ((2,) if a.quick else (32, 256))}
+    glue = {n: glue_bench.rounds(n, 10 if a.quick else 50, 100) for n in ((2,) if a.quick else (32, 256))}
     print(json.dumps({"glue": glue}), flush=True)
     x = signal_(3.0, 1)
     ref = Upscaler(load_model(a.model, "cpu")).upscale(x, SR_IN)
