@@ -130,6 +130,7 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
                     "extended above it; only a full band (no low-pass edge below ~20 kHz) at 48 kHz or more "
                     "is just resampled.",
         epilog="exit status: 0 all files done, 1 some files failed, 2 bad command line or model")
+    p.add_argument("paths", nargs="*", type=Path, metavar="FILE_OR_DIR", help="inputs, as -i gives them")
     p.add_argument("-i", "--input", dest="inputs", action="append", default=[], type=Path,
                    metavar="FILE_OR_DIR",
                    help="a file (WAV, FLAC, MP3, Ogg, AAC/M4A, ALAC, the sound of an MP4/MOV/WebM/MKV video; "

@@ -57,11 +57,11 @@ def _scan(folder: Path, pattern: str | None, outdir: Path | None) -> tuple[list[
 def _sources(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
     """Every input as (file, the folder it was found under or None); an empty folder is kept as
     (folder, folder) so it gets its own failure line."""
-    paths = list(args.inputs)
+    paths = [*args.paths, *args.inputs]
     for lst in args.lists:
         paths += _read_list(lst)
     if not paths:
-        raise CliError("no inputs: give -i FILE_OR_DIR or -il LIST")
+        raise CliError("no inputs: give FILE_OR_DIR (or -i FILE_OR_DIR) or -il LIST")
     out: list[tuple[Path, Path | None]] = []
     for path in paths:
         if path.is_dir():
@@ -167,9 +167,9 @@ def run_upscale(args: argparse.Namespace) -> int:
     fmt = _format(args)
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise CliError(f"-o {args.outdir} is a file, not a folder")
-    if STDIO in args.inputs and sys.stdin.isatty():  # it would wait for the keyboard
-        raise CliError("-i - reads audio from standard input, which is a terminal here: pipe a file in "
-                       "(cat in.wav | rtsr upscale -i - ...)")
+    if STDIO in [*args.paths, *args.inputs] and sys.stdin.isatty():  # it would wait for the keyboard
+        raise CliError("- reads audio from standard input, which is a terminal here: pipe a file in "
+                       "(cat in.wav | rtsr upscale - ...)")
     if args.output == STDIO and sys.stdout.isatty():
         raise CliError("--output - writes WAV to standard output, which is a terminal here: redirect it "
                        "(> out.wav) or pipe it on")

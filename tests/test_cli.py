@@ -130,6 +130,18 @@ def test_output_file_needs_exactly_one_input(rtsr, tmp_path: Path) -> None:
     assert not (tmp_path / "o.wav").exists()
 
 
+def test_inputs_named_without_an_option(rtsr, tmp_path: Path) -> None:
+    """`rtsr upscale a.wav b.flac -o out`, as users type it; beside -i and lists, in that order."""
+    a, b = put(tmp_path / "a.wav", tone(16000, 0.2), 16000), put(tmp_path / "b.flac", tone(8000, 0.2), 8000, "PCM_16")
+    c = put(tmp_path / "c.wav", tone(22050, 0.2), 22050)
+    r = rtsr(a, b, "-o", tmp_path / "out", "-i", c, "--json")
+    assert r.rc == 0, r.err
+    assert [f["input"] for f in json.loads(r.out)["results"]] == [str(a), str(b), str(c)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_48k.wav", "b_48k.wav", "c_48k.wav"]
+    r = rtsr()
+    assert r.rc == 2 and "no inputs: give FILE_OR_DIR" in r.err
+
+
 def test_input_list(rtsr, tmp_path: Path) -> None:
     a = put(tmp_path / "lists" / "a.wav", tone(16000, 0.2), 16000)
     b = put(tmp_path / "elsewhere" / "b.wav", tone(8000, 0.2), 8000)
