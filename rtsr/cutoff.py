@@ -16,14 +16,14 @@ falls 6 dB (a resampler's half-amplitude point is its Nyquist). AudioSR's 98.5 %
 would instead cut inside the real band.
 
 Streaming stability: the cutoff moves at most twice. It is lowered (or not) once, at the first
-200 ms frame boundary at least 200 ms after a second of active audio; a lowered cutoff is restored to the rate's
-band, for good, at the first 1 s boundary where the long-term spectrum shows content above it
-(keeping more of the input is always safe); after ten such checks without it the band is settled
-and watched no more (the watching cost a phone-band stream more than the rest of its hop).
+200 ms frame boundary at least 200 ms after a second of active audio; a lowered cutoff is restored
+to the rate's band, for good, at the first 1 s boundary where the long-term spectrum shows content
+above it (keeping more of the input is always safe); after ten such checks without it the band is
+settled and watched no more (the watching cost a phone-band stream more than the rest of its hop).
 Decisions fall on fixed frame boundaries and see only detector frames that end 200 ms before them
 (so that a server's streams can each make theirs in a round of their own), so any block sizes give
-the same cutoff for every frame. A file can instead be scanned whole first
-(`scan_band`) and streamed with the band it found, fixed from its first sample.
+the same cutoff for every frame. A file can instead be scanned whole first (`scan_band`) and
+streamed with the band it found, fixed from its first sample.
 """
 
 from __future__ import annotations
@@ -266,9 +266,8 @@ def _slope_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None
     """A soft edge: scanning up from 1 kHz, the first knee b where 80 % of the bands from
     (1 + SLOPE_SPAN) x b to 0.99 x top_hz, and of their first kHz, sit SLOPE_EMPTY_DB under the
     band just below b (median of 600 Hz) and PEAK_GAP_DB under the peak. The edge is the first point
-    above b where the level (250 Hz average) is SLOPE_DROP_DB under that band. Every knee is judged
-    at once, as `_cliff_edge` judges its positions (one at a time took a live stream's decision
-    1-4 ms, and a server's streams that start together decide in the same round)."""
+    above b where the level (250 Hz average) is SLOPE_DROP_DB under that band. The knees are
+    judged in one compiled scan, as `_cliff_edge`'s positions (`rtsr.kernels.edges.first_quiet`)."""
     top = np.searchsorted(f, 0.99 * top_hz)
     below_n, near_n = round(600 / GRID_HZ), round(1000 / GRID_HZ)
     limit = min(MAX_EDGE_RATIO * top_hz, SLOPE_MAX_HZ)
