@@ -194,15 +194,12 @@ class LongTermSpectrum:
         n = (end - self.base - DETECT_FFT) // DETECT_HOP + 1
         if n <= 0:
             return
+        from rtsr.kernels.spectrum import count_loud, windowed  # numba: not for the protocol's imports
+
         buf = np.concatenate(self.blocks) if len(self.blocks) > 1 else self.blocks[0]
-        # (n, channels, fft): slices, not a sliding-window view (whose checks cost ~20 us a call here)
-        frames = np.stack([buf[k * DETECT_HOP:k * DETECT_HOP + DETECT_FFT].T for k in range(n)]) * _window()
-        spec = scipy.fft.rfft(frames, axis=2)  # in float32: ~5x numpy's float64 FFT, levels within 0.001 dB
-        power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
-        loud = power.mean(axis=1) > _active_power() * self.channels
-        for p in power[loud]:  # frame by frame, in order: the same sums for any n
-            self.power += p
-        self.active += int(loud.sum())
+        spec = scipy.fft.rfft(windowed(buf, n, DETECT_HOP, _window()), axis=2)  # float32: ~5x numpy's float64 FFT
+        # frame by frame, in order: the same sums for any n
+        self.active += count_loud(spec, np.float32(_active_power() * self.channels), self.power)
         rest = buf[n * DETECT_HOP:]
         self.blocks, self.held, self.base = [rest] if len(rest) else [], len(rest), self.base + n * DETECT_HOP
 

@@ -10,6 +10,7 @@ from rtsr.kernels.edges import first_quiet
 from rtsr.kernels.hops import hop_inputs, merged_spectra, overlap_add_hop
 from rtsr.kernels.intake import all_finite
 from rtsr.kernels.noise import frame_noise
+from rtsr.kernels.spectrum import count_loud, windowed
 from rtsr.models.nets import Denoiser, receptive_field
 
 
@@ -184,3 +185,28 @@ def test_the_edge_scan_is_the_first_hit_of_the_whole_matrix():
         hits = np.flatnonzero(quiet_enough & steep)
         got = first_quiet(level, top, cand, 12, 30.0, level.max() - 50.0, steep_at, 20.0, quiet_from, 20, 0.2)
         assert got == (hits[0] if len(hits) else -1), case
+
+
+def test_the_detectors_frames_are_numpys_to_the_bit():
+    """Windowed frames, each frame's power, which frames count (over the threshold: also one set
+    exactly at a frame's mean, which does not count) and their float64 sums, as numpy makes them."""
+    import scipy.fft
+
+    from rtsr.cutoff import _window
+
+    rng = np.random.default_rng(3)
+    for case in range(60):
+        channels, n = int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        buf = (rng.standard_normal((4096 + (n - 1) * 2048 + 7, channels)) * 10 ** rng.uniform(-5, 0)).astype(np.float32)
+        frames = windowed(buf, n, 2048, _window())
+        assert np.array_equal(frames, np.stack([buf[k * 2048:k * 2048 + 4096].T for k in range(n)]) * _window())
+        spec = scipy.fft.rfft(frames, axis=2)
+        power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
+        means = power.mean(axis=1)
+        threshold = means[case % n] if case % 3 == 0 else np.float32(np.median(means) * rng.uniform(0.5, 2))
+        loud = means > threshold
+        want, got = np.zeros(power.shape[1]), np.zeros(power.shape[1])
+        for p in power[loud]:
+            want += p
+        assert count_loud(spec, np.float32(threshold), got) == loud.sum()
+        assert np.array_equal(got, want)
