@@ -1,10 +1,10 @@
 """The band-edge search's scan (rtsr.cutoff): the first candidate position above which the
 long-term spectrum stays quiet.
 
-Judging every candidate at once (a median window and a row of bands each, as numpy matrices) took
-a decision ~0.3-0.5 ms, and a server's streams that start together decide in the same round;
-scanning up, a candidate is dropped at its first band too many and the scan stops at the first
-hit: ~10x less work, the same edges (tested against the matrices' result on random spectra).
+Judging every candidate at once (a median window and a row of bands each, as numpy matrices) made
+the decision the dearest step of a live stream's first seconds; scanning up, a candidate is dropped
+at its first band too many and the scan stops at the first hit, so most (position, band) pairs are
+never looked at. The same edges: tested against the matrices' result on random spectra.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The band detector's frames (rtsr.cutoff.LongTermSpectrum): windowed, and their powers counted.
 
 numpy's version of the same arithmetic (stack, window, |X|^2, sum over channels, mean, compare,
-add) cost a phone-band stream ~15 us a round while its band was watched, as much as the FFT it
-wraps; here two passes. Bit for bit numpy's: the powers' mean over bins is numpy's pairwise sum
-(`_pairwise`), so a frame counted here is a frame numpy would count (tested).
+add) cost a watched phone-band stream as much as the FFT it wraps; here two passes. Bit for bit
+numpy's: the powers' mean over bins is numpy's pairwise sum (`_pairwise`), so a frame counted here
+is a frame numpy would count (tested).
 """
 
 from __future__ import annotations
