@@ -54,10 +54,15 @@ def _scan(folder: Path, pattern: str | None, outdir: Path | None) -> tuple[list[
     return [f for f in files if f not in ours], ours
 
 
+def _named(args: argparse.Namespace) -> list[Path]:
+    """The inputs named on the command line, bare or after -i, in that order."""
+    return [*args.paths, *args.inputs]
+
+
 def _sources(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
     """Every input as (file, the folder it was found under or None); an empty folder is kept as
     (folder, folder) so it gets its own failure line."""
-    paths = [*args.paths, *args.inputs]
+    paths = _named(args)
     for lst in args.lists:
         paths += _read_list(lst)
     if not paths:
@@ -167,7 +172,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     fmt = _format(args)
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise CliError(f"-o {args.outdir} is a file, not a folder")
-    if STDIO in [*args.paths, *args.inputs] and sys.stdin.isatty():  # it would wait for the keyboard
+    if STDIO in _named(args) and sys.stdin.isatty():  # it would wait for the keyboard
         raise CliError("- reads audio from standard input, which is a terminal here: pipe a file in "
                        "(cat in.wav | rtsr upscale - ...)")
     if args.output == STDIO and sys.stdout.isatty():
