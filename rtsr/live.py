@@ -392,7 +392,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="input rate (default: the input device's default rate); a device that cannot run at it "
                         "is opened at its default rate, with the band ending at half this rate")
     p.add_argument("--cutoff", type=cutoff_hz, default=None, metavar="auto|HZ",
-                   help="where the input's real band ends (default: auto, found within ~1 s of sound)")
+                   help="where the input's real band ends (default: auto, found within ~1.4 s of sound)")
     p.add_argument("--channels", type=positive_int, default=1, help="input channels (default: %(default)s)")
     p.add_argument("--hop-ms", type=float, default=20.0, help="engine hop, a multiple of 5 (default: %(default)s)")
     p.add_argument("--buffer-ms", type=float, default=20.0,

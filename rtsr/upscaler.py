@@ -61,7 +61,7 @@ class Upscaler:
 
     def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
                cutoff: float | Band | None = None, fill_holes: bool = False) -> Stream:
-        """A live stream; cutoff None: its band is detected within ~1 s of active audio;
+        """A live stream; cutoff None: its band is detected within ~1.4 s of active audio;
         fill_holes: it is decoded from a lossy codec (rtsr.engine.merge_low_band)."""
         return Stream(self.model, input_sr, channels, hop_ms, self.seed, cutoff, fill_holes)
 
