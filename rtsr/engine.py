@@ -339,9 +339,8 @@ class Stream:
             self._ready.append(self.resampler.flush())
             return
         n_out = self.filter.total_out(self._n_in)
-        last = -(-n_out // HOP)  # frames 0..last make every sample < n_out final
         self.hops.end(self.hop_row, n_out)
-        self.flush_to = (n_out, (last + self.model.lookahead) * HOP + HALF)
+        self.flush_to = (n_out, (hopbank.last_frame(n_out) + self.model.lookahead) * HOP + HALF)
 
     @property
     def band(self) -> Band:

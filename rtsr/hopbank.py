@@ -40,6 +40,12 @@ NOT_ENDED = np.iinfo(np.int64).max // 4  # the end of a stream whose input has n
 COUNTERS = ("analysed", "synthesised", "emitted", "out_end", "hop_frames", "slot_start")
 
 
+def last_frame(n_out: int | np.ndarray) -> int | np.ndarray:
+    """The last frame a stream's output of n_out samples needs: frames 0..ceil(n_out / HOP) make
+    every sample before n_out final."""
+    return -(-n_out // HOP)
+
+
 def level_taper(edge_bin: int) -> np.ndarray:
     """The share of a lossy band's level gain (in dB) each bin takes: all from the edge bin for
     LEVEL_FLAT bins, then less and less to none LEVEL_TAPER bins on; nothing under the edge (nor
@@ -90,13 +96,12 @@ class HopBank(RowBank):
     def ready_frames(self, first: np.ndarray, all_in: np.ndarray) -> np.ndarray:
         """The length of each stream's next hop that can run now, or 0 (first: the streams' first
         rows; all_in: every frame up to its end analysed): a whole hop once its frames and the
-        lookahead beyond them are analysed, at the end the frames left up to the last (frames
-        0..ceil(out_end / HOP) make every sample before the end final)."""
+        lookahead beyond them are analysed, at the end the frames left up to the last (`last_frame`)."""
         pos, n = self.synthesised[first], self.hop_frames[first]
         ready = np.where(self.analysed[first] - self.lookahead - pos >= n, n, 0)
         if not all_in.any():
             return ready
-        left = -(-self.out_end[first] // HOP) + 1 - pos
+        left = last_frame(self.out_end[first]) + 1 - pos
         return np.where(all_in, np.clip(np.minimum(n, left), 0, None), ready)
 
     def band_id(self, row: tuple[float, float, float]) -> int:
