@@ -29,12 +29,12 @@ streamed with the band it found, fixed from its first sample.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
-from itertools import chain
+from itertools import chain, count
+from typing import NamedTuple
 
 import numpy as np
 import scipy.fft
@@ -182,6 +182,11 @@ class LongTermSpectrum:
         self.power = np.zeros(DETECT_FFT // 2 + 1)
         self.active = 0
 
+    @property
+    def fed(self) -> int:
+        """The samples fed so far (the absolute index after the last)."""
+        return self.base + self.held
+
     def feed(self, x: np.ndarray) -> None:
         """x: (samples, channels) continuing the signal (kept, not copied: not to be changed after)."""
         if len(x):
@@ -190,7 +195,7 @@ class LongTermSpectrum:
 
     def commit(self, until: int | None = None) -> None:
         """Count every frame whose samples have come that ends at or before sample `until` (all if None)."""
-        end = self.base + self.held if until is None else min(until, self.base + self.held)
+        end = self.fed if until is None else min(until, self.fed)
         n = (end - self.base - DETECT_FFT) // DETECT_HOP + 1
         if n <= 0:
             return
@@ -316,6 +321,16 @@ def band_of(lts: LongTermSpectrum, input_sr: float) -> Band:
     return Band(edge, "detected") if edge is not None else full
 
 
+class _TrackerState(NamedTuple):
+    """What a decision sets: the band, whether it was lowered, whether decisions go on, the checks
+    made on a lowered band."""
+
+    band: Band
+    lowered: bool
+    deciding: bool
+    checks: int
+
+
 def _decision_every(lowered: bool) -> int:
     """Engine frames between a tracker's decisions."""
     return WATCH_EVERY if lowered else UPDATE_EVERY
@@ -327,10 +342,10 @@ class CutoffTracker:
     The decision that takes effect at frame d sees the detector frames that end by frame d -
     DECIDE_LAG, so it can be made in any round between those frames' arrival and frame d: each
     tracker makes its own at a turn of its own within that window (`feed`), and streams that
-    started together do not all decide in one round (a decision ~0.1-0.3 ms each). When it is made
-    changes nothing it holds; a decision still pending when frame d is analysed is made then."""
+    started together do not all decide in one round. When it is made changes nothing it holds; a
+    decision still pending when frame d is analysed is made then."""
 
-    _turns = itertools.count()
+    _turns = count()
 
     def __init__(self, input_sr: float, channels: int, fixed: Band | None = None, lossy: bool = False):
         """lossy: the stream is decoded from a lossy codec (`Band.merge_range`)."""
@@ -341,22 +356,22 @@ class CutoffTracker:
         self.checks = 0  # made on a lowered band
         self.spectrum = LongTermSpectrum(channels) if self.deciding else None
         self.boundary = UPDATE_EVERY  # the next decision frame not made yet (0: none)
-        self.pending: tuple[int, tuple[Band, bool, bool, int]] | None = None  # (frame, the state it sets)
+        self.pending: tuple[int, _TrackerState] | None = None  # (frame, the state its decision sets)
         self.turn = next(self._turns) % DECIDE_LAG + 1  # frames after its data are complete that it decides
 
     def feed(self, x48: np.ndarray) -> None:
         """The stream's 48 kHz samples (samples, channels), from its first sample on. Once
         COMMIT_FRAMES frames are held, those that end by the next decision's data are counted now
         (the decision would count the same ones, in the same order): a decision round does not make
-        a second's frames at once (a lowered stream's: ~0.27 ms), and streams that started together
-        do not all make theirs in one round. The next decision is made at this tracker's turn."""
+        a second's frames at once, and streams that started together do not all make theirs in one
+        round. The next decision is made at this tracker's turn."""
         if not (self.deciding and len(x48)):
             return
         self.spectrum.feed(x48)
         if not self.boundary:  # the pending decision ends the deciding
             return
         data_end = self._data_end(self.boundary)
-        if self.pending is None and self.spectrum.base + self.spectrum.held >= data_end + self.turn * HOP:
+        if self.pending is None and self.spectrum.fed >= data_end + self.turn * HOP:
             self._prepare(self.boundary)
         elif self.spectrum.held >= DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP:
             self.spectrum.commit(data_end)
@@ -399,23 +414,26 @@ class CutoffTracker:
     def _prepare(self, frame: int) -> None:
         """Make the decision that takes effect at `frame` (the next one), kept until then."""
         self.spectrum.commit(self._data_end(frame))
-        state = (self.current, self.lowered, self.deciding, self.checks)
+        state = _TrackerState(self.current, self.lowered, self.deciding, self.checks)
         if self.spectrum.active >= DECIDE_AFTER:
             state = self._decided()
         self.pending = (frame, state)
-        every = _decision_every(state[1])
-        self.boundary = (frame // every + 1) * every if state[2] else 0
+        every = _decision_every(state.lowered)
+        self.boundary = (frame // every + 1) * every if state.deciding else 0
 
     def _apply(self) -> None:
-        (_, (self.current, self.lowered, self.deciding, self.checks)), self.pending = self.pending, None
+        state, self.pending = self.pending[1], None
+        self.current, self.lowered, self.deciding, self.checks = state
         if not self.deciding:
             self.spectrum = None
 
-    def _decided(self) -> tuple[Band, bool, bool, int]:
-        """The state after a decision: (band, lowered, still deciding, checks made)."""
+    def _decided(self) -> _TrackerState:
+        """The state a decision on the spectrum counted so far sets."""
         found = band_of(self.spectrum, self.input_sr)
+        if not self.lowered and found.source == "detected":
+            return _TrackerState(found, True, True, 0)
         if not self.lowered:
-            return (found, True, True, 0) if found.source == "detected" else (self.current, False, False, 0)
+            return _TrackerState(self.current, False, False, 0)
         if found.source != "detected" or found.hz > self.current.hz + 500:
-            return rate_band(self.input_sr), True, False, self.checks
-        return self.current, True, self.checks + 1 < WATCH_CHECKS, self.checks + 1
+            return _TrackerState(rate_band(self.input_sr), True, False, self.checks)
+        return _TrackerState(self.current, True, self.checks + 1 < WATCH_CHECKS, self.checks + 1)
