@@ -3,8 +3,8 @@
     eager      plain PyTorch (any device)
     compile    torch.compile (Inductor), dynamic shapes so any batch size and hop length reuse
                one graph per network (no recompiles after warm-up)
-    cudagraph  torch.compile's reduce-overhead mode: the per-hop step replayed as CUDA graphs, what
-               a replay rewrites handed out as copies
+    cudagraph  the eager networks' whole hop captured as a CUDA graph per batch bucket and replayed
+               (rtsr.graphs): one launch where a live hop made ~200
     onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
                CPU the fastest, since a live hop's cost is per-operator dispatch
     onnx-int8  `onnx` with the pointwise layers' weights and inputs in int8 at fixed, calibrated
@@ -31,6 +31,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from rtsr.features import N_MELS
+from rtsr.graphs import GraphedRun
 from rtsr.model import SuperResModel
 
 log = logging.getLogger("rtsr.backends")
@@ -51,35 +52,19 @@ class Compiled:
 
     `dynamic=True` alone still specialises a size of 1 (one stream, a one-frame hop) and
     recompiles at the next size; compiling with sizes treated size-obliviously makes one graph
-    for every size. Replayed as CUDA graphs (mode "reduce-overhead"), a call's output and the new
-    caches it leaves live in the graph's memory, which its next replay (the next sampler step,
-    the next hop) rewrites: they are handed out as copies. Other attributes (`step_film`,
-    `config`, the modules) are the network's own.
+    for every size. Other attributes (`step_film`, `config`, the modules) are the network's own.
     """
 
-    def __init__(self, net: torch.nn.Module, mode: str | None = None, **options):
-        self.net, self.replayed = net, mode == "reduce-overhead"
-        self.compiled = torch.compile(net, dynamic=True, mode=mode, **options)
+    def __init__(self, net: torch.nn.Module, **options):
+        self.net = net
+        self.compiled = torch.compile(net, dynamic=True, **options)
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
-        if self.replayed:  # a new generation: the previous call's outputs are no longer read
-            torch.compiler.cudagraph_mark_step_begin()
         with fx_config.patch(backed_size_oblivious=True):
-            out = self.compiled(*args, **kwargs)
-        if not self.replayed:
-            return out
-        for cache in (a for a in (*args, *kwargs.values()) if isinstance(a, dict)):
-            for key, t in cache.items():
-                cache[key] = t.clone()
-        return out.clone()
+            return self.compiled(*args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.net, name)
-
-
-def _compile(model: SuperResModel, mode: str | None) -> None:
-    model.denoiser = Compiled(model.denoiser, mode)
-    model.vocoder = Compiled(model.vocoder, mode)
 
 
 def _tensorrt(model: SuperResModel) -> None:
@@ -107,10 +92,10 @@ def _apply(model: SuperResModel, name: str) -> None:
     if name == "eager":
         return
     if name == "compile":
-        _compile(model, None)
+        model.denoiser, model.vocoder = Compiled(model.denoiser), Compiled(model.vocoder)
     elif name == "cudagraph":
         _cuda_only(name, model)
-        _compile(model, "reduce-overhead")
+        model.run = GraphedRun(model)
     elif name == "tensorrt":
         _tensorrt(model)
     elif name in ("onnx", "onnx-int8"):

@@ -12,6 +12,7 @@ from rtsr import SuperResModel, Upscaler, backends
 from rtsr.backends import BackendUnavailable, apply_backend
 from rtsr.engine import Stream
 from rtsr.features import N_MELS
+from rtsr.graphs import GRAPH_MAX_FRAMES, GraphedRun
 from rtsr.models.nets import Denoiser, Vocoder
 
 
@@ -207,34 +208,43 @@ def test_compile_reuses_one_graph_for_every_batch_size():
                 assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_a_replayed_graph_hands_out_copies_of_what_its_next_replay_rewrites(monkeypatch):
-    """`cudagraph`'s networks, with torch.compile replaced by a stand-in that does what a CUDA
-    graph replay does to memory (every output, new caches included, in one buffer per graph,
-    rewritten by the next call: the next sampler step's, the next hop's), still equal eager
-    over several hops (the FiLM memory and the caches kept across replays)."""
-    def graph(net, **options):
-        buffers: dict[str, torch.Tensor] = {}
+@pytest.mark.parametrize(("steps", "guidance"), [(0, 1.0), (2, 1.0), (2, 1.5)])
+def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, guidance):
+    """`cudagraph`'s hop (rtsr.graphs), its step run instead of replayed as on a CPU: batches of
+    1, 3, 5, 1 and 8 rows (buckets of 1, 4, 8: spare rows computing on what they hold), three
+    hops each with the state carried, a regression, a sampler and a guided sampler (two branches
+    per row): each output equal to eager within 1e-5 of the peak, one graph per bucket."""
+    graphed, eager = SuperResModel.random(seed=3, steps=steps), SuperResModel.random(seed=3, steps=steps)
+    graphed.guidance = eager.guidance = guidance
+    run = GraphedRun(graphed, capture=False)
+    for i, batch in enumerate((1, 3, 5, 1, 8)):
+        states = graphed.new_state(batch), eager.new_state(batch)
+        for hop in range(3):
+            inputs = _hop_inputs(batch, seed=10 * i + hop)
+            got, ref = run(states[0], *inputs), eager.run(states[1], *inputs)
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert sorted(run.graphs) == [(1, 4), (4, 4), (8, 4)]
 
-        def pinned(key: str, t: torch.Tensor) -> torch.Tensor:
-            buf = buffers.setdefault(key, torch.empty(0))
-            return buf.resize_(t.shape).copy_(t)
 
-        def replay(*args, **kwargs):
-            out = net(*args, **kwargs)
-            for cache in (a for a in args if isinstance(a, dict)):
-                cache.update({key: pinned(key, t) for key, t in cache.items()})
-            return pinned("out", out)
-
-        return replay
-
-    monkeypatch.setattr(torch, "compile", graph)
-    eager, replayed = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
-    replayed.denoiser = backends.Compiled(replayed.denoiser, "reduce-overhead")
-    replayed.vocoder = backends.Compiled(replayed.vocoder, "reduce-overhead")
-    states = replayed.new_state(2), eager.new_state(2)
-    for hop in range(3):
-        inputs = _hop_inputs(2, seed=hop)
-        torch.testing.assert_close(replayed.run(states[0], *inputs), eager.run(states[1], *inputs))
+def test_a_graphed_hop_that_fails_leaves_the_state_and_long_hops_run_eagerly(monkeypatch):
+    """A call that raises inside the step hands back nothing: the caller's caches are the ones it
+    gave (the bank writes back only after a call returns). A hop over GRAPH_MAX_FRAMES frames
+    (offline) makes no graph and equals eager."""
+    model, eager = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
+    run = GraphedRun(model, capture=False)
+    state = model.new_state(2)
+    run(state, *_hop_inputs(2))
+    before = {k: t.clone() for k, t in state.vocoder.items()}
+    hop = model.hop
+    monkeypatch.setattr(model, "hop", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        run(state, *_hop_inputs(2, seed=1))
+    assert all(torch.equal(state.vocoder[k], t) for k, t in before.items())
+    monkeypatch.setattr(model, "hop", hop)
+    frames = GRAPH_MAX_FRAMES + 8
+    got = run(model.new_state(2), *_hop_inputs(2, frames))
+    torch.testing.assert_close(got, eager.run(eager.new_state(2), *_hop_inputs(2, frames)))
+    assert list(run.graphs) == [(2, 4)]
 
 
 def test_auto_on_cuda_takes_the_fastest_candidate_that_matches_eager(monkeypatch, caplog):

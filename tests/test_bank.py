@@ -12,6 +12,7 @@ from rtsr.bank import StateBank
 from rtsr.batch import step
 from rtsr.engine import Stream
 from rtsr.features import N_MELS
+from rtsr.graphs import GraphedRun
 
 RATES = [8000, 11025, 16000, 22050, 32000, 44100, 48000]
 
@@ -153,11 +154,28 @@ def test_onnx_backend_runs_the_bank(tmp_path, monkeypatch):
     assert_offline(eager, got, inputs, specs)
 
 
+def test_graphed_hops_run_the_bank():
+    """`cudagraph`'s hop (its step run, not replayed, on a CPU) over the bank: a guided sampler's
+    streams at several rates and channel counts, one leaving, later ones joining (the batch
+    moving between buckets), each its eager offline output."""
+    model, eager = SuperResModel.random(steps=2, seed=5), SuperResModel.random(steps=2, seed=5)
+    model.guidance = eager.guidance = 1.5
+    model.run = GraphedRun(model, capture=False)
+    specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1)]
+    got, inputs = run_mixed(model, specs, 0.4, 9, join_at=3, leave=1)
+    assert len(model.run.graphs) >= 2
+    assert_offline(eager, got, inputs, specs)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_bank_on_a_cuda_device_equals_the_cpu():
-    """The bank lives on the model's device: gathers by slice and by index, writes back there."""
+@pytest.mark.parametrize("backend", ["eager", "cudagraph"])
+def test_the_bank_on_a_cuda_device_equals_the_cpu(backend):
+    """The bank lives on the model's device: gathers by slice and by index, writes back there;
+    replayed graphs too."""
     specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 1)]
-    got, inputs = run_mixed(SuperResModel.random(steps=1, seed=2, device="cuda"), specs, 0.4, 3, leave=1)
+    model = SuperResModel.random(steps=1, seed=2, device="cuda")
+    apply_backend(model, backend)
+    got, inputs = run_mixed(model, specs, 0.4, 3, leave=1)
     assert_offline(SuperResModel.random(steps=1, seed=2), got, inputs, specs)
 
 
