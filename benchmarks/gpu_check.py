@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --quick --device cpu   # a dry run of the same code here
 
 Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs the CPU eager output
-(relative error), offline throughput (x real time) for one file and for a batch of files, and
+(relative error), offline throughput (x real time) for one file and for a batch of files (as
+`rtsr upscale` runs them: bands found, segments on the machine's cores up to 8 threads), and
 live-style per-hop latency p50/p99 at 20 ms hops for 1, 16, 64 and 256 concurrent streams batched
 into one model call per hop, with the largest count whose p99 stays under the hop. First, the
 host's glue per stream per 20 ms round with the model stubbed (benchmarks/glue_bench.py), the
@@ -24,7 +25,9 @@ import torch
 
 from rtsr import batch
 from rtsr.backends import BACKENDS, apply_backend
+from rtsr.files import offline_workers
 from rtsr.model import load_model
+from rtsr.offline import Signal, upscale_signals
 from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
@@ -44,15 +47,14 @@ def sync(device: str) -> None:
 
 
 def offline(model, device: str, files: int, seconds: float) -> float:
-    """x real time for `files` files of `seconds` each, their hops batched into one call."""
-    xs = [signal_(seconds, k) for k in range(files)]
-    streams = [Upscaler(model, k).stream(SR_IN, 1, 500.0) for k in range(files)]
+    """x real time for `files` files of `seconds` each, as `rtsr upscale` runs a batch of files
+    (rtsr.offline): bands found, cut into segments, hops batched, on `offline_workers()` threads."""
+    xs = [signal_(seconds, k)[:, None] for k in range(files)]
+    workers = offline_workers()
+    up = Upscaler(model, workers=workers)
     sync(device)
     t0 = time.perf_counter()
-    for s, x in zip(streams, xs, strict=True):
-        s.push(x)
-        s.push_end()
-    batch.step(streams)
+    upscale_signals(up, [Signal(x, SR_IN) for x in xs], rows=workers, workers=workers)
     sync(device)
     return files * seconds / (time.perf_counter() - t0)
 

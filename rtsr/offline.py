@@ -125,9 +125,8 @@ def upscale_signals(up: Upscaler, signals: list[Signal], rows: int = 1, workers:
     over `workers` threads (each stream's hops batched with those of its thread's others)."""
     outs: list[np.ndarray | None] = []
     jobs: list[tuple[Segment, Signal, Band]] = []
-    for i, sig in enumerate(signals):
+    for i, (sig, band) in enumerate(zip(signals, _bands(signals, workers), strict=True)):
         x = np.ascontiguousarray(sig.x, np.float32)
-        band = sig.band or scan_band(x, sig.sr)
         if band.full or not x.any():  # only resampled; digital silence stays zeros
             outs.append(resample(x, sig.sr) if band.full else np.zeros((round(len(x) * SR / sig.sr), x.shape[1]),
                                                                           np.float32))
@@ -144,6 +143,18 @@ def upscale_signals(up: Upscaler, signals: list[Signal], rows: int = 1, workers:
         if out is None:
             outs[i] = np.concatenate([y for seg, y in sorted(done, key=lambda d: d[0].keep) if seg.signal == i])
     return outs
+
+
+def _bands(signals: list[Signal], workers: int) -> list[Band]:
+    """Each signal's band: given, or scanned, the scans of several signals on `workers` threads (a
+    scan is a third of the host's work on a batch of files, and its kernels release the GIL)."""
+    todo = [sig for sig in signals if sig.band is None]
+    if len(todo) > 1 and workers > 1:
+        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            found = iter(list(pool.map(lambda sig: scan_band(sig.x, sig.sr), todo)))
+    else:
+        found = (scan_band(sig.x, sig.sr) for sig in todo)
+    return [sig.band or next(found) for sig in signals]
 
 
 def _run_all(up: Upscaler, jobs: list[tuple[Segment, Signal, Band]]) -> list[tuple[Segment, np.ndarray]]:

@@ -60,13 +60,16 @@ def test_a_lossy_signal_cut_gives_one_streams_bits(regression: Upscaler, monkeyp
 
 
 def test_a_signal_gives_the_same_bits_alone_and_in_a_batch(regression: Upscaler) -> None:
-    signals = [Signal(signal(16000, 12.3, 1), 16000), Signal(signal(44100, 9.1, 2), 44100),
-               Signal(np.repeat(signal(8000, 17.0, 3), 2, axis=1), 8000)]
+    """Also with the batch's bands scanned on two threads, one band given among them."""
+    signals = [Signal(signal(16000, 12.3, 1), 16000), Signal(signal(16000, 8.2, 4), 16000, Band(5000.0, "given")),
+               Signal(signal(44100, 9.1, 2), 44100), Signal(np.repeat(signal(8000, 17.0, 3), 2, axis=1), 8000)]
     batch = upscale_signals(regression, signals, rows=2)
+    assert all(np.array_equal(a, b) for a, b in zip(batch, upscale_signals(regression, signals, rows=2, workers=2),
+                                                    strict=True))
     for sig, y in zip(signals, batch, strict=True):
         assert np.array_equal(y, upscale_signals(regression, [sig], rows=2)[0])
-        assert np.array_equal(y, regression.upscale(sig.x, sig.sr))
-        assert np.array_equal(y, Upscaler(regression.model, workers=2).upscale(sig.x, sig.sr))
+        assert np.array_equal(y, regression.upscale(sig.x, sig.sr, sig.band))
+        assert np.array_equal(y, Upscaler(regression.model, workers=2).upscale(sig.x, sig.sr, sig.band))
 
 
 def test_a_model_whose_noise_matters_is_not_cut(tiny_model_dir: Path) -> None:
