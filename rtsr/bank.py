@@ -59,6 +59,7 @@ class StateBank:
         self._steps: list[dict[str, torch.Tensor]] = []
         self._vocoder: dict[str, torch.Tensor] = {}
         self._lossy = torch.zeros(0)
+        self.generation = 0  # a new one whenever the bank's tensors are replaced (see `whole`)
         with self._held():
             self._grow(rows)
 
@@ -92,6 +93,21 @@ class StateBank:
         """The slots' state as it is now, for reading (a copy where the rows are not contiguous)."""
         with self._held():
             return self._gather(_rows(slots, self._lossy.device))
+
+    @contextmanager
+    def whole(self) -> Iterator[tuple[ModelState, int]]:
+        """Every row's state as views of the bank's own tensors (a guided teacher's step caches
+        branch-major, (2 x rows, ...)) and their generation, the lock held throughout: for a call
+        that updates the rows it runs in place and leaves the others as they are (rtsr.graphs);
+        joins and leaves wait for it. A new generation means the tensors were replaced: a call
+        that kept their addresses (a CUDA graph) must take them again."""
+        with self._held():
+            for cache, key, _ in self._stored():
+                if not cache[key].is_contiguous():  # a view would not be the bank's own memory
+                    cache[key], self.generation = cache[key].contiguous(), self.generation + 1
+            yield ModelState(steps=[{k: t.flatten(0, 1) if self._step_axis else t for k, t in cache.items()}
+                                    for cache in self._steps],
+                             vocoder=dict(self._vocoder), lossy=self._lossy), self.generation
 
     @contextmanager
     def state_of(self, slots: list[Slot] | slice) -> Iterator[ModelState]:
@@ -135,6 +151,7 @@ class StateBank:
         fresh.lossy[:n] = self._lossy
         self._steps, self._vocoder, self._lossy = steps, fresh.vocoder, fresh.lossy
         self._used = np.concatenate([self._used, np.zeros(rows - n, bool)])
+        self.generation += 1
 
     def _free_run(self, n: int) -> int | None:
         """The first start of n free rows in a row, or None."""
@@ -180,12 +197,20 @@ class StateBank:
             for cache, key, axis in self._stored():
                 cache[key] = cache[key][(slice(None),) * axis + (rows,)]
             self._used, self._lossy = self._used[:rows.stop], self._lossy[:rows.stop]
+            self.generation += 1
 
 
 def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
     """Every cache of a state by (sampler step, key); the vocoder's as step -1."""
     return {**{(k, key): t for k, cache in enumerate(state.steps) for key, t in cache.items()},
             **{(-1, key): t for key, t in state.vocoder.items()}}
+
+
+def row_index(slots: list[Slot] | slice) -> np.ndarray:
+    """The slots' rows in order, as indices."""
+    if isinstance(slots, slice):
+        return np.arange(slots.start, slots.stop)
+    return np.concatenate([np.arange(s.start, s.start + s.rows) for s in slots])
 
 
 def _rows(slots: list[Slot] | slice, device: torch.device) -> slice | torch.Tensor:
@@ -195,4 +220,4 @@ def _rows(slots: list[Slot] | slice, device: torch.device) -> slice | torch.Tens
         return slots
     if all(b.start == a.start + a.rows for a, b in zip(slots, slots[1:], strict=False)):
         return slice(slots[0].start, slots[-1].start + slots[-1].rows)
-    return torch.from_numpy(np.concatenate([np.arange(s.start, s.start + s.rows) for s in slots])).to(device)
+    return torch.from_numpy(row_index(slots)).to(device)

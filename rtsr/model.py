@@ -115,7 +115,11 @@ class SuperResModel:
         """`run` for the streams that own these slots of `bank`, their rows in this order (cutoff
         (B, T), one row per channel), or for a slice of the bank's rows (streams whose slots follow
         each other): one call for all, their state updated in place in the bank, and only if the
-        call succeeds."""
+        call succeeds. A backend that runs the bank's rows where they lie (`run_bank`: a CUDA
+        graph over them, rtsr.graphs) is given the bank instead of their gathered state."""
+        run_bank = getattr(self.run, "run_bank", None)
+        if run_bank is not None:
+            return run_bank(self.bank, slots, cond, low, cutoff, noise)
         with self.bank.state_of(slots) as state:
             return self.run(state, cond, low, cutoff, noise)
 

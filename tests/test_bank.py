@@ -154,16 +154,18 @@ def test_onnx_backend_runs_the_bank(tmp_path, monkeypatch):
     assert_offline(eager, got, inputs, specs)
 
 
-def test_graphed_hops_run_the_bank():
-    """`cudagraph`'s hop (its step run, not replayed, on a CPU) over the bank: a guided sampler's
-    streams at several rates and channel counts, one leaving, later ones joining (the batch
-    moving between buckets), each its eager offline output."""
+def test_graphed_hops_run_the_bank_where_it_lies():
+    """`cudagraph`'s hop (its step run, not replayed, on a CPU) over the bank's own rows, only
+    the ready streams' rows moving: a guided sampler's streams at several rates and channel
+    counts, one leaving, later ones joining (the bank growing under the graph, which is made
+    again), each its eager offline output; no state copied in or out."""
     model, eager = SuperResModel.random(steps=2, seed=5), SuperResModel.random(steps=2, seed=5)
     model.guidance = eager.guidance = 1.5
     model.run = GraphedRun(model, capture=False)
-    specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1)]
+    specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1), (16000, 1), (8000, 2), (16000, 2)]
     got, inputs = run_mixed(model, specs, 0.4, 9, join_at=3, leave=1)
-    assert len(model.run.graphs) >= 2
+    assert model.bank.capacity > 8 and model.run.banked[4].rows == model.bank.capacity
+    assert model.run.graphs == {}
     assert_offline(eager, got, inputs, specs)
 
 
