@@ -7,7 +7,8 @@ Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs 
 (relative error), offline throughput (x real time) for one file and for a batch of files (as
 `rtsr upscale` runs them: bands found, segments on the machine's cores up to 8 threads), and
 live-style per-hop latency p50/p99 at 20 ms hops for 1, 16, 64 and 256 concurrent streams batched
-into one model call per hop, with the largest count whose p99 stays under the hop. First, the
+into one model call per hop, with the largest count whose p99 stays under the hop, and one
+stream's real-time factor (its round's p50 over the 20 ms it upscales). First, the
 host's glue per stream per 20 ms round with the model stubbed (benchmarks/glue_bench.py), the
 part of a live round that no device removes.
 """
@@ -121,11 +122,12 @@ def main() -> None:
             row["status"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
         print(json.dumps(row), flush=True)
     header = ["backend", "status", "rel. err vs CPU", f"offline x RT (1 file / batch of {files})",
-              *(f"p50/p99 ms, {n} streams" for n in counts), "streams with p99 < 20 ms"]
+              *(f"p50/p99 ms, {n} streams" for n in counts), "streams with p99 < 20 ms", "one stream's RTF"]
     table = [[r["backend"], r["status"], f"{r.get('rel_err_vs_cpu', float('nan')):.1e}",
               f"{r.get('offline_x_rt_1file', 0):.0f} / {r.get('offline_x_rt_batch', 0):.0f}",
               *(("{:.2f} / {:.2f}".format(*r[f"live_{n}"])) if f"live_{n}" in r else "-" for n in counts),
-              str(r.get("streams_p99_under_20ms", "-"))] for r in rows]
+              str(r.get("streams_p99_under_20ms", "-")),
+              f"{r['live_1'][0] / 20:.3f}" if "live_1" in r else "-"] for r in rows]
     print("\n" + "\n".join(markdown_table(header, table)))
     print("\nhost glue, model stubbed: " + "; ".join(
         f"{n} streams {g['us_per_stream_round']} us per stream per round ("

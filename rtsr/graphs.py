@@ -130,7 +130,8 @@ class _Graph:
                 self._step()
         now.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # other threads may use the device meanwhile (offline workers' long hops run eagerly)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._step()
 
     def run(self, rows: np.ndarray, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
