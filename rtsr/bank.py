@@ -110,16 +110,17 @@ class StateBank:
                              vocoder=dict(self._vocoder), lossy=self._lossy), self.generation
 
     @contextmanager
-    def state_of(self, slots: list[Slot] | slice) -> Iterator[ModelState]:
+    def state_of(self, slots: list[Slot] | slice, adopt: bool = True) -> Iterator[ModelState]:
         """The slots' state, gathered for one model call (which may replace its tensors); written
-        back into the bank when the block ends without an error, left as it was if it raises."""
+        back into the bank when the block ends without an error, left as it was if it raises.
+        adopt=False: always written into the bank's own tensors (a CUDA graph holds them)."""
         rows = _rows(slots, self._lossy.device)
         with self._held():
             state = self._gather(rows)
         gathered = _caches(state)
         yield state
         with self._held():
-            self._scatter(rows, state, gathered)
+            self._scatter(rows, state, gathered, adopt)
 
     # --- storage --------------------------------------------------------------------------------
 
@@ -176,12 +177,12 @@ class StateBank:
                           lossy=take(self._lossy, 0))
 
     def _scatter(self, rows: slice | torch.Tensor, state: ModelState,
-                 gathered: dict[tuple[int, str], torch.Tensor]) -> None:
+                 gathered: dict[tuple[int, str], torch.Tensor], adopt: bool) -> None:
         """Write back every cache the call replaced (one it left as gathered is already there).
         A call over every row in use, from the first (a server's steady round), gives its new
-        caches to the bank as they are, with no copy: the bank ends where they end (the next join
-        grows it again, one copy of every row, what one write-back of them all would cost)."""
-        whole = isinstance(rows, slice) and rows.start == 0 and not self._used[rows.stop:].any()
+        caches to the bank as they are, with no copy, if `adopt`: the bank ends where they end (the
+        next join grows it again, one copy of every row, what one write-back of them all would cost)."""
+        whole = adopt and isinstance(rows, slice) and rows.start == 0 and not self._used[rows.stop:].any()
         for (where, key), new in _caches(state).items():
             if new is gathered[where, key]:
                 continue

@@ -78,8 +78,8 @@ class GraphedRun:
                  cutoff: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`SuperResModel.run_slots`: the slots' rows of the bank run and updated where they lie."""
         frames = cond.shape[2]
-        if frames > GRAPH_MAX_FRAMES:
-            with bank.state_of(slots) as state:
+        if frames > GRAPH_MAX_FRAMES:  # written back into the tensors the graphs hold
+            with bank.state_of(slots, adopt=False) as state:
                 return self._eager(state, cond, low, cutoff, noise)
         with bank.whole() as (store, generation):
             graph = self.banked.get(frames)

@@ -146,8 +146,8 @@ def upscale_signals(up: Upscaler, signals: list[Signal], rows: int = 1, workers:
 
 
 def _bands(signals: list[Signal], workers: int) -> list[Band]:
-    """Each signal's band: given, or scanned, the scans of several signals on `workers` threads (a
-    scan is a third of the host's work on a batch of files, and its kernels release the GIL)."""
+    """Each signal's band: given, or scanned, the scans of several signals on `workers` threads (the
+    scans are much of the host's work on a batch of files, and their kernels release the GIL)."""
     todo = [sig for sig in signals if sig.band is None]
     if len(todo) > 1 and workers > 1:
         with ThreadPoolExecutor(min(workers, len(todo))) as pool:

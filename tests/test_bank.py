@@ -169,6 +169,22 @@ def test_graphed_hops_run_the_bank_where_it_lies():
     assert_offline(eager, got, inputs, specs)
 
 
+def test_long_hops_beside_graphed_ones_keep_the_graph_and_equal_eager():
+    """An offline stream's long hops run eagerly and its short last hop graphed: the long ones
+    write into the bank's own tensors (not taking the call's as the bank's), so the graph over
+    them stays valid and is not made again; every hop equals eager's."""
+    model, eager = SuperResModel.random(steps=1, seed=6), SuperResModel.random(steps=1, seed=6)
+    run = model.run = GraphedRun(model, capture=False)
+    slots, own = [model.bank.join(1), model.bank.join(2)], eager.new_state(3)
+    for hop, frames in enumerate((4, 40, 4, 40, 4)):
+        inputs = hop_inputs(3, frames, hop)
+        got, ref = model.run_slots(slice(0, 3), *inputs), eager.run(own, *inputs)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        if hop == 0:
+            graph = run.banked[4]
+    assert run.banked[4] is graph and len(run.banked) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["eager", "cudagraph"])
 def test_the_bank_on_a_cuda_device_equals_the_cpu(backend):
