@@ -235,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     parser = build_parser(next(iter(argv), None))
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        unknown = [e for e in extra if e.startswith("-") and e != "-"] if hasattr(args, "paths") else extra
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:  # inputs after an option too: rtsr upscale a.wav -o out/ b.wav
+            args.paths += map(Path, extra)
     except SystemExit as e:  # --help, --version, or argparse's own usage error (status 2)
         return e.code if isinstance(e.code, int) else 2
     if not hasattr(args, "func"):

@@ -140,6 +140,11 @@ def test_inputs_named_without_an_option(rtsr, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_48k.wav", "b_48k.wav", "c_48k.wav"]
     r = rtsr()
     assert r.rc == 2 and "no inputs: give FILE_OR_DIR" in r.err
+    r = rtsr(c, "-o", tmp_path / "out2", a, "--json")  # an input after an option
+    assert r.rc == 0, r.err
+    assert [f["input"] for f in json.loads(r.out)["results"]] == [str(c), str(a)]
+    r = rtsr(c, "-o", tmp_path / "out3", a, "--bogus")
+    assert r.rc == 2 and "unrecognized arguments: --bogus" in r.err and not (tmp_path / "out3").exists()
 
 
 def test_input_list(rtsr, tmp_path: Path) -> None:
