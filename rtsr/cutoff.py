@@ -225,11 +225,12 @@ def find_edge(power: np.ndarray, top_hz: float) -> float | None:
     """The band edge (Hz) in a long-term power spectrum whose band cannot exceed top_hz, or None:
     a steep cliff if there is one, else a soft low-pass skirt below SLOPE_MAX_HZ."""
     f, level = _pooled_db(power)
-    edge = _cliff_edge(f, level, top_hz)
-    return edge if edge is not None else _slope_edge(f, level, top_hz)
+    ceiling = level[f >= 50].max() - PEAK_GAP_DB  # what an empty band stays under: PEAK_GAP_DB under the peak
+    edge = _cliff_edge(f, level, top_hz, ceiling)
+    return edge if edge is not None else _slope_edge(f, level, top_hz, ceiling)
 
 
-def _cliff_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None:
+def _cliff_edge(f: np.ndarray, level: np.ndarray, top_hz: float, ceiling: float) -> float | None:
     """The band edge (Hz) in a long-term spectrum (`_pooled_db`) whose band cannot exceed top_hz, or None.
 
     Scanning up from 1 kHz, the first position b where 80 % of the bands from 250 Hz above b up to
@@ -249,7 +250,7 @@ def _cliff_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None
 
     cand = np.arange(start, stop)
     reach = np.maximum(steep_n, np.round(STEEP_SPAN * f[cand] / GRID_HZ)).astype(np.int64)
-    hit = first_quiet(level, top, cand, below_n, EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB,
+    hit = first_quiet(level, top, cand, below_n, EMPTY_DB, ceiling,
                       np.minimum(cand + reach, top - 1), STEEP_DB, cand + gap, near_n, LOUD_SHARE)
     if hit < 0:
         return None
@@ -264,7 +265,7 @@ def _cliff_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None
     return edge if MIN_EDGE_HZ <= edge <= limit else None
 
 
-def _slope_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None:
+def _slope_edge(f: np.ndarray, level: np.ndarray, top_hz: float, ceiling: float) -> float | None:
     """A soft edge: scanning up from 1 kHz, the first knee b where 80 % of the bands from
     (1 + SLOPE_SPAN) x b to 0.99 x top_hz, and of their first kHz, sit SLOPE_EMPTY_DB under the
     band just below b (median of 600 Hz) and PEAK_GAP_DB under the peak. The edge is the first point
@@ -280,7 +281,7 @@ def _slope_edge(f: np.ndarray, level: np.ndarray, top_hz: float) -> float | None
         return None
     from rtsr.kernels.edges import first_quiet
 
-    k = first_quiet(level, top, cand, below_n, SLOPE_EMPTY_DB, level[f >= 50].max() - PEAK_GAP_DB,
+    k = first_quiet(level, top, cand, below_n, SLOPE_EMPTY_DB, ceiling,
                     np.full(len(cand), -1), 0.0, floor_from, near_n, LOUD_SHARE)
     if k < 0:
         return None
