@@ -33,7 +33,7 @@ from rtsr.audio_io import AudioError, read_audio
 from rtsr.backends import BACKENDS
 from rtsr.bench_band import add_band_parser, band_report, render_band
 from rtsr.bench_quality import add_quality_parser, quality_report, render_quality
-from rtsr.cli import positive_int
+from rtsr.cli import device_name, positive_int
 from rtsr.engine import Stream
 from rtsr.features import HOP, SR
 from rtsr.files import offline_workers
@@ -317,7 +317,7 @@ def _common(p: argparse.ArgumentParser, steps: bool = True) -> None:
     if steps:
         p.add_argument("--steps", type=_positive_int, metavar="N", help="sampler steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--threads", type=_positive_int, default=1, metavar="N",

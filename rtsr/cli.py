@@ -91,6 +91,15 @@ class CliError(Exception):
 # --- arguments ------------------------------------------------------------------------------
 
 
+def device_name(text: str) -> str:
+    """--device's type: auto, cpu, cuda or cuda:N (whether it is there is the model's load to say)."""
+    from rtsr.upscaler import known_device  # torch: only for the commands that run a model
+
+    if not known_device(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
 def positive_int(text: str, most: int | None = None) -> int:
     """An argparse type (up to `most`: bind it with functools.partial) whose refusal names the
     value, not this function."""
@@ -163,7 +172,7 @@ def add_upscale_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-holes", action="store_true",
                    help="keep a lossy input's (MP3, Vorbis, Opus) codec holes: the bands its encoder zeroed "
                         "below the band edge (default: filled from the model, every other cell kept as it is)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="N",

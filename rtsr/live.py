@@ -40,7 +40,7 @@ import numpy as np
 
 from rtsr.audio_io import AudioError, AudioWriter, check_writable
 from rtsr.audio_spec import SR
-from rtsr.cli import BACKEND_NAMES, cutoff_hz, positive_int
+from rtsr.cli import BACKEND_NAMES, cutoff_hz, device_name, positive_int
 
 if TYPE_CHECKING:
     from rtsr.cutoff import Band
@@ -399,7 +399,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="output kept buffered against compute jitter (default: %(default)s)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--model", default="basic", help="model name or folder (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--passthrough", action="store_true",

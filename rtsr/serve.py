@@ -35,7 +35,7 @@ from rtsr import protocol as P
 from rtsr.backends import BACKENDS
 from rtsr.batch import StepFailed
 from rtsr.batch import step as batch_step
-from rtsr.cli import positive_int
+from rtsr.cli import device_name, positive_int
 from rtsr.curve import CurveKeyError, CurveKeys, add_curve_argument, curve_keys, peer_is_admin, warn_if_open
 from rtsr.cutoff import Band
 from rtsr.engine import Stream
@@ -577,7 +577,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--push", metavar="ENDPOINT", help="pipeline mode: send replies here ('@' prefix binds)")
     p.add_argument("--model", action="append", default=None,
                    help="model name or folder to load (repeatable; the first is the default; default: basic)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="network execution backend (default auto: the fastest that works here)")
     p.add_argument("--max-streams", type=int, default=Limits.max_streams, help="(default: %(default)s)")

@@ -20,13 +20,18 @@ from rtsr.model import SuperResModel, load_model
 from rtsr.offline import OFFLINE_BLOCK, OFFLINE_HOP_MS, Signal, upscale_signals
 
 
+def known_device(device: str) -> bool:
+    """Whether `device` names one: auto, cpu, cuda or cuda:N (one GPU of several: a server per GPU)."""
+    return device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()
+
+
 def resolve_device(device: str) -> str:
     """auto, cpu, cuda or cuda:N as torch's device name; anything else, or cuda without a CUDA
     device, is refused in words a caller can act on (torch's own errors list its device types)."""
+    if not known_device(device):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
     if device != "cpu" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device here; use 'cpu' or 'auto'")
     return device

@@ -567,3 +567,13 @@ def test_workers_default_to_the_cores_here_and_to_one_on_a_cluster() -> None:
     assert LoadOptions.of(args).workers == offline_workers() >= 1
     assert LoadOptions.of(argparse.Namespace(**{**vars(args), "scheduler": "local:2"})).workers == 1
     assert LoadOptions.of(argparse.Namespace(**{**vars(args), "workers": 3})).workers == 3
+
+
+@pytest.mark.parametrize("command", [["upscale"], ["serve"], ["bench", "latency"], ["live"]])
+def test_every_device_option_takes_one_gpu_of_several(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    """--device cuda:N (a server per GPU behind a broker) is a device name to every command;
+    anything else is refused by the parser, in words."""
+    assert main([*command, "--device", "cuda:1", "--help"]) == 0
+    capsys.readouterr()
+    assert main([*command, "--device", "gpu", "--help"]) == 2
+    assert "argument --device: 'gpu': use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
