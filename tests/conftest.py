@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_cuda_graphs import fake_cuda_graphs  # noqa: F401  (a fixture: CUDA graph capture on the CPU)
 
 from rtsr.model import SuperResModel
 from rtsr.training.export import export

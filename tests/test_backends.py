@@ -208,9 +208,11 @@ def test_compile_reuses_one_graph_for_every_batch_size():
                 assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("capture", [False, True])
 @pytest.mark.parametrize(("steps", "guidance"), [(0, 1.0), (2, 1.0), (2, 1.5)])
-def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, guidance):
-    """`cudagraph`'s hop (rtsr.graphs), its step run instead of replayed as on a CPU: batches of
+def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, guidance, capture, request):
+    """`cudagraph`'s hop (rtsr.graphs), its step run instead of replayed as on a CPU, or captured
+    and replayed as a CUDA graph (tests/fake_cuda_graphs.py) for a call given its state: batches of
     1, 3, 5, 1 and 8 rows (buckets of 1, 4, 8: spare rows computing on what they hold), three
     hops each with the state carried, a regression, a sampler and a guided sampler (two branches
     per row), the codec flag told row by row: each output equal to eager within 1e-5 of the
@@ -220,7 +222,8 @@ def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, 
         return SuperResModel(Denoiser(32, 2, emb_dim=32, flags=1), Vocoder(32, 2), steps, guidance)
 
     graphed, eager = flagged(), flagged()
-    run = GraphedRun(graphed, capture=False)
+    made = request.getfixturevalue("fake_cuda_graphs") if capture else []
+    run = GraphedRun(graphed, capture=capture)
     for i, batch in enumerate((1, 3, 5, 1, 8)):
         states = graphed.new_state(batch), eager.new_state(batch)
         for state in states:
@@ -230,6 +233,7 @@ def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, 
             got, ref = run(states[0], *inputs), eager.run(states[1], *inputs)
             assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert sorted(run.graphs) == [(1, 4), (4, 4), (8, 4)]
+    assert [g.replays for g in made] == ([6, 3, 6] if capture else [])  # hops run in each bucket
 
 
 def test_a_graphed_hop_that_fails_leaves_the_state_and_long_hops_run_eagerly(monkeypatch):

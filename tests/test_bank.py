@@ -169,6 +169,21 @@ def test_graphed_hops_run_the_bank_where_it_lies():
     assert_offline(eager, got, inputs, specs)
 
 
+def test_graphs_replayed_over_the_bank_equal_eager_offline(fake_cuda_graphs):
+    """`cudagraph` with capture and replay as a CUDA graph does them (tests/fake_cuda_graphs.py:
+    the captured ops run again on the tensors they were captured on, nothing else seen): a
+    guided sampler's streams joining, leaving and growing the bank, each its eager offline
+    output; graphs made again only when the bank's tensors change."""
+    model, eager = SuperResModel.random(steps=2, seed=5), SuperResModel.random(steps=2, seed=5)
+    model.guidance = eager.guidance = 1.5
+    model.run = GraphedRun(model, capture=True)
+    specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1), (16000, 1), (8000, 2), (16000, 2)]
+    got, inputs = run_mixed(model, specs, 0.4, 9, join_at=3, leave=1)
+    assert_offline(eager, got, inputs, specs)
+    assert all(g.replays for g in fake_cuda_graphs) and model.run.banked[4].rows == model.bank.capacity == 16
+    assert len(fake_cuda_graphs) == 2 + len(model.run.banked) - 1  # 20 ms hops: 8 rows, then 16; last hops
+
+
 def test_long_hops_beside_graphed_ones_keep_the_graph_and_equal_eager():
     """An offline stream's long hops run eagerly and its short last hop graphed: the long ones
     write into the bank's own tensors (not taking the call's as the bank's), so the graph over
