@@ -3,6 +3,10 @@
     python benchmarks/gpu_check.py            # on the GPU machine (needs only torch, numpy, numba, scipy)
     python benchmarks/gpu_check.py --quick --device cpu   # a dry run of the same code here
 
+On the GPU machine, run the tests that need CUDA first, in the same call (the backends and the
+bank against the CPU, the graphs really captured):
+    python -m pytest -q -k cuda tests/test_backends.py tests/test_bank.py; python benchmarks/gpu_check.py
+
 Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs the CPU eager output
 (relative error), offline throughput (x real time) for one file and for a batch of files (as
 `rtsr upscale` runs them: bands found, segments on the machine's cores up to 8 threads), and
