@@ -21,6 +21,7 @@ than replaying it), which is how it is tested without a GPU.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ import torch
 from rtsr.bank import ModelState, Slot, StateBank, row_index
 from rtsr.features import N_BINS, N_MELS
 from rtsr.models.nets import Cache
+
+if TYPE_CHECKING:
+    from rtsr.model import SuperResModel
 
 GRAPH_MAX_FRAMES = 32  # a live hop's frames; longer (offline) hops run eagerly
 WARMUP_CALLS = 2  # eager calls on a side stream before a capture (cuBLAS's workspaces, the taps' memory)
@@ -43,7 +47,7 @@ class GraphedRun:
     """Called like `SuperResModel.run` (state, cond, low, cutoff, noise) -> complex spectra on the
     CPU, the state's caches replaced by the new ones; `run_bank` for the rows of a state bank."""
 
-    def __init__(self, model, capture: bool | None = None):
+    def __init__(self, model: SuperResModel, capture: bool | None = None):
         """capture: record CUDA graphs (default: where the model is on CUDA)."""
         self.model = model
         self.capture = str(model.device).startswith("cuda") if capture is None else capture
@@ -92,7 +96,7 @@ class _Graph:
     """One hop length's step over a store's rows: its static inputs and outputs, and (capturing)
     its CUDA graph."""
 
-    def __init__(self, model, store: ModelState, frames: int, capture: bool, generation: int = 0):
+    def __init__(self, model: SuperResModel, store: ModelState, frames: int, capture: bool, generation: int = 0):
         self.model, self.store, self.generation = model, store, generation
         self.rows, dev = store.lossy.shape[0], model.device
         # cond, low and noise mels, the cutoff, the row mask: one (rows, 3 mels + 2, frames) upload
