@@ -184,6 +184,20 @@ def test_graphs_replayed_over_the_bank_equal_eager_offline(fake_cuda_graphs):
     assert len(fake_cuda_graphs) == 2 + len(model.run.banked) - 1  # 20 ms hops: 8 rows, then 16; last hops
 
 
+def test_a_bank_run_eagerly_then_graphed_carries_its_streams_on():
+    """A guided sampler's bank after eager rounds that took the call's caches as its own (every
+    row in use ran), then `cudagraph` over it: every hop equals one eager model's throughout."""
+    model, eager = SuperResModel.random(steps=2, seed=7), SuperResModel.random(steps=2, seed=7)
+    model.guidance = eager.guidance = 1.5
+    slots, own = [model.bank.join(1), model.bank.join(2)], eager.new_state(3)
+    for hop in range(6):
+        if hop == 3:
+            model.run = GraphedRun(model, capture=False)
+        inputs = hop_inputs(3, 4, hop)
+        got, ref = model.run_slots(slots, *inputs), eager.run(own, *inputs)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_long_hops_beside_graphed_ones_keep_the_graph_and_equal_eager():
     """An offline stream's long hops run eagerly and its short last hop graphed: the long ones
     write into the bank's own tensors (not taking the call's as the bank's), so the graph over
