@@ -101,11 +101,8 @@ class StateBank:
         that updates the rows it runs in place and leaves the others as they are (rtsr.graphs);
         joins and leaves wait for it. A new generation means the tensors were replaced: a call
         that kept their addresses (a CUDA graph) must take them again."""
-        with self._held():
-            for cache, key, _ in self._stored():
-                if not cache[key].is_contiguous():  # a view would not be the bank's own memory
-                    cache[key], self.generation = cache[key].contiguous(), self.generation + 1
-            yield ModelState(steps=[{k: t.flatten(0, 1) if self._step_axis else t for k, t in cache.items()}
+        with self._held():  # `view`, not `flatten`: never a copy, whose writes the bank would not see
+            yield ModelState(steps=[{k: t.view(-1, *t.shape[2:]) if self._step_axis else t for k, t in cache.items()}
                                     for cache in self._steps],
                              vocoder=dict(self._vocoder), lossy=self._lossy), self.generation
 
