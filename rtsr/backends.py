@@ -3,8 +3,9 @@
     eager      plain PyTorch (any device)
     compile    torch.compile (Inductor), dynamic shapes so any batch size and hop length reuse
                one graph per network (no recompiles after warm-up)
-    cudagraph  the eager networks' whole hop captured as a CUDA graph per batch bucket and replayed
-               (rtsr.graphs): one launch where a live hop made ~200
+    cudagraph  the eager networks' whole hop captured as a CUDA graph over every row of the state
+               bank (a row mask says which run) and replayed (rtsr.graphs): one launch where a
+               live hop made ~200
     onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
                CPU the fastest, since a live hop's cost is per-operator dispatch
     onnx-int8  `onnx` with the pointwise layers' weights and inputs in int8 at fixed, calibrated
