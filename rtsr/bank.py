@@ -168,8 +168,12 @@ class StateBank:
         every = isinstance(rows, slice) and rows.start == 0 and rows.stop == self.capacity  # a lone stream's rounds
 
         def take(t: torch.Tensor, axis: int) -> torch.Tensor:
-            part = t if every else t[(slice(None),) * axis + (rows,)] if isinstance(rows, slice) else \
-                t.index_select(axis, rows)
+            if every:
+                part = t
+            elif isinstance(rows, slice):
+                part = t[(slice(None),) * axis + (rows,)]
+            else:
+                part = t.index_select(axis, rows)
             return part.flatten(0, 1) if axis else part  # branch-major, as the sampler stacks them
 
         return ModelState(steps=[{k: take(t, self._step_axis) for k, t in cache.items()} for cache in self._steps],
@@ -196,10 +200,10 @@ class StateBank:
                 t.index_copy_(axis, rows, new)
         if whole:
             self.generation += 1
-        if whole and rows.stop < self.capacity:  # the caches left as they were are cut to the same rows
-            for cache, key, axis in self._stored():
-                cache[key] = cache[key][(slice(None),) * axis + (rows,)]
-            self._used, self._lossy = self._used[:rows.stop], self._lossy[:rows.stop]
+            if rows.stop < self.capacity:  # the caches left as they were are cut to the same rows
+                for cache, key, axis in self._stored():
+                    cache[key] = cache[key][(slice(None),) * axis + (rows,)]
+                self._used, self._lossy = self._used[:rows.stop], self._lossy[:rows.stop]
 
 
 def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
