@@ -4,6 +4,8 @@
 `CUDAGraph.replay` runs the recorded ops again on the very tensors they ran on, each result copied
 into the tensor the capture produced: as a real replay does, it reads whatever its inputs hold now
 and writes the same addresses, and nothing computed outside the capture, or allocated anew, is seen.
+An op that makes the host wait for the device (`.item()`, `nonzero`, a boolean mask's indexing:
+what a real capture refuses) fails the capture, so a sync that would break it on a GPU breaks it here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+# ops whose result's size or value the host must read from the device
+HOST_SYNCS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+              torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default,
+              torch.ops.aten.unique_consecutive.default, torch.ops.aten._unique2.default}
+
+
+def _syncs(func, args: tuple) -> bool:
+    if func in HOST_SYNCS:
+        return True
+    if func is torch.ops.aten.index.Tensor:  # indexing by a boolean mask is a nonzero
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+    return False
+
 
 class _Recorder(TorchDispatchMode):
     def __init__(self):
@@ -22,6 +37,8 @@ class _Recorder(TorchDispatchMode):
         self.ops: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _syncs(func, args):
+            raise RuntimeError(f"{func} waits for the device: not allowed while capturing a CUDA graph")
         out = func(*args, **(kwargs or {}))
         self.ops.append((func, args, kwargs or {}, out))
         return out

@@ -236,6 +236,17 @@ def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, 
     assert [g.replays for g in made] == ([6, 3, 6] if capture else [])  # hops run in each bucket
 
 
+def test_a_hop_that_waits_for_the_device_cannot_be_captured(fake_cuda_graphs, monkeypatch):
+    """The capture stand-in refuses what a real capture refuses, a host sync inside the hop (a
+    value read back, a boolean mask's indexing), so the graph tests above prove the hop has none."""
+    model = SuperResModel.random(seed=3)
+    hop = model.hop
+    for sync in (lambda re: float(re.sum()), lambda re: re[re > 0]):
+        monkeypatch.setattr(model, "hop", lambda *a, sync=sync: (sync(hop(*a)[0]), hop(*a))[1])
+        with pytest.raises(RuntimeError, match="waits for the device"):
+            GraphedRun(model, capture=True)(model.new_state(2), *_hop_inputs(2))
+
+
 def test_a_graphed_hop_that_fails_leaves_the_state_and_long_hops_run_eagerly(monkeypatch):
     """A call that raises inside the step hands back nothing: the caller's caches are the ones it
     gave (the bank writes back only after a call returns). A hop over GRAPH_MAX_FRAMES frames
