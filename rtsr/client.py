@@ -34,6 +34,7 @@ from rtsr.audio_spec import SR
 from rtsr.curve import CurveKeyError, add_curve_argument
 from rtsr.curve import curve_keys as load_curve_keys
 from rtsr.cutoff import cutoff_arg
+from rtsr.transport import send_parts
 
 
 class ServerError(Exception):
@@ -105,7 +106,7 @@ class Client:
 
     def send_raw(self, header: dict[str, Any], pcm: bytes | None = None) -> None:
         """Any header and PCM as they are: for tests and tools that speak the protocol themselves."""
-        self.sock.send_multipart(P.encode(header, pcm))
+        send_parts(self.sock, P.encode(header, pcm))
 
     def open(self, stream: P.StreamId, sr: int, channels: int = 1, dtype: str = "float32",
              model: str | None = None, hop_ms: float | None = None, cutoff: float | None = None,

@@ -41,6 +41,7 @@ from rtsr.cutoff import Band
 from rtsr.engine import Stream
 from rtsr.features import SR
 from rtsr.flow import FairShare, FlowControl
+from rtsr.kernels.intake import all_finite
 from rtsr.model import ModelError
 from rtsr.transport import (
     FLUSH_S,
@@ -59,6 +60,7 @@ from rtsr.transport import (
     pipeline_endpoint,
     poll_s,
     router_sender,
+    send_parts,
 )
 from rtsr.upscaler import Upscaler
 
@@ -98,6 +100,7 @@ class Session:
     audio_s: float = 0.0  # input seconds accepted, for the rate limit
     band: Band | None = None  # the band last reported to the client
     resend_from: int | None = None  # a refused (rate) seq: later ones are refused too until it comes again
+    reply_start: bytes = b""  # its audio replies' header up to the seq (`P.audio_header_start`)
 
     def work_s(self, pcm_bytes: int) -> float:
         """Seconds of audio, summed over channels, in a PCM frame of this length (nothing decoded)."""
@@ -112,7 +115,8 @@ class Job:
     key: tuple[Peer, P.StreamId]
     session: Session
     block: np.ndarray  # (frames, channels) float32, gap silence already in front
-    header: dict[str, Any]  # the reply header
+    seq: int
+    extra: dict[str, Any]  # the reply header's fields after the seq ("gap", and the band when it moved)
 
 
 @dataclass
@@ -139,6 +143,7 @@ class Service:
         self.dropped: dict[tuple[Peer, P.StreamId], str] = {}  # why a stream was dropped, told on its next message
         self.stats = Stats()
         self.tokens = True  # later messages must carry their stream's token (off for a pipeline's one upstream)
+        self._costed: dict[bytes, dict[str, Any]] = {}  # headers `cost` decoded, taken by the next `handle_batch`
 
     # --- entry points -----------------------------------------------------------------------
 
@@ -151,7 +156,7 @@ class Service:
             self.stats.messages += 1
             try:
                 P.check_sizes(frames, self.limits.max_frame_bytes)
-                h = P.decode_header(frames[0])
+                h = self._costed.pop(bytes(frames[0]), None) or P.decode_header(frames[0])
                 if h["type"] == "audio":
                     jobs.append(self._audio_job(peer, h, frames))
                     continue
@@ -166,13 +171,17 @@ class Service:
                 out.append(self._error(peer, P.ProtocolError(P.INTERNAL, f"the server failed on this message: "
                                                                          f"{type(e).__name__}")))
         self._run_jobs(jobs, out)
+        self._costed.clear()  # what fair sharing holds back is decoded again when its turn comes
         return out
 
     def cost(self, peer: Peer, frames: list) -> float:
         """Seconds of audio (summed over channels) an audio message asks the engine for, judged by
         its length; what fair sharing between peers counts. Anything else costs nothing."""
+        if len(frames[0]) > P.MAX_HEADER_BYTES:
+            return 0.0
         try:
-            h = P.decode_header(frames[0]) if len(frames[0]) <= P.MAX_HEADER_BYTES else {}
+            raw = bytes(frames[0])
+            h = self._costed[raw] = P.decode_header(raw)
         except P.ProtocolError:
             return 0.0
         s = self.sessions.get((peer, h.get("stream")))
@@ -285,7 +294,8 @@ class Service:
         except ValueError as e:  # e.g. a hop that is not a multiple of the frame hop
             raise P.ProtocolError(P.BAD_HEADER, str(e), spec.stream, closed=True) from None
         now, token = self.clock(), P.new_token()
-        self.sessions[key] = Session(spec, engine, token, now, now, band=engine.band)
+        self.sessions[key] = Session(spec, engine, token, now, now, band=engine.band,
+                                     reply_start=P.audio_header_start(spec.stream, token))
         self.stats.opened += 1
         return {"type": "opened", "stream": spec.stream, "token": token, "out_sr": SR,
                 "latency_samples": engine.latency_samples, "channels": spec.channels, "model": name,
@@ -311,7 +321,7 @@ class Service:
             raise P.ProtocolError(P.TOO_BIG, f"a block of {n / sr:.3f} s x {channels} channels is more than the "
                                              f"{lim.max_block_s:g} s of audio one message may carry; block not "
                                              "consumed", sid, seq)
-        x = P.decode_pcm(pcm, s.spec.dtype, channels, sid, seq)
+        x = P.decode_pcm(pcm, s.spec.dtype, channels, sid, seq, all_finite)
         now = self.clock()
         s.active = now
         if seq < s.next_seq:
@@ -327,7 +337,7 @@ class Service:
                                       retry_after_ms=int(1000 * ahead / lim.max_speed) + 1,
                                       resend_from=s.resend_from)
             s.resend_from = None
-        header: dict[str, Any] = {"type": "audio", "stream": sid, "token": s.token, "seq": seq}
+        extra: dict[str, Any] = {}
         n, gap = len(x), seq - s.next_seq
         if gap:  # fill the missing blocks with silence so everything after keeps its time
             fill = gap * (s.last_frames or n)
@@ -337,12 +347,12 @@ class Service:
                                              f"message may fill ({lim.max_block_s:g} s of audio over all "
                                              "channels); stream ended", sid, seq, closed=True)
             x = np.concatenate([np.zeros((fill, channels), np.float32), x])
-            header["gap"] = gap
+            extra["gap"] = gap
             self.stats.gaps += gap
         s.next_seq = seq + 1
         s.last_frames = n or s.last_frames
         s.audio_s += len(x) / sr
-        return Job(peer, key, s, x, header)
+        return Job(peer, key, s, x, seq, extra)
 
     def _run_jobs(self, jobs: list[Job], out: list[Reply]) -> None:
         """The engine stage of a batch; empties `jobs` into `out`, replies in job order.
@@ -409,14 +419,15 @@ class Service:
         log.error("engine failed for %r: %s", job.key, e)
         self.sessions.pop(job.key, None)
         return self._error(job.peer, P.ProtocolError(P.INTERNAL, f"engine failed: {e}", job.key[1],
-                                                     job.header["seq"], closed=True, token=job.session.token))
+                                                     job.seq, closed=True, token=job.session.token))
 
     def _audio_reply(self, job: Job, y: np.ndarray) -> Reply:
         band = job.session.engine.band
         if band != job.session.band:  # the cutoff in use moved: say so on this reply
-            job.header.update(band_fields(band))
+            job.extra.update(band_fields(band))
             job.session.band = band
-        return job.peer, P.encode(job.header, y)
+        return job.peer, [P.audio_header(job.session.reply_start, job.seq, job.extra),
+                          np.ascontiguousarray(y, P.OUT_DTYPE).tobytes()]
 
 
 def band_fields(band: Band) -> dict[str, Any]:
@@ -491,7 +502,7 @@ def serve_pipeline(service: Service, pull: str, push: str, t: Transport | None =
                         log.warning("pipeline error: %s", frames[0].decode())
                     while not t.stop.is_set():  # downstream full or absent: wait (backpressure), but stay stoppable
                         if dst.poll(int(POLL_S * 1000), zmq.POLLOUT):
-                            dst.send_multipart(frames)
+                            send_parts(dst, frames)
                             break
     finally:
         src.close(0)

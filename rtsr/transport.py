@@ -117,11 +117,32 @@ def pipeline_endpoint(text: str) -> tuple[str, bool]:
     return text.removeprefix(">"), False
 
 
+# pyzmq's send_multipart/recv_multipart build an enum flag for every part: ~4 us a message each
+# way, against ~1.8 with plain int flags, of a server's ~20 us of work per stream and block
+NOBLOCK, MORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+
+
+def send_parts(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
+    """`sock.send_multipart(frames, flags)`, all or nothing as ZeroMQ sends a message."""
+    last = len(frames) - 1
+    for i, f in enumerate(frames):
+        sock.send(f, flags | MORE if i < last else flags)
+
+
+def recv_parts(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+    """`sock.recv_multipart(flags, copy=False)`: a message's parts arrive together, so only the
+    first may find none (zmq.Again with NOBLOCK)."""
+    parts = [sock.recv(flags, copy=False)]
+    while parts[-1].more:
+        parts.append(sock.recv(flags, copy=False))
+    return parts
+
+
 def drain(sock: zmq.Socket) -> list[list[zmq.Frame]]:
     msgs = []
     while len(msgs) < MAX_BATCH:
         try:
-            msgs.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            msgs.append(recv_parts(sock, NOBLOCK))
         except zmq.Again:
             break
     return msgs
@@ -145,7 +166,7 @@ def router_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
     mark, "gone" when the peer is disconnected (ROUTER_MANDATORY tells both apart)."""
     def send(peer: Peer, frames: list) -> SendResult:
         try:
-            sock.send_multipart([peer, *frames], zmq.NOBLOCK)
+            send_parts(sock, [peer, *frames], NOBLOCK)
             return "sent"
         except zmq.Again:
             return "full"
@@ -159,7 +180,7 @@ def router_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
 def dealer_sender(sock: zmq.Socket) -> Callable[[Peer, list], SendResult]:
     def send(_: Peer, frames: list) -> SendResult:
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_parts(sock, frames, NOBLOCK)
             return "sent"
         except zmq.Again:
             return "full"

@@ -82,6 +82,18 @@ def test_a_deeply_nested_header_is_an_error_not_a_crash(up):
         still_serves(eps["frontend"])
 
 
+def test_a_header_nested_past_the_depth_is_refused_and_brackets_in_its_strings_are_not_nesting():
+    """Under the bracket bound a header is walked for its depth (more containers than the depth
+    allows); brackets inside a flat header's strings are text."""
+    for depth in (P.MAX_JSON_DEPTH + 1, 2 * P.MAX_JSON_DEPTH):
+        nested = b'{"type":"stats","x":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+        with pytest.raises(P.ProtocolError, match="nested more than"):
+            P.decode_header(nested)
+    flat = {"type": "audio", "stream": "[[{{[[{{", "token": "}}]]", "seq": 3}
+    assert P.decode_header(P.encode(flat)[0]) == {"v": P.VERSION, **flat}
+    assert P.decode_header(b'{"type":"stats","x":' + b"[" * 3 + b"]" * 3 + b"}")["x"] == [[[]]]
+
+
 @pytest.mark.parametrize("heartbeat", [b'{"type":"ready","capacity":"abc"}', b'{"type":"ready","capacity":null}',
                                        b'{"type":"ready","capacity":1e400}', b'[1,2]', DEEP, b"\xff"])
 def test_a_bad_worker_message_leaves_the_broker_running(up, heartbeat):

@@ -507,3 +507,30 @@ def test_serve_takes_a_thread_count_and_refuses_none():
     r = subprocess.run([sys.executable, "-m", "rtsr.cli", "serve", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert "--threads N" in r.stdout
+
+
+def test_a_header_decoded_for_fair_sharing_is_the_one_answered_in_any_later_batch(up):
+    """`cost` decodes a header for fair sharing and `handle_batch` takes it: a message costed in
+    one round and answered in a later one, a bad header costed, and a costed message answered
+    together with an uncosted copy of itself each get the reply they get uncosted."""
+    svc = service(up)
+    [(_, opened)] = svc.handle_batch([(b"p", P.encode({"type": "open", "stream": 1, "sr": 16000}))])
+    token = P.decode_header(opened[0])["token"]
+    block = np.zeros(320, np.float32).tobytes()
+    first = P.encode({"type": "audio", "stream": 1, "token": token, "seq": 0}, block)
+    bad = [b'{"type":"audio","stream":1,"seq":"x"}', block]
+    assert svc.cost(b"p", first) == pytest.approx(0.02) and svc.cost(b"p", bad) == 0.0
+    assert svc.handle_batch([]) == []
+    replies = svc.handle_batch([(b"p", first), (b"p", bad), (b"p", first)])
+    headers = [P.decode_header(frames[0]) for _, frames in replies]
+    assert [(h["type"], h.get("seq"), h.get("code")) for h in headers] == [
+        ("audio", 0, None), ("error", None, P.BAD_HEADER), ("error", 0, P.SEQ)]
+    assert replies[0][1][0] == P.encode({"type": "audio", "stream": 1, "token": token, "seq": 0})[0]
+
+
+@pytest.mark.parametrize(("stream", "token"), [("s1", "abc"), (7, None), ('é"\\x', "t"), (None, "z")])
+def test_an_audio_reply_header_is_the_bytes_encode_makes(stream, token):
+    start = P.audio_header_start(stream, token)
+    for seq, extra in ((0, None), (12345, {"gap": 2}), (3, {"gap": 1, "cutoff": 3999.5, "band": "detected"})):
+        assert P.audio_header(start, seq, extra) == P.encode({"type": "audio", "stream": stream, "token": token,
+                                                              "seq": seq, **(extra or {})})[0]
