@@ -16,6 +16,7 @@ loading is in neither.
 
     python benchmarks/glue_bench.py --streams 256 --json
     python benchmarks/glue_bench.py --streams 256 --versus /tmp/before   # another checkout beside this one
+    python benchmarks/glue_bench.py --streams 256 --service   # what `rtsr serve`'s protocol adds
 """
 
 from __future__ import annotations
@@ -139,6 +140,46 @@ def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup
             "stages_us_per_stream_round": stages}
 
 
+def service_rounds(n_streams: int, n_rounds: int, warmup: int) -> dict:
+    """What `rtsr serve` adds per stream and round: N streams opened in a `Service` (the protocol
+    state machine, no sockets) and each round's blocks handed to it as the messages a client
+    sends (header, PCM), beside N twin engine streams pushed and stepped bare, the two alternating
+    round by round in this process; the difference is the protocol's work (decoding and checking
+    a message, sequencing, the reply)."""
+    from rtsr import protocol as P
+    from rtsr.serve import Limits, Service
+    from rtsr.upscaler import Upscaler
+
+    up = Upscaler(ShapeStub.like())
+    service = Service({"basic": up}, "basic", Limits(max_streams=n_streams, max_streams_per_peer=n_streams))
+    tokens = []
+    for k in range(n_streams):
+        [(_, opened)] = service.handle_batch([(b"peer", P.encode({"type": "open", "stream": k, "sr": SR_IN}))])
+        tokens.append(P.decode_header(opened[0])["token"])
+    twins = [Stream(up.model, SR_IN, 1, 20.0) for _ in range(n_streams)]
+    x = speech_like(SR_IN, (n_rounds + warmup) * BLOCK / SR_IN + 0.1)
+    spent = {"service": 0.0, "engine": 0.0}
+    for r in range(warmup + n_rounds):
+        block = x[r * BLOCK:(r + 1) * BLOCK]
+        msgs = [(b"peer", P.encode({"type": "audio", "stream": k, "token": tokens[k], "seq": r}, block.tobytes()))
+                for k in range(n_streams)]
+        t0 = time.perf_counter()
+        replies = service.handle_batch(msgs)
+        t1 = time.perf_counter()
+        for s in twins:
+            s.push(block)
+        batch.step(twins)
+        t2 = time.perf_counter()
+        assert all(P.decode_header(frames[0])["type"] == "audio" for _, frames in replies)
+        if r >= warmup:
+            spent["service"] += t1 - t0
+            spent["engine"] += t2 - t1
+    us = {k: round(v * 1e6 / (n_streams * n_rounds), 1) for k, v in spent.items()}
+    return {"streams": n_streams, "rounds": n_rounds, "service_us_per_stream_round": us["service"],
+            "engine_us_per_stream_round": us["engine"],
+            "protocol_us_per_stream_round": round(us["service"] - us["engine"], 1)}
+
+
 def load_package(root: Path) -> None:
     """Import the rtsr package of the checkout at `root` in place of the one imported now (its
     folders mapped as pyproject.toml maps them), so that two versions run in one process."""
@@ -188,8 +229,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--versus", type=Path, metavar="DIR",
                    help="also time the checkout at DIR (e.g. `git worktree add DIR <commit>`), run after run")
     p.add_argument("--repeats", type=int, default=3, help="with --versus: runs of each")
+    p.add_argument("--service", action="store_true",
+                   help="time the streams through `rtsr serve`'s protocol (socket-free) beside the engine alone")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.service:
+        r = service_rounds(args.streams, args.rounds, args.warmup)
+        print(json.dumps(r) if args.json else
+              f"{r['streams']} streams, {r['rounds']} rounds, per stream per round: the service "
+              f"{r['service_us_per_stream_round']} us, the engine alone {r['engine_us_per_stream_round']} us, "
+              f"the protocol {r['protocol_us_per_stream_round']} us")
+        return
     if args.versus:
         if args.band_limited or args.waves != 1:
             p.error("--band-limited and --waves are not timed --versus (an older glue_bench has neither)")

@@ -56,15 +56,20 @@ def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
     assert sum(len(g) for g in got) > 40000
 
 
-@pytest.mark.parametrize("versus", [False, True])
-def test_the_glue_benchmark_prints_its_per_stream_cost(versus):
-    """It runs (beside another checkout too, here this one again) and prints the key."""
+@pytest.mark.parametrize("mode", ["alone", "versus", "service"])
+def test_the_glue_benchmark_prints_its_per_stream_cost(mode):
+    """It runs (beside another checkout too, here this one again; through the service's protocol)
+    and prints the keys."""
     root = Path(__file__).resolve().parents[1]
-    extra = ["--versus", str(root), "--repeats", "1"] if versus else []
+    extra = {"alone": [], "versus": ["--versus", str(root), "--repeats", "1"], "service": ["--service"]}[mode]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "glue_bench.py"), "--streams", "2", "--rounds", "2",
                         "--warmup", "1", "--json", *extra], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
+    if mode == "service":
+        assert out["service_us_per_stream_round"] > 0 and out["engine_us_per_stream_round"] > 0
+        return
+    versus = mode == "versus"
     assert out["us_per_stream_round"] > 0 and (not versus or out["us_per_stream_round_versus"] > 0)
     if not versus:
         assert 0 < out["round_ms"]["p50"] <= out["round_ms"]["p99"] <= out["round_ms"]["max"]
