@@ -14,7 +14,7 @@ live-style per-hop latency p50/p99 at 20 ms hops for 1, 16, 64 and 256 concurren
 into one model call per hop, with the largest count whose p99 stays under the hop, and one
 stream's real-time factor (its round's p50 over the 20 ms it upscales). First, the
 host's glue per stream per 20 ms round with the model stubbed (benchmarks/glue_bench.py), the
-part of a live round that no device removes.
+part of a live round that no device removes, and what `rtsr serve`'s protocol adds to it.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
     print(f"device {name}, torch {torch.__version__}", flush=True)
     glue = {n: glue_bench.rounds(n, 10 if a.quick else 50, 100) for n in ((2,) if a.quick else (32, 256))}
-    print(json.dumps({"glue": glue}), flush=True)
+    served = glue_bench.service_rounds(2 if a.quick else 256, 10 if a.quick else 50, 100)
+    print(json.dumps({"glue": glue, "service": served}), flush=True)
     x = signal_(3.0, 1)
     ref = Upscaler(load_model(a.model, "cpu")).upscale(x, SR_IN)
     rows = []
@@ -136,6 +137,8 @@ def main() -> None:
     print("\nhost glue, model stubbed: " + "; ".join(
         f"{n} streams {g['us_per_stream_round']} us per stream per round ("
         + ", ".join(f"{k} {v}" for k, v in g["stages_us_per_stream_round"].items()) + ")" for n, g in glue.items()))
+    print(f"serve's protocol (socket-free), {served['streams']} streams: {served['protocol_us_per_stream_round']} us "
+          f"per stream per round over the engine's {served['engine_us_per_stream_round']}")
     print(f"\ntotal {time.time() - start:.0f} s", file=sys.stderr)
 
 
