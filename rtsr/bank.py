@@ -206,10 +206,15 @@ class StateBank:
                 self._used, self._lossy = self._used[:rows.stop], self._lossy[:rows.stop]
 
 
+def cache_entries(state: ModelState) -> list[tuple[int, Cache, str]]:
+    """Every cache of a state as (sampler step, the dict holding it, its key): the steps' in order,
+    then the vocoder's as step -1."""
+    return [(k, cache, key) for k, cache in (*enumerate(state.steps), (-1, state.vocoder)) for key in cache]
+
+
 def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
-    """Every cache of a state by (sampler step, key); the vocoder's as step -1."""
-    return {**{(k, key): t for k, cache in enumerate(state.steps) for key, t in cache.items()},
-            **{(-1, key): t for key, t in state.vocoder.items()}}
+    """Every cache of a state by (sampler step, key)."""
+    return {(k, key): cache[key] for k, cache, key in cache_entries(state)}
 
 
 def row_index(slots: list[Slot] | slice) -> np.ndarray:

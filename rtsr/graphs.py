@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rtsr.bank import ModelState, Slot, StateBank, row_index
+from rtsr.bank import ModelState, Slot, StateBank, cache_entries, row_index
 from rtsr.features import N_BINS, N_MELS
-from rtsr.models.nets import Cache
 
 if TYPE_CHECKING:
     from rtsr.model import SuperResModel
@@ -73,7 +72,7 @@ class GraphedRun:
             torch._foreach_copy_(stored, [t.view(-1, rows, *t.shape[1:]) for t in _caches(state)])
             graph.store.lossy[:rows].copy_(state.lossy)
             spectra = graph.run(np.arange(rows), cond, low, cutoff, noise)
-            for (cache, key), t in zip(_entries(state), stored, strict=True):
+            for (_, cache, key), t in zip(cache_entries(state), stored, strict=True):
                 cache[key] = t.clone(memory_format=torch.contiguous_format).flatten(0, 1)
             return spectra
 
@@ -158,10 +157,5 @@ class _Graph:
         return torch.view_as_complex(mine.cpu())
 
 
-def _entries(state: ModelState) -> list[tuple[Cache, str]]:
-    """Every cache of a state as (its dict, its key): the sampler steps', then the vocoder's."""
-    return [(c, key) for c in (*state.steps, state.vocoder) for key in c]
-
-
 def _caches(state: ModelState) -> list[torch.Tensor]:
-    return [c[key] for c, key in _entries(state)]
+    return [cache[key] for _, cache, key in cache_entries(state)]
