@@ -1,9 +1,9 @@
 """`rtsr upscale`'s files as batches: decoded whole (and their band found from those samples) on
-an I/O thread while the model runs, upscaled a batch at a time (rtsr.offline: the hops of all
+I/O threads while the model runs, upscaled a batch at a time (rtsr.offline: the hops of all
 their segments batched per model call; a batch is what is decoded when the model is free, up to
-BATCH_S), and written on that thread too.
+BATCH_S), and written on those threads too.
 
-A thread, not a process: reading, decoding (libsndfile, FFmpeg), the band scan's resampler and
+Threads, not processes: reading, decoding (libsndfile, FFmpeg), the band scan's resampler and
 FFTs and writing all run with the GIL released, and a thread costs nothing to start, where a
 worker process took ~1-2 s of a 2-core machine to start and import its libraries (measured here:
 a 2-minute batch of six files took 5.4-6.4 s with one, 3.4-4.3 s without).
@@ -23,13 +23,19 @@ from time import perf_counter
 from rtsr.audio_io import STDIO, AudioError
 from rtsr.batch_io import Decoded, decode_with_band, write_output
 from rtsr.features import SR
-from rtsr.files import BandChoice, Job, Result, check_destination, in_words, upscale_file
+from rtsr.files import BandChoice, Job, Result, check_destination, in_words, offline_workers, upscale_file
 from rtsr.offline import Signal, upscale_signals
 from rtsr.upscaler import Upscaler
 
 BATCH_S = 300.0  # seconds of input upscaled together: ~100 MB of decoded 44.1 kHz stereo, outputs as much again
 LONG_S = 600.0  # longer files go block by block, not held whole (10 min of 44.1 kHz stereo: ~0.5 GB in and out)
-AHEAD = 4  # files decoded ahead of the model
+AHEAD = 4  # files decoded ahead of the model, per I/O thread
+
+
+def io_threads() -> int:
+    """I/O threads: one per two of the offline workers. One thread decodes and scans a 44.1 kHz
+    stereo file at ~330-410x real time here, under what a GPU upscales; a 2-core machine keeps one."""
+    return max(1, offline_workers() // 2)
 
 
 def upscale_files(up: Upscaler, jobs: list[Job], seconds: dict[str, float], fmt: str, choice: BandChoice,
@@ -39,9 +45,11 @@ def upscale_files(up: Upscaler, jobs: list[Job], seconds: dict[str, float], fmt:
     duration from its header (0: unknown), which decides the way it goes."""
     results: list[Result | None] = [None] * len(jobs)
     whole = [i for i, j in enumerate(jobs) if _whole(j, seconds.get(str(j.src), 0.0), overwrite)]
-    with ThreadPoolExecutor(1, thread_name_prefix="rtsr-io") as io:
-        decoding = deque((i, io.submit(decode_with_band, jobs[i].src, choice.cutoff_hz)) for i in whole[:AHEAD])
-        later = iter(whole[AHEAD:])
+    threads = io_threads()
+    with ThreadPoolExecutor(threads, thread_name_prefix="rtsr-io") as io:
+        ahead = AHEAD * threads
+        decoding = deque((i, io.submit(decode_with_band, jobs[i].src, choice.cutoff_hz)) for i in whole[:ahead])
+        later = iter(whole[ahead:])
         batch: list[tuple[int, Decoded]] = []
         writes: list[tuple[int, Result, Future | None]] = []
 
@@ -88,7 +96,7 @@ def _whole(job: Job, seconds: float, overwrite: bool) -> bool:
 def _upscale(up: Upscaler, jobs: list[Job], batch: list[tuple[int, Decoded]], fmt: str, choice: BandChoice,
              overwrite: bool, io: ThreadPoolExecutor, progress: Callable[[str, float], None],
              ) -> list[tuple[int, Result, Future]]:
-    """Upscale a batch together; each output handed to the I/O thread to write. The compute time of the
+    """Upscale a batch together; each output handed to the I/O threads to write. The compute time of the
     batch is shared among its files by duration."""
     signals = [Signal(d.x, d.sr, d.band, choice.fill_holes(d.lossy)) for _, d in batch]
     t0 = perf_counter()

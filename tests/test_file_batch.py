@@ -1,4 +1,4 @@
-"""`rtsr upscale` on many files (rtsr.file_batch): decoded and written on an I/O thread,
+"""`rtsr upscale` on many files (rtsr.file_batch): decoded and written on I/O threads,
 upscaled together, each output the one the file gets alone; a bad file fails alone."""
 
 import json
@@ -18,11 +18,14 @@ def noise(sr: int, seconds: float, channels: int = 1, seed: int = 0) -> np.ndarr
     return (0.1 * np.random.default_rng(seed).standard_normal((round(sr * seconds), channels))).astype(np.float32)
 
 
-@pytest.mark.parametrize("batch_s", [file_batch.BATCH_S, 1.0])  # one batch, or a batch per file
+@pytest.mark.parametrize(("batch_s", "io_threads"), [(file_batch.BATCH_S, 1), (1.0, 1), (1.0, 3)])
 def test_files_in_batches_are_upscaled_as_alone_and_a_bad_one_fails_alone(
         tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-        batch_s: float) -> None:
+        batch_s: float, io_threads: int) -> None:
+    """One batch or a batch per file, decoded and written by one I/O thread or three (a many-core
+    machine's: files decoded out of order, each result still in its place)."""
     monkeypatch.setattr(file_batch, "BATCH_S", batch_s)
+    monkeypatch.setattr(file_batch, "io_threads", lambda: io_threads)
     inputs = {"a.wav": (noise(16000, 1.3), 16000), "b.flac": (noise(44100, 0.7, 2, seed=1), 44100),
               "c.wav": (noise(8000, 2.1, seed=2), 8000)}
     for name, (x, sr) in inputs.items():
