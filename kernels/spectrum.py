@@ -13,10 +13,10 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def windowed(buf: np.ndarray, n: int, hop: int, window: np.ndarray) -> np.ndarray:
-    """Frames k < n of buf ((samples, channels)), from sample k * hop, times the window: (n, channels, len(window))."""
+def windowed(buf: np.ndarray, n: int, hop: int, window: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Frames k < n of buf ((samples, channels)), from sample k * hop, times the window, written
+    into out ((n, channels, len(window)) float32) and returned."""
     size, channels = len(window), buf.shape[1]
-    out = np.empty((n, channels, size), np.float32)
     for k in range(n):
         for c in range(channels):
             for i in range(size):

@@ -31,7 +31,7 @@ import torch
 
 from rtsr import hopbank
 from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
-from rtsr.cutoff import Band, CutoffTracker, as_band
+from rtsr.cutoff import Band, CutoffTracker, as_band, commit_many
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel
 from rtsr.hopbank import NOT_ENDED
 from rtsr.intake import join as join_intake
@@ -92,6 +92,8 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
                 left.append(s)
     framed: list[tuple[list[Stream], np.ndarray]] = []
     frames = []
+    due: list[tuple[Stream, int]] = []  # deciding trackers' spectra to commit, up to a sample each
+    fed: list[Stream] = []  # deciding trackers given samples: each decides once the spectra are committed
     for bank, group in groups.items():
         members = [s for s, _, _ in group]
         new_at = np.zeros(len(group) + 1, np.int64)
@@ -103,9 +105,17 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
                                                   ends[:, 1], deciding)
         starts = np.cumsum(made_counts) - made_counts
         for k in np.flatnonzero(deciding):
-            _guarded(members[k], members[k].cutoff.feed, made[starts[k]:starts[k] + made_counts[k]])
+            s = members[k]
+            if (until := _guarded(s, s.cutoff.take, made[starts[k]:starts[k] + made_counts[k]])) is not None:
+                due.append((s, until))
+            if made_counts[k] and s._failed is None:
+                fed.append(s)
         framed.append((members, counts))
         frames.append(f)
+    _commit_spectra(due)
+    for s in fed:
+        if s._failed is None:
+            _guarded(s, s.cutoff.decide)
     f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
     if f is None or not len(f):
         return left
@@ -130,7 +140,7 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
         rows = np.array([s.hop_row for s in members], np.int64)
         # a settled band is each frame's band; a deciding tracker says (a failed one: its stream alone)
         deciding = {k: _guarded(s, s.band_rows, int(counts[k])) for k, s in enumerate(members)
-                    if s.cutoff.deciding and counts[k]}
+                    if s.cutoff.deciding and counts[k] and s.decides_within(int(counts[k]))}
         band_now = bank.band_now[rows]
         for k, ids in deciding.items():
             if ids is not None:
@@ -143,6 +153,16 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
                     q = bank.queued[s.hop_row]
                     bank.band[s.hop_row:s.hop_row + s.channels, q - n:q] = ids
     return left
+
+
+def _commit_spectra(due: list[tuple[Stream, int]]) -> None:
+    """The deciding trackers' detector frames, all through one FFT call (rtsr.cutoff.commit_many);
+    if that fails, each tracker's alone, so that a failure stays its stream's."""
+    try:
+        commit_many([(s.cutoff.spectrum, until) for s, until in due])
+    except Exception:
+        for s, until in due:
+            _guarded(s, s.cutoff.spectrum.commit, until)
 
 
 def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:
@@ -367,12 +387,16 @@ class Stream:
         """Input (or its end) is waiting to be analysed."""
         return bool(self._pending) or self.flush_to[0] >= 0
 
-    def band_rows(self, n: int) -> np.ndarray:
-        """The band index of each of the next n frames analysed while the band tracker decides
-        (its decisions fall between them); once it has settled, every frame's is `band_now`."""
+    def decides_within(self, n: int) -> bool:
+        """Whether the band tracker makes a decision within the next n frames analysed (else every
+        one of them is in `band_now`'s band)."""
         t = int(self.hops.analysed[self.hop_row])
-        if not self.cutoff.decides_within(t, t + n):  # the band holds over these frames
-            return np.full(n, self.hops.band_now[self.hop_row], np.int32)
+        return self.cutoff.decides_within(t, t + n)
+
+    def band_rows(self, n: int) -> np.ndarray:
+        """The band index of each of the next n frames analysed, over which the band tracker makes
+        a decision (`decides_within`)."""
+        t = int(self.hops.analysed[self.hop_row])
         rows = self.cutoff.rows(t, t + n)
         self.hops.set_band_now(self.hop_row, self.cutoff.row())
         if (rows == rows[0]).all():

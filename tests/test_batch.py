@@ -75,10 +75,11 @@ def test_the_glue_benchmark_prints_its_per_stream_cost(mode):
         assert 0 < out["round_ms"]["p50"] <= out["round_ms"]["p99"] <= out["round_ms"]["max"]
 
 
-@pytest.mark.parametrize("fail_in", ["band_rows", "merge"])
-def test_a_failing_stream_leaves_the_others_whole(fail_in, monkeypatch):
-    """One stream's part of a batched round fails (its band tracker; its merge,
-    done for all the streams of a bank at once, then stream by stream to find the culprit): the
+@pytest.mark.parametrize(("fail_in", "from_call"), [("tracker", 3), ("decision", 1), ("merge", 3)])
+def test_a_failing_stream_leaves_the_others_whole(fail_in, from_call, monkeypatch):
+    """One stream's part of a batched round fails (its band tracker taking its samples, or making
+    the band rows of a round with a decision; its merge, done for all the streams of a bank at
+    once, then stream by stream to find the culprit): the
     round goes on for the others, StepFailed names it, and their samples come out of their next
     step (or feed), neither short nor shifted."""
     import rtsr.engine as engine
@@ -89,19 +90,22 @@ def test_a_failing_stream_leaves_the_others_whole(fail_in, monkeypatch):
     inputs = [(0.05 * rng.standard_normal((int(sr * 0.5), ch))).astype(np.float32) for sr, ch in specs]
     streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
     calls = {"n": 0}
-    real = engine.merged_spectra if fail_in == "merge" else getattr(streams[1], fail_in)
+    real = {"merge": engine.merged_spectra, "tracker": streams[1].cutoff.take,
+            "decision": streams[1].band_rows}[fail_in]
 
-    def breaks_from_the_third_call(*args, **kwargs):
+    def breaks_from_a_call(*args, **kwargs):
         if fail_in == "merge" and not (args[1] is streams[1].hops.spec and streams[1].hop_row in args[0]):
             return real(*args, **kwargs)  # the merge fails only where stream 1's rows are in it
         calls["n"] += 1
-        if calls["n"] >= 3:
+        if calls["n"] >= from_call:
             raise ValueError("injected")
         return real(*args, **kwargs)
     if fail_in == "merge":
-        monkeypatch.setattr(engine, "merged_spectra", breaks_from_the_third_call)
+        monkeypatch.setattr(engine, "merged_spectra", breaks_from_a_call)
+    elif fail_in == "tracker":
+        streams[1].cutoff.take = breaks_from_a_call
     else:
-        setattr(streams[1], fail_in, breaks_from_the_third_call)
+        streams[1].band_rows = breaks_from_a_call
     outs, live, failures = [[] for _ in streams], list(range(len(streams))), 0
     for pos in range(0, 8000, 640):  # two hops per round: a failure lands between a stream's hops
         for i in live:

@@ -261,3 +261,25 @@ def test_a_file_is_extended_from_its_first_sample(model):
     s = up.stream(48000, 1, 20.0, band)
     streamed = np.concatenate([s.feed(x), s.flush()])
     np.testing.assert_allclose(up.upscale(x, 48000), streamed, atol=1e-4 * np.abs(streamed).max())
+
+
+def test_spectra_committed_together_are_the_ones_committed_each_alone():
+    """`commit_many`: the frames of several trackers' spectra (mono and stereo, some with none
+    due) through one FFT call count the same powers, bit for bit, as each `commit` alone."""
+    from rtsr.cutoff import DETECT_FFT, DETECT_HOP, LongTermSpectrum, commit_many
+
+    rng = np.random.default_rng(3)
+    lengths, channels = [3 * DETECT_FFT, DETECT_FFT - 1, 5 * DETECT_HOP + 7, 2 * DETECT_FFT], [1, 2, 1, 2]
+    together, alone = [LongTermSpectrum(c) for c in channels], [LongTermSpectrum(c) for c in channels]
+    for part in range(2):
+        xs = [(0.1 * rng.standard_normal((n, c))).astype(np.float32) for n, c in zip(lengths, channels, strict=True)]
+        untils = [lts.fed + len(x) - part * DETECT_HOP for lts, x in zip(together, xs, strict=True)]
+        for a, b, x in zip(together, alone, xs, strict=True):
+            a.feed(x)
+            b.feed(x)
+        commit_many(list(zip(together, untils, strict=True)))
+        for b, until in zip(alone, untils, strict=True):
+            b.commit(until)
+        for a, b in zip(together, alone, strict=True):
+            assert (a.base, a.held, a.active) == (b.base, b.held, b.active) and np.array_equal(a.power, b.power)
+    assert sum(lts.active for lts in together) > 0 and together[1].base > 0

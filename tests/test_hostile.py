@@ -348,14 +348,14 @@ def test_a_stream_failing_in_a_batched_round_ends_alone_and_the_others_are_whole
         (_, frames), = svc.handle_batch([(peer, P.encode({"type": "open", "stream": i, "sr": 16000}))])
         tokens[i] = json.loads(frames[0])["token"]
     engine = svc.sessions[(peer, 1)].engine
-    real, calls = engine.band_rows, {"n": 0}
+    real, calls = engine.cutoff.take, {"n": 0}
 
     def breaks_from_the_third_call(*args):
         calls["n"] += 1
         if calls["n"] >= 3:
             raise ValueError("injected")
         return real(*args)
-    engine.band_rows = breaks_from_the_third_call
+    engine.cutoff.take = breaks_from_the_third_call
     outs: dict[int, list[np.ndarray]] = {i: [] for i in xs}
     errors = []
     for seq, pos in enumerate(range(0, 9600, 960)):

@@ -198,7 +198,7 @@ def test_the_detectors_frames_are_numpys_to_the_bit():
     for case in range(60):
         channels, n = int(rng.integers(1, 4)), int(rng.integers(1, 6))
         buf = (rng.standard_normal((4096 + (n - 1) * 2048 + 7, channels)) * 10 ** rng.uniform(-5, 0)).astype(np.float32)
-        frames = windowed(buf, n, 2048, _window())
+        frames = windowed(buf, n, 2048, _window(), np.empty((n, channels, 4096), np.float32))
         assert np.array_equal(frames, np.stack([buf[k * 2048:k * 2048 + 4096].T for k in range(n)]) * _window())
         spec = scipy.fft.rfft(frames, axis=2)
         power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
