@@ -224,29 +224,25 @@ class LongTermSpectrum:
         rest = self.blocks[0][n * DETECT_HOP:]
         self.blocks, self.held, self.base = [rest] if len(rest) else [], len(rest), self.base + n * DETECT_HOP
 
-
     def mean(self) -> np.ndarray:
         return self.power / max(self.active, 1)
 
 
-def commit_many(due: list[tuple[LongTermSpectrum, int]]) -> None:
-    """`spectrum.commit(until)` of each (spectrum, until), their frames through one FFT call: a
-    server's deciding streams make theirs in the same round, and a 4096-point FFT costs ~15 us a
-    frame called two frames at a time, ~6 in a batch of a hundred. Each row's FFT is its own
-    (pocketfft's batched rows are its single ones, bit for bit: tested), so the sums are those of
-    `commit`."""
-    todo = [(lts, n, n * lts.channels) for lts, until in due if (n := lts.due(until))]
-    if not todo:
-        return
-    rows = np.empty((sum(k for _, _, k in todo), DETECT_FFT), np.float32)  # each spectrum's frames, in turn
-    at = 0
-    for lts, n, k in todo:
-        lts.frames(n, rows[at:at + k].reshape(n, lts.channels, DETECT_FFT))
-        at += k
-    spec, at = scipy.fft.rfft(rows, axis=1), 0
-    for lts, n, k in todo:
-        lts.count(spec[at:at + k].reshape(n, lts.channels, -1))
-        at += k
+def due_spectra(due: list[tuple[LongTermSpectrum, int]]) -> list[np.ndarray | None]:
+    """For each (spectrum, until), the spectra of the frames `spectrum.commit(until)` would count
+    (None: none is due), for its `count`: all made by one FFT call. A server's deciding streams
+    make theirs in the same round, and a 4096-point FFT costs ~15 us a frame called two frames at a
+    time, ~6 in a batch of a hundred. Each row's FFT is its own (pocketfft's batched rows are its
+    single ones, bit for bit: tested), so the counts are `commit`'s. Nothing is counted here."""
+    ns = [lts.due(until) for lts, until in due]
+    rows = np.empty((sum(n * lts.channels for (lts, _), n in zip(due, ns, strict=True)), DETECT_FFT), np.float32)
+    at, spans = 0, []
+    for (lts, _), n in zip(due, ns, strict=True):
+        frames = lts.frames(n, rows[at:at + n * lts.channels].reshape(n, lts.channels, DETECT_FFT)) if n else None
+        spans.append((at, frames))
+        at += n * lts.channels
+    spec = scipy.fft.rfft(rows, axis=1) if len(rows) else None
+    return [None if f is None else spec[a:a + f.shape[0] * f.shape[1]].reshape(*f.shape[:2], -1) for a, f in spans]
 
 
 def _pooled_db(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -404,7 +400,7 @@ class CutoffTracker:
         a second's frames at once, and streams that started together do not all make theirs in one
         round. The next decision is made at this tracker's turn. `take`, then `decide` after the
         spectrum is committed up to what `take` said: the same, for many trackers' frames in one
-        FFT call (`commit_many`)."""
+        FFT call (`due_spectra`)."""
         if (until := self.take(x48)) is not None:
             self.spectrum.commit(until)
         if len(x48):

@@ -31,7 +31,7 @@ import torch
 
 from rtsr import hopbank
 from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
-from rtsr.cutoff import Band, CutoffTracker, as_band, commit_many
+from rtsr.cutoff import Band, CutoffTracker, as_band, due_spectra
 from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel
 from rtsr.hopbank import NOT_ENDED
 from rtsr.intake import join as join_intake
@@ -156,13 +156,18 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
 
 
 def _commit_spectra(due: list[tuple[Stream, int]]) -> None:
-    """The deciding trackers' detector frames, all through one FFT call (rtsr.cutoff.commit_many);
-    if that fails, each tracker's alone, so that a failure stays its stream's."""
+    """The deciding trackers' detector frames, all through one FFT call (rtsr.cutoff.due_spectra),
+    then counted tracker by tracker; if the call fails (nothing counted yet), each tracker commits
+    its own, so that a failure stays its stream's."""
     try:
-        commit_many([(s.cutoff.spectrum, until) for s, until in due])
+        spectra = due_spectra([(s.cutoff.spectrum, until) for s, until in due])
     except Exception:
         for s, until in due:
             _guarded(s, s.cutoff.spectrum.commit, until)
+        return
+    for (s, _), spec in zip(due, spectra, strict=True):
+        if spec is not None:
+            _guarded(s, s.cutoff.spectrum.count, spec)
 
 
 def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[int, Exception]) -> None:

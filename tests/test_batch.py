@@ -180,3 +180,33 @@ def test_a_block_reused_by_its_caller_after_push_changes_nothing():
     out.append(step([s])[0])
     alone = Upscaler(model).upscale(x, 16000)
     assert np.abs(np.concatenate(out) - alone).max() <= 1e-5 * np.abs(alone).max()
+
+
+def test_when_the_trackers_shared_fft_fails_each_tracker_commits_its_own(monkeypatch):
+    """The deciding trackers' frames go through one FFT call; if it fails, nothing has been
+    counted, each tracker commits alone, and every stream's output is still its offline one."""
+    import rtsr.engine as engine
+
+    def fails(*args):
+        raise MemoryError("injected")
+    monkeypatch.setattr(engine, "due_spectra", fails)
+    model = SuperResModel.random(steps=1)
+    rng = np.random.default_rng(6)
+    specs = [(16000, 1), (8000, 2), (44100, 1)]
+    inputs = [(0.05 * rng.standard_normal((int(sr * 1.6), ch))).astype(np.float32) for sr, ch in specs]
+    streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
+    outs: list[list[np.ndarray]] = [[] for _ in streams]
+    for pos in range(0, 25600, 640):
+        for s, x, (sr, _) in zip(streams, inputs, specs, strict=True):
+            s.push(x[pos * sr // 16000:(pos + 640) * sr // 16000])
+        for o, y in zip(outs, step(streams), strict=True):
+            o.append(y)
+    for s in streams:
+        s.push_end()
+    for o, y in zip(outs, step(streams), strict=True):
+        o.append(y)
+    assert all(s.cutoff.spectrum is None or s.cutoff.spectrum.active for s in streams)
+    for k, (x, (sr, _)) in enumerate(zip(inputs, specs, strict=True)):
+        alone = Upscaler(model, seed=k).upscale(x, sr)
+        got = np.concatenate(outs[k])
+        assert got.shape == alone.shape and np.abs(got - alone).max() <= 1e-4 * np.abs(alone).max()

@@ -264,9 +264,9 @@ def test_a_file_is_extended_from_its_first_sample(model):
 
 
 def test_spectra_committed_together_are_the_ones_committed_each_alone():
-    """`commit_many`: the frames of several trackers' spectra (mono and stereo, some with none
+    """`due_spectra`: the frames of several trackers' spectra (mono and stereo, some with none
     due) through one FFT call count the same powers, bit for bit, as each `commit` alone."""
-    from rtsr.cutoff import DETECT_FFT, DETECT_HOP, LongTermSpectrum, commit_many
+    from rtsr.cutoff import DETECT_FFT, DETECT_HOP, LongTermSpectrum, due_spectra
 
     rng = np.random.default_rng(3)
     lengths, channels = [3 * DETECT_FFT, DETECT_FFT - 1, 5 * DETECT_HOP + 7, 2 * DETECT_FFT], [1, 2, 1, 2]
@@ -277,7 +277,11 @@ def test_spectra_committed_together_are_the_ones_committed_each_alone():
         for a, b, x in zip(together, alone, xs, strict=True):
             a.feed(x)
             b.feed(x)
-        commit_many(list(zip(together, untils, strict=True)))
+        spectra = due_spectra(list(zip(together, untils, strict=True)))
+        assert (spectra[1] is None) == (part == 0)  # under one frame fed, at first
+        for lts, spec in zip(together, spectra, strict=True):
+            if spec is not None:
+                lts.count(spec)
         for b, until in zip(alone, untils, strict=True):
             b.commit(until)
         for a, b in zip(together, alone, strict=True):
