@@ -23,21 +23,27 @@ def test_batched_streams_equal_separate_runs(guidance):
     specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 1)]
     inputs = [(0.05 * rng.standard_normal((int(sr * 0.4), ch))).astype(np.float32) for sr, ch in specs]
     streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
-    outs = [[] for _ in streams]
-    for pos in range(0, 8000, 700):  # uneven blocks, the same wall-clock share for every stream
+    outs = stepped(streams, inputs, 8000, 700)  # uneven blocks, the same wall-clock share for every stream
+    for k, ((sr, _), x) in enumerate(zip(specs, inputs, strict=True)):
+        alone = Upscaler(model, seed=k).upscale(x, sr)
+        assert outs[k].shape == alone.shape
+        assert np.abs(outs[k] - alone).max() <= 1e-5 * np.abs(alone).max()
+
+
+def stepped(streams: list[Stream], inputs: list[np.ndarray], until: int, block: int) -> list[np.ndarray]:
+    """Each stream's output, its input pushed in blocks (`block` samples at 16 kHz, as many
+    seconds at its own rate) up to `until` and then its end, all stepped together each time."""
+    outs: list[list[np.ndarray]] = [[] for _ in streams]
+    for pos in range(0, until, block):
         for s, x in zip(streams, inputs, strict=True):
-            s.push(x[pos * s.input_sr // 16000:(pos + 700) * s.input_sr // 16000])
+            s.push(x[pos * s.input_sr // 16000:(pos + block) * s.input_sr // 16000])
         for o, y in zip(outs, step(streams), strict=True):
             o.append(y)
     for s in streams:
         s.push_end()
     for o, y in zip(outs, step(streams), strict=True):
         o.append(y)
-    for k, ((sr, _), x) in enumerate(zip(specs, inputs, strict=True)):
-        alone = Upscaler(model, seed=k).upscale(x, sr)
-        got = np.concatenate(outs[k])
-        assert got.shape == alone.shape
-        assert np.abs(got - alone).max() <= 1e-5 * np.abs(alone).max()
+    return [np.concatenate(o) for o in outs]
 
 
 def test_a_passthrough_stream_in_a_batch_gets_its_output_and_holds_nothing():
@@ -195,18 +201,8 @@ def test_when_the_trackers_shared_fft_fails_each_tracker_commits_its_own(monkeyp
     specs = [(16000, 1), (8000, 2), (44100, 1)]
     inputs = [(0.05 * rng.standard_normal((int(sr * 1.6), ch))).astype(np.float32) for sr, ch in specs]
     streams = [Stream(model, sr, ch, 20.0, seed=k) for k, (sr, ch) in enumerate(specs)]
-    outs: list[list[np.ndarray]] = [[] for _ in streams]
-    for pos in range(0, 25600, 640):
-        for s, x, (sr, _) in zip(streams, inputs, specs, strict=True):
-            s.push(x[pos * sr // 16000:(pos + 640) * sr // 16000])
-        for o, y in zip(outs, step(streams), strict=True):
-            o.append(y)
-    for s in streams:
-        s.push_end()
-    for o, y in zip(outs, step(streams), strict=True):
-        o.append(y)
+    outs = stepped(streams, inputs, 25600, 640)
     assert all(s.cutoff.spectrum is None or s.cutoff.spectrum.active for s in streams)
     for k, (x, (sr, _)) in enumerate(zip(inputs, specs, strict=True)):
         alone = Upscaler(model, seed=k).upscale(x, sr)
-        got = np.concatenate(outs[k])
-        assert got.shape == alone.shape and np.abs(got - alone).max() <= 1e-4 * np.abs(alone).max()
+        assert outs[k].shape == alone.shape and np.abs(outs[k] - alone).max() <= 1e-4 * np.abs(alone).max()
