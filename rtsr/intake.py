@@ -45,8 +45,9 @@ class IntakeBank(RowBank):
              pad_until: np.ndarray, hand_back: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`rtsr.kernels.intake.intake` on these streams' rows: (windowed frames, new frames per
         stream, 48 kHz samples made for the streams handed them (hand_back), their count per stream)."""
-        f, i = self.filter, self._ints
-        with self.lock:
+        f = self.filter
+        with self.lock:  # the arrays taken inside: a stream joining on another thread may replace them
+            i = self._ints
             return intake(f.bank, f.up, f.down, f.d, first_rows, new, new_at, m_end_given, pad_until, hand_back,
                           self._hist, i["hist_len"], i["n_in"], i["m_next"], self._x48, i["x48_len"],
                           i["x48_base"], i["framed"], window(), HOP)

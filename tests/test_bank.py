@@ -252,6 +252,52 @@ def test_a_stream_collected_while_its_banks_are_busy_leaves_them_without_a_deadl
     assert not t.is_alive()
 
 
+@pytest.mark.parametrize("bank_of", ["intake", "hops"])
+def test_a_bank_that_grows_just_before_a_stream_takes_its_lock_loses_nothing_of_the_stream(bank_of):
+    """Another thread's stream joins (the bank's arrays replaced by bigger ones) between a stream's
+    call reading the bank and taking its lock, every time it takes the lock: whatever the call
+    writes goes to the arrays the bank holds, so the stream's output is its offline one. (The
+    intake once read its counters before taking the lock; the threaded test below failed now and
+    then in CI, a stream's counters set back by a round.)"""
+    model = SuperResModel.random(steps=1, seed=6)
+    x = signal(16000, 0.4, 1, 3)
+    s = Stream(model, 16000, 1, 20.0, seed=0)
+    bank = s.intake if bank_of == "intake" else s.hops
+    real, crowd, grown = bank.lock, [], []
+
+    class JoinFirst:
+        """The bank's lock, which lets a stream join (and the bank grow when full) before it is taken."""
+
+        busy = False
+
+        def __enter__(self):
+            if not JoinFirst.busy:
+                JoinFirst.busy = True
+                try:
+                    arrays = bank._x48 if bank_of == "intake" else bank.tail
+                    crowd.append(Stream(model, 16000, 1))
+                    grown.append((bank._x48 if bank_of == "intake" else bank.tail) is not arrays)
+                finally:
+                    JoinFirst.busy = False
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    bank.lock = JoinFirst()
+    try:
+        rng, parts, at = np.random.default_rng(1), [], 0
+        while at < len(x):
+            n = int(rng.integers(100, 900))
+            parts.append(s.feed(x[at:at + n]))
+            at += n
+        parts.append(s.flush())
+    finally:
+        bank.lock = real
+    assert sum(grown) >= 3  # it grew under the stream's feet several times
+    assert_offline(model, {0: np.concatenate(parts)}, [x], [(16000, 1)])
+
+
 def test_streams_fed_on_threads_of_their_own_while_others_join_are_each_their_offline_output():
     """Each thread feeds its own stream of one model in random blocks while the main thread makes
     streams come and go (the banks grow, their arrays replaced under their locks): every stream's
