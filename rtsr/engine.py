@@ -159,6 +159,8 @@ def _commit_spectra(due: list[tuple[Stream, int]]) -> None:
     """The deciding trackers' detector frames, all through one FFT call (rtsr.cutoff.due_spectra),
     then counted tracker by tracker; if the call fails (nothing counted yet), each tracker commits
     its own, so that a failure stays its stream's."""
+    if not due:  # a round of settled streams
+        return
     try:
         spectra = due_spectra([(s.cutoff.spectrum, until) for s, until in due])
     except Exception:
