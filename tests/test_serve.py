@@ -530,6 +530,7 @@ def test_a_header_decoded_for_fair_sharing_is_the_one_answered_in_any_later_batc
 
 @pytest.mark.parametrize(("stream", "token"), [("s1", "abc"), (7, None), ('é"\\x', "t"), (None, "z")])
 def test_an_audio_reply_header_is_the_bytes_encode_makes(stream, token):
+    """A reply header finished from its stream's start (the server's way) is `encode`'s, byte for byte."""
     start = P.audio_header_start(stream, token)
     for seq, extra in ((0, None), (12345, {"gap": 2}), (3, {"gap": 1, "cutoff": 3999.5, "band": "detected"})):
         assert P.audio_header(start, seq, extra) == P.encode({"type": "audio", "stream": stream, "token": token,
