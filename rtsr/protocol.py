@@ -85,8 +85,13 @@ def encode(header: dict[str, Any], pcm: np.ndarray | bytes | None = None) -> lis
     """Header (+ PCM) -> frames; every header says which protocol version wrote it."""
     frames = [json.dumps({"v": VERSION, **header}, separators=(",", ":")).encode()]
     if pcm is not None:
-        frames.append(pcm if isinstance(pcm, bytes) else np.ascontiguousarray(pcm, OUT_DTYPE).tobytes())
+        frames.append(pcm_bytes(pcm))
     return frames
+
+
+def pcm_bytes(pcm: np.ndarray | bytes) -> bytes:
+    """A PCM frame: bytes as they are, an array as OUT_DTYPE."""
+    return pcm if isinstance(pcm, bytes) else np.ascontiguousarray(pcm, OUT_DTYPE).tobytes()
 
 
 def audio_header_start(stream: StreamId, token: str | None) -> bytes:

@@ -156,7 +156,8 @@ class Service:
             self.stats.messages += 1
             try:
                 P.check_sizes(frames, self.limits.max_frame_bytes)
-                h = self._costed.pop(bytes(frames[0]), None) or P.decode_header(frames[0])
+                raw = bytes(frames[0])
+                h = self._costed.pop(raw, None) or P.decode_header(raw)
                 if h["type"] == "audio":
                     jobs.append(self._audio_job(peer, h, frames))
                     continue
@@ -427,7 +428,7 @@ class Service:
             job.extra.update(band_fields(band))
             job.session.band = band
         return job.peer, [P.audio_header(job.session.reply_start, job.seq, job.extra),
-                          np.ascontiguousarray(y, P.OUT_DTYPE).tobytes()]
+                          P.pcm_bytes(y)]
 
 
 def band_fields(band: Band) -> dict[str, Any]:
