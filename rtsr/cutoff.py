@@ -234,15 +234,15 @@ def due_spectra(due: list[tuple[LongTermSpectrum, int]]) -> list[np.ndarray | No
     make theirs in the same round, and a 4096-point FFT costs ~15 us a frame called two frames at a
     time, ~6 in a batch of a hundred. Each row's FFT is its own (pocketfft's batched rows are its
     single ones, bit for bit: tested), so the counts are `commit`'s. Nothing is counted here."""
-    ns = [lts.due(until) for lts, until in due]
-    rows = np.empty((sum(n * lts.channels for (lts, _), n in zip(due, ns, strict=True)), DETECT_FFT), np.float32)
-    at, spans = 0, []
-    for (lts, _), n in zip(due, ns, strict=True):
-        frames = lts.frames(n, rows[at:at + n * lts.channels].reshape(n, lts.channels, DETECT_FFT)) if n else None
-        spans.append((at, frames))
-        at += n * lts.channels
+    todo = [(lts, lts.due(until)) for lts, until in due]
+    at = np.cumsum([0, *(n * lts.channels for lts, n in todo)])  # each spectrum's first row of frames
+    rows = np.empty((at[-1], DETECT_FFT), np.float32)
+    for (lts, n), a, b in zip(todo, at[:-1], at[1:], strict=True):
+        if n:
+            lts.frames(n, rows[a:b].reshape(n, lts.channels, DETECT_FFT))
     spec = scipy.fft.rfft(rows, axis=1) if len(rows) else None
-    return [None if f is None else spec[a:a + f.shape[0] * f.shape[1]].reshape(*f.shape[:2], -1) for a, f in spans]
+    return [spec[a:b].reshape(n, lts.channels, -1) if n else None
+            for (lts, n), a, b in zip(todo, at[:-1], at[1:], strict=True)]
 
 
 def _pooled_db(power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
