@@ -32,12 +32,12 @@ import torch
 from rtsr import hopbank
 from rtsr.audio_spec import MAX_CHANNELS, as_frames, check_rate
 from rtsr.cutoff import Band, CutoffTracker, as_band, due_spectra
-from rtsr.features import HOP, N_FFT, N_MELS, SR, log_mel
+from rtsr.features import HOP, N_FFT, N_MELS, SR
 from rtsr.hopbank import NOT_ENDED
 from rtsr.intake import join as join_intake
 from rtsr.kernels.hops import hop_inputs, merged_spectra
 from rtsr.kernels.intake import all_finite
-from rtsr.kernels.mel import magnitude
+from rtsr.kernels.mel import log_mel_frames
 from rtsr.kernels.noise import frame_noise
 from rtsr.model import ModelState, SuperResModel
 from rtsr.resample import StreamingResampler
@@ -120,7 +120,7 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
     if f is None or not len(f):
         return left
     spec = torch.fft.rfft(torch.from_numpy(f), dim=-1).numpy()  # (frames, bins), stream by stream, channel by channel
-    mel = log_mel(torch.from_numpy(magnitude(spec))).numpy()
+    mel = log_mel_frames(spec)
     by_bank: dict[object, list[tuple[list[Stream], np.ndarray, np.ndarray]]] = {}
     at = 0
     for members, counts in framed:  # one intake bank's streams: the same channel count

@@ -4,11 +4,12 @@ import numpy as np
 import torch
 
 from rtsr.engine import merge_low_band
-from rtsr.features import N_BINS
+from rtsr.features import N_BINS, log_mel
 from rtsr.hopbank import LEVEL_FLAT, LEVEL_FRAMES, LEVEL_SPAN, LEVEL_TAPER, MAX_LEVEL_GAIN, HopBank
 from rtsr.kernels.edges import first_quiet
 from rtsr.kernels.hops import hop_inputs, merged_spectra, overlap_add_hop
 from rtsr.kernels.intake import all_finite
+from rtsr.kernels.mel import log_mel_frames
 from rtsr.kernels.noise import frame_noise
 from rtsr.kernels.spectrum import count_loud, windowed
 from rtsr.models.nets import Denoiser, receptive_field
@@ -48,6 +49,21 @@ def test_the_merge_kernel_is_merge_low_bands_arithmetic():
     plain = merge_low_band(q_spec[rows, :4], gen, weights[band])
     merged = merged_spectra(rows, q_spec, band, weights, gen)
     assert np.abs(merged - plain).max() <= 4e-7 * np.abs(plain).max() and not np.array_equal(merged, 0 * plain)
+
+
+def test_the_engines_log_mel_is_the_features_definition():
+    """Frames from silence to full scale and beyond, and digital silence (the floor): the engine's
+    compiled log-mel against `features.log_mel` (what training computes), to float32 rounding."""
+    rng = np.random.default_rng(0)
+    level = 10.0 ** rng.uniform(-7, 2, (64, 1))
+    spec = ((rng.standard_normal((64, N_BINS)) + 1j * rng.standard_normal((64, N_BINS))) * level).astype(np.complex64)
+    spec[3] = 0
+    spec[5, ::2] = 0
+    ref = log_mel(torch.from_numpy(spec)).numpy()
+    got = log_mel_frames(spec)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 2e-6 and ref.max() > 1
+    assert (got[3] == ref[3]).all() and (ref[3] == ref.min()).all()  # the floor
 
 
 class Owner:
