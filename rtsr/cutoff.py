@@ -403,12 +403,11 @@ class CutoffTracker:
         FFT call (`due_spectra`)."""
         if (until := self.take(x48)) is not None:
             self.spectrum.commit(until)
-        if len(x48):
             self.decide()
 
     def take(self, x48: np.ndarray) -> int | None:
         """`feed`'s first half: keep the samples; returns the sample up to which the spectrum is to
-        be committed now, or None."""
+        be committed now, or None, and then no decision is due (`decide` would make none)."""
         if not (self.deciding and len(x48)):
             return None
         self.spectrum.feed(x48)

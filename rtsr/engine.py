@@ -92,8 +92,9 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
                 left.append(s)
     framed: list[tuple[list[Stream], np.ndarray]] = []
     frames = []
-    due: list[tuple[Stream, int]] = []  # deciding trackers' spectra to commit, up to a sample each
-    fed: list[Stream] = []  # deciding trackers given samples: each decides once the spectra are committed
+    # deciding trackers with spectra to commit, up to a sample each; each then decides if its turn has
+    # come (a tracker with none to commit has no decision due: `CutoffTracker.take`)
+    due: list[tuple[Stream, int]] = []
     for bank, group in groups.items():
         members = [s for s, _, _ in group]
         new_at = np.zeros(len(group) + 1, np.int64)
@@ -108,12 +109,10 @@ def analyse(streams: Iterable[Stream]) -> list[Stream]:
             s = members[k]
             if (until := _guarded(s, s.cutoff.take, made[starts[k]:starts[k] + made_counts[k]])) is not None:
                 due.append((s, until))
-            if made_counts[k] and s._failed is None:
-                fed.append(s)
         framed.append((members, counts))
         frames.append(f)
     _commit_spectra(due)
-    for s in fed:
+    for s, _ in due:
         if s._failed is None:
             _guarded(s, s.cutoff.decide)
     f = frames[0] if len(frames) == 1 else np.concatenate(frames) if frames else None
