@@ -1,11 +1,12 @@
 """The GPU check (issue 6): one script, under 6 minutes, printing a short table last.
 
-    python benchmarks/gpu_check.py            # on the GPU machine (needs only torch, numpy, numba, scipy)
+    python benchmarks/gpu_check.py            # on the GPU machine
     python benchmarks/gpu_check.py --quick --device cpu   # a dry run of the same code here
 
-On the GPU machine, run the tests that need CUDA first, in the same call (the backends and the
-bank against the CPU, the graphs really captured):
-    python -m pytest -q -k cuda tests/test_backends.py tests/test_bank.py; python benchmarks/gpu_check.py
+On the GPU machine, run it through benchmarks/device_check.sh, which first installs the packages
+its image lacks (soundfile, pyzmq: wheels carried in .whl/, made here by
+benchmarks/device_wheels.sh) and rtsr, then runs the tests that need CUDA (the backends and the
+bank against the CPU, the graphs really captured), then this script.
 
 Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs the CPU eager output
 (relative error), offline throughput (x real time) for one file and for a batch of files (as

@@ -1,0 +1,24 @@
+#!/bin/bash
+# The one prepared run on a lent GPU machine: the CUDA tests, then gpu_check, logs into $OUT.
+#   bash benchmarks/device_wheels.sh     # here, once: .whl/ (the packages its image lacks)
+#   device tool: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
+#   OUT=/tmp/out WHEELS=/tmp/wh bash benchmarks/device_check.sh --device cpu --quick   # a dry run here
+# Installs the wheels (--target /tmp/site, no index: no network there) and rtsr itself (editable,
+# no build isolation: setuptools is in the image), checks that everything the run imports imports,
+# then runs the tests that need CUDA (skipped without it) and benchmarks/gpu_check.py (extra
+# arguments go to it). Exit status: gpu_check's, or 3-5 when the set-up failed (said on stderr).
+set -u
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/device_out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "${WHEELS:-.whl}"/*.whl || { echo "device_check: the wheels did not install" >&2; exit 3; }
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+  || { echo "device_check: rtsr did not install" >&2; exit 4; }
+python3 -c "import rtsr.kernels.intake, rtsr.serve, rtsr.bench, rtsr.graphs, torch; print('torch', torch.__version__,
+'cuda', torch.cuda.is_available())" || { echo "device_check: an import failed" >&2; exit 5; }
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_backends.py tests/test_bank.py 2>&1 \
+  | tee "$out/cuda_tests.txt" | tail -15
+timeout 420 python3 benchmarks/gpu_check.py "$@" 2>&1 | tee "$out/gpu_check.txt"
+exit "${PIPESTATUS[0]}"
