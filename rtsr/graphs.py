@@ -2,17 +2,18 @@
 
 Why: a live hop is ~200 small kernels, and launched one by one from Python they cost more than
 they compute (an H200 ran one stream at RTF 0.3, slower than two CPU cores). A graph launches
-them all at once. It replays fixed shapes at fixed addresses, so a graph runs every row of a
-fixed state store (kyutai moshi's streaming state with its `exec_mask` is the model): the rows
-of this call's streams take their new caches, the others (streams with no hop ready, free rows)
-keep theirs, so a row computed in vain is never read. The store is the model's state bank itself
-(`run_bank`: the engine's calls; nothing gathered, nothing written back, one graph per hop
-length while the bank keeps its tensors) or, for a call given its state (`__call__`, as
-`SuperResModel.run`), a store of the call's rows rounded up to a power of two, its caches copied
-in and out. Either way a call packs its inputs and the row mask into one host buffer (pinned on
-CUDA) for one upload, replays, and downloads its rows' spectra: the call's one host sync. Hops
-over GRAPH_MAX_FRAMES frames (offline's long hops) are few kernels per frame of work and run
-eagerly.
+them all at once. It replays fixed shapes at fixed addresses, so a graph is made per hop length
+and batch bucket (a power of two) over a fixed state store, and each call names the store's rows
+it runs (kyutai moshi's streaming state with its `exec_mask` is the model): the graph gathers
+those rows' caches, runs the hop, and writes the new caches back to the rows whose mask says they
+ran; the bucket's spare entries name other rows, which keep what they hold. The store is the
+model's state bank itself (`run_bank`: the engine's calls; nothing gathered or written back on
+the host, a round's work in proportion to its streams, not to the bank's rows) or, for a call
+given its state (`__call__`, as `SuperResModel.run`), a store of the call's rows rounded up to
+the bucket, its caches copied in and out. Either way a call packs its inputs, the row mask and
+the rows into one host buffer (pinned on CUDA) for one upload, replays, and downloads its rows'
+spectra: the call's one host sync. Hops over GRAPH_MAX_FRAMES frames (offline's long hops) are
+few kernels per frame of work and run eagerly.
 
 The same code runs on a CPU with `capture=False` (each call runs the captured step itself rather
 than replaying it), which is how it is tested without a GPU.
@@ -34,12 +35,23 @@ if TYPE_CHECKING:
 
 GRAPH_MAX_FRAMES = 32  # a live hop's frames; longer (offline) hops run eagerly
 WARMUP_CALLS = 2  # eager calls on a side stream before a capture (cuBLAS's workspaces, the taps' memory)
-MASK = 3 * N_MELS + 1  # the packed input's channel that says which rows run (after cond, low, noise, cutoff)
+MASK = 3 * N_MELS + 1  # the packed input's channel that says which entries run (after cond, low, noise, cutoff)
+ROW = MASK + 1  # ...and the one that names each entry's row of the store (exact as a float below 2 ** 24)
 
 
 def bucket(rows: int) -> int:
-    """The store's rows for a call of `rows` given its state: the next power of two."""
+    """A graph's entries for a call of `rows` rows: the next power of two."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+def with_spares(rows: np.ndarray, size: int, store_rows: int) -> np.ndarray:
+    """The call's rows, then the store's first rows not among them: `size` distinct rows (the
+    spares are written back unchanged, and distinct rows keep the write-back free of races)."""
+    if len(rows) == size:
+        return rows
+    free = np.ones(store_rows, bool)
+    free[rows] = False
+    return np.concatenate([rows, np.flatnonzero(free)[:size - len(rows)]])
 
 
 class GraphedRun:
@@ -51,7 +63,8 @@ class GraphedRun:
         self.model = model
         self.capture = str(model.device).startswith("cuda") if capture is None else capture
         self.graphs: dict[tuple[int, int], _Graph] = {}  # calls given their state: (bucket, frames)
-        self.banked: dict[int, _Graph] = {}  # the bank's rows: frames
+        self.banked: dict[tuple[int, int], _Graph] = {}  # the bank's rows: (bucket, frames), of one generation
+        self._generation = -1  # the bank generation `banked` was made over
         self._lock = threading.Lock()  # one store per shape: one call given its state at a time
 
     def _eager(self, state: ModelState, *inputs: torch.Tensor) -> torch.Tensor:
@@ -67,11 +80,11 @@ class GraphedRun:
             shape = bucket(rows), frames
             graph = self.graphs.get(shape)
             if graph is None:
-                graph = self.graphs[shape] = _Graph(self.model, self.model.new_state(shape[0]), frames, self.capture)
+                graph = self.graphs[shape] = _Graph(self.model, self.model.new_state(shape[0]), shape, self.capture)
             stored = [graph.rows_of(t, rows) for t in _caches(graph.store)]
             torch._foreach_copy_(stored, [t.view(-1, rows, *t.shape[1:]) for t in _caches(state)])
             graph.store.lossy[:rows].copy_(state.lossy)
-            spectra = graph.run(np.arange(rows), cond, low, cutoff, noise)
+            spectra = graph.run(np.arange(shape[0]), rows, cond, low, cutoff, noise)
             for (_, cache, key), t in zip(cache_entries(state), stored, strict=True):
                 cache[key] = t.clone(memory_format=torch.contiguous_format).flatten(0, 1)
             return spectra
@@ -84,24 +97,31 @@ class GraphedRun:
         if frames > GRAPH_MAX_FRAMES:  # written back into the tensors the graphs hold
             with bank.state_of(slots, adopt=False) as state:
                 return self._eager(state, cond, low, cutoff, noise)
+        rows = row_index(slots)
         with bank.whole() as (store, generation):
-            graph = self.banked.get(frames)
-            if graph is None or graph.generation != generation:
-                graph = self.banked[frames] = _Graph(self.model, store, frames, self.capture, generation)
-            return graph.run(row_index(slots), cond, low, cutoff, noise)
+            if generation != self._generation:  # the bank's tensors were replaced: every graph is stale
+                self.banked.clear()
+                self._generation = generation
+            store_rows = store.lossy.shape[0]
+            shape = min(bucket(len(rows)), store_rows), frames
+            graph = self.banked.get(shape)
+            if graph is None:
+                graph = self.banked[shape] = _Graph(self.model, store, shape, self.capture)
+            return graph.run(with_spares(rows, shape[0], store_rows), len(rows), cond, low, cutoff, noise)
 
 
 class _Graph:
-    """One hop length's step over a store's rows: its static inputs and outputs, and (capturing)
-    its CUDA graph."""
+    """One (bucket, hop length)'s step over a store's rows: its static inputs and outputs, and
+    (capturing) its CUDA graph."""
 
-    def __init__(self, model: SuperResModel, store: ModelState, frames: int, capture: bool, generation: int = 0):
-        self.model, self.store, self.generation = model, store, generation
-        self.rows, dev = store.lossy.shape[0], model.device
-        # cond, low and noise mels, the cutoff, the row mask: one (rows, 3 mels + 2, frames) upload
-        self.host = torch.zeros(self.rows, MASK + 1, frames, pin_memory=capture and torch.cuda.is_available())
+    def __init__(self, model: SuperResModel, store: ModelState, shape: tuple[int, int], capture: bool):
+        self.model, self.store = model, store
+        self.rows, dev = store.lossy.shape[0], model.device  # the store's
+        self.size, frames = shape
+        # cond, low and noise mels, the cutoff, the run mask, the row: one (size, 3 mels + 3, frames) upload
+        self.host = torch.zeros(self.size, ROW + 1, frames, pin_memory=capture and torch.cuda.is_available())
         self.inputs = torch.zeros_like(self.host, device=dev)
-        self.spectra = torch.zeros(self.rows, frames, N_BINS, 2, device=dev)  # real, imaginary
+        self.spectra = torch.zeros(self.size, frames, N_BINS, 2, device=dev)  # real, imaginary
         self.graph = None
         if capture:
             self._capture()
@@ -111,20 +131,28 @@ class _Graph:
         return t.view(-1, self.rows, *t.shape[1:])[:, :rows]
 
     def _step(self) -> None:
-        """The hop on every row, new caches written over the old where the mask says (what is captured)."""
+        """The hop on every entry's row, new caches written back where the mask says (what is captured)."""
         m, x = N_MELS, self.inputs
-        runs = x[:, MASK, 0] > 0
-        state = ModelState(steps=[dict(c) for c in self.store.steps], vocoder=dict(self.store.vocoder),
-                           lossy=self.store.lossy)
+        runs, at = x[:, MASK, 0] > 0, x[:, ROW, 0].long()
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # (branches x rows, ...) -> (branches x size, ...), branch-major
+            return t.view(-1, self.rows, *t.shape[1:]).index_select(1, at).flatten(0, 1)
+
+        state = ModelState(steps=[{k: take(t) for k, t in c.items()} for c in self.store.steps],
+                           vocoder={k: take(t) for k, t in self.store.vocoder.items()},
+                           lossy=self.store.lossy.index_select(0, at))
+        taken = _caches(state)
         re, im = self.model.hop(state, x[:, :m], x[:, m:2 * m], x[:, 3 * m], x[:, 2 * m:3 * m])
         self.spectra[..., 0].copy_(re)
         self.spectra[..., 1].copy_(im)
-        for old, new in zip(_caches(self.store), _caches(state), strict=True):
+        for t, old, new in zip(_caches(self.store), taken, _caches(state), strict=True):
             if new is not old:
-                keep = runs.repeat(old.shape[0] // self.rows).view(-1, *([1] * (old.dim() - 1)))
-                old.copy_(torch.where(keep, new, old))
+                keep = runs.repeat(old.shape[0] // self.size).view(-1, *([1] * (old.dim() - 1)))
+                kept = torch.where(keep, new, old)
+                t.view(-1, self.rows, *t.shape[1:]).index_copy_(1, at, kept.view(-1, self.size, *kept.shape[1:]))
 
     def _capture(self) -> None:
+        self.inputs[:, ROW, 0] = torch.arange(self.size, device=self.inputs.device)  # distinct rows; mask all 0
         now = torch.cuda.current_stream(self.model.device)
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(now)
@@ -137,24 +165,24 @@ class _Graph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._step()
 
-    def run(self, rows: np.ndarray, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
+    def run(self, at: np.ndarray, n: int, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
             noise: torch.Tensor) -> torch.Tensor:
-        """Rows `rows` of the store take these inputs (cutoff (T,) or one row per input) and a hop;
-        their spectra, in that order, on the CPU."""
-        m, at = N_MELS, torch.from_numpy(rows)
-        self.host[:, MASK] = 0.0
+        """Entries 0..n-1 (store rows at[:n]) take these inputs (cutoff (T,) or one row per input)
+        and a hop; the rest of `at` (distinct spare rows) keep their state. The n rows' spectra,
+        in that order, on the CPU."""
+        m, h = N_MELS, self.host
         for part, t in ((slice(0, m), cond), (slice(m, 2 * m), low), (slice(2 * m, 3 * m), noise)):
-            self.host[at, part] = t.to(self.host)
-        self.host[at, 3 * m] = cutoff.to(self.host).expand(len(rows), -1)
-        self.host[at, MASK] = 1.0
-        self.inputs.copy_(self.host, non_blocking=True)
+            h[:n, part] = t.to(h)
+        h[:n, 3 * m] = cutoff.to(h).expand(n, -1)
+        h[:, MASK] = 0.0
+        h[:n, MASK] = 1.0
+        h[:, ROW] = torch.from_numpy(at).to(h)[:, None]
+        self.inputs.copy_(h, non_blocking=True)
         if self.graph is None:
             self._step()
         else:
             self.graph.replay()
-        whole = len(rows) == self.rows and bool((rows == np.arange(self.rows)).all())
-        mine = self.spectra if whole else self.spectra.index_select(0, at.to(self.spectra.device))
-        return torch.view_as_complex(mine.cpu())
+        return torch.view_as_complex(self.spectra[:n].cpu())
 
 
 def _caches(state: ModelState) -> list[torch.Tensor]:

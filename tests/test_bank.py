@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rtsr import SuperResModel, Upscaler
+from rtsr import SuperResModel, Upscaler, graphs
 from rtsr.backends import apply_backend
-from rtsr.bank import StateBank
+from rtsr.bank import StateBank, cache_entries
 from rtsr.batch import step
 from rtsr.engine import Stream
 from rtsr.features import N_MELS
@@ -166,24 +166,28 @@ def test_graphed_hops_run_the_bank_where_it_lies():
     model.run = GraphedRun(model, capture=False)
     specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1), (16000, 1), (8000, 2), (16000, 2)]
     got, inputs = run_mixed(model, specs, 0.4, 9, join_at=3, leave=1)
-    assert model.bank.capacity > 8 and model.run.banked[4].rows == model.bank.capacity
-    assert model.run.graphs == {}
+    banked = model.run.banked
+    assert model.bank.capacity > 8 and all(g.rows == model.bank.capacity for g in banked.values())
+    assert all(size <= model.bank.capacity for size, _ in banked) and model.run.graphs == {}
     assert_offline(eager, got, inputs, specs)
 
 
-def test_graphs_replayed_over_the_bank_equal_eager_offline(fake_cuda_graphs):
+def test_graphs_replayed_over_the_bank_equal_eager_offline(fake_cuda_graphs, monkeypatch):
     """`cudagraph` with capture and replay as a CUDA graph does them (tests/fake_cuda_graphs.py:
     the captured ops run again on the tensors they were captured on, nothing else seen): a
     guided sampler's streams joining, leaving and growing the bank, each its eager offline
-    output; graphs made again only when the bank's tensors change."""
+    output; a graph made once per bucket and hop length while the bank keeps its tensors."""
     model, eager = SuperResModel.random(steps=2, seed=5), SuperResModel.random(steps=2, seed=5)
     model.guidance = eager.guidance = 1.5
-    model.run = GraphedRun(model, capture=True)
+    run = model.run = GraphedRun(model, capture=True)
+    made = []  # (bank generation, bucket and hop length) of every graph made
+    monkeypatch.setattr(graphs._Graph, "__init__", lambda self, *a, init=graphs._Graph.__init__:
+                        (made.append((run._generation, a[2])), init(self, *a))[1])
     specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1), (16000, 1), (8000, 2), (16000, 2)]
     got, inputs = run_mixed(model, specs, 0.4, 9, join_at=3, leave=1)
     assert_offline(eager, got, inputs, specs)
-    assert all(g.replays for g in fake_cuda_graphs) and model.run.banked[4].rows == model.bank.capacity == 16
-    assert len(fake_cuda_graphs) == 2 + len(model.run.banked) - 1  # 20 ms hops: 8 rows, then 16; last hops
+    assert all(g.replays for g in fake_cuda_graphs) and len(fake_cuda_graphs) == len(made) == len(set(made))
+    assert len({g for g, _ in made}) == 2 and model.bank.capacity == 16  # 8 rows, then 16
 
 
 def test_a_bank_run_eagerly_then_graphed_carries_its_streams_on():
@@ -212,8 +216,38 @@ def test_long_hops_beside_graphed_ones_keep_the_graph_and_equal_eager():
         got, ref = model.run_slots(slots, *inputs), eager.run(own, *inputs)
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
         if hop == 0:
-            graph = run.banked[4]
-    assert run.banked[4] is graph and len(run.banked) == 1
+            graph = run.banked[4, 4]
+    assert run.banked[4, 4] is graph and len(run.banked) == 1
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_graphed_round_of_a_few_streams_runs_their_bucket_and_leaves_every_other_row(capture, request):
+    """Rounds of 1, 3, 2 and 6 of a bank's 8 one-channel streams (a server's polls): each runs a
+    graph of its bucket (1, 4, 2, 8 entries), not of the bank's rows; the spare entries' rows and
+    the rows not named keep their caches to the bit; every output equals an eager bank's run of
+    the same rounds, and at the end every row's caches do too."""
+    made = request.getfixturevalue("fake_cuda_graphs") if capture else []
+    model, eager = SuperResModel.random(steps=2, seed=8), SuperResModel.random(steps=2, seed=8)
+    run = model.run = GraphedRun(model, capture=capture)
+    slots, twins = [model.bank.join(1) for _ in range(8)], [eager.bank.join(1) for _ in range(8)]
+    for r, picked in enumerate(([5], [0, 3, 6], [2, 7], [1, 2, 3, 4, 6, 7], [0, 3, 6])):
+        before = model.bank.view(slots)
+        inputs = hop_inputs(len(picked), 4, r)
+        got = model.run_slots([slots[i] for i in picked], *inputs)
+        ref = eager.run_slots([twins[i] for i in picked], *inputs)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        after = model.bank.view(slots)
+        for t0, t1 in zip(cache_tensors(before), cache_tensors(after), strict=True):
+            others = [i for i in range(8) if i not in picked]
+            assert torch.equal(t0.view(-1, 8, *t0.shape[1:])[:, others], t1.view(-1, 8, *t1.shape[1:])[:, others])
+    assert sorted(run.banked) == [(1, 4), (2, 4), (4, 4), (8, 4)]
+    assert [g.replays for g in made] == ([1, 2, 1, 1] if capture else [])
+    for t, ref in zip(cache_tensors(model.bank.view(slots)), cache_tensors(eager.bank.view(twins)), strict=True):
+        assert (t - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-6)
+
+
+def cache_tensors(state) -> list[torch.Tensor]:
+    return [cache[key] for _, cache, key in cache_entries(state)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
