@@ -25,7 +25,9 @@ Exit status: 0, 1 when an output does not match, 2 when the server or a stream f
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
 import os
 import re
 import signal
@@ -136,32 +138,40 @@ def run_streams(endpoint: str, signals: list[np.ndarray], sr: int, block_ms: flo
         index = {c.sock: i for i, c in enumerate(clients)}
         t0 = time.perf_counter() + 0.02
         offset = [0.0 if aligned else i * block / sr / n for i in range(n)]
-
-        def due(i: int, k: int) -> float:  # when block k's last sample has "arrived"
-            return t0 + offset[i] + min(starts[i][k] + block, len(signals[i])) / sr
-
+        # when block k of stream i has "arrived" (its last sample): the sending schedule, kept in a
+        # heap of each stream's next block, so that the loop costs the client nothing between sends
+        # (it looked at every stream each pass and took most of a core from the server beside it)
+        due = [t0 + offset[i] + np.minimum(np.arange(len(starts[i])) * block + block, len(signals[i])) / sr
+               for i in range(n)]
+        schedule = [(float(due[i][0]), i) for i in range(n) if len(starts[i])]
+        heapq.heapify(schedule)
         sent_at = [np.zeros(len(s)) for s in starts]
         rtt = [np.zeros(len(s)) for s in starts]
         lag = [np.zeros(len(s)) for s in starts]
         nxt, got = [0] * n, [0] * n
         outs: list[list[np.ndarray]] = [[] for _ in range(n)]
         pushed_back, progress = 0, time.perf_counter()
-        while any(got[i] < len(starts[i]) for i in range(n)):
-            blocked = False
-            for i, c in enumerate(clients):
-                while nxt[i] < len(starts[i]) and due(i, nxt[i]) <= time.perf_counter():
-                    if not c.sock.poll(0, zmq.POLLOUT):
-                        blocked = True
-                        pushed_back += 1
-                        break
-                    k = nxt[i]
-                    sent_at[i][k] = time.perf_counter()
-                    lag[i][k] = sent_at[i][k] - due(i, k)
-                    c.send(STREAM, signals[i][starts[i][k]:starts[i][k] + block])
-                    nxt[i] += 1
-            waits = [due(i, nxt[i]) - time.perf_counter() for i in range(n) if nxt[i] < len(starts[i])]
-            wait = min([0.001 if blocked else 0.05, *waits])
-            for sock, _ in poller.poll(max(wait, 0.0) * 1000):
+        left = sum(map(len, starts))
+        while left:
+            pushed = []  # streams whose socket pushes back: their block waits in this process
+            while schedule and schedule[0][0] <= time.perf_counter():
+                when, i = heapq.heappop(schedule)
+                if not clients[i].sock.poll(0, zmq.POLLOUT):
+                    pushed.append((when, i))
+                    continue
+                k = nxt[i]
+                sent_at[i][k] = time.perf_counter()
+                lag[i][k] = sent_at[i][k] - when
+                clients[i].send(STREAM, signals[i][starts[i][k]:starts[i][k] + block])
+                nxt[i] += 1
+                if nxt[i] < len(starts[i]):
+                    heapq.heappush(schedule, (float(due[i][nxt[i]]), i))
+            pushed_back += len(pushed)
+            for entry in pushed:
+                heapq.heappush(schedule, entry)
+            wait = 0.001 if pushed else min(schedule[0][0] - time.perf_counter(), 0.05) if schedule else 0.05
+            # whole milliseconds, rounded up: a fraction of one is taken as 0, and the loop spun
+            for sock, _ in poller.poll(math.ceil(max(wait, 0.0) * 1000)):
                 i = index[sock]
                 while True:
                     try:
@@ -176,6 +186,7 @@ def run_streams(endpoint: str, signals: list[np.ndarray], sr: int, block_ms: flo
                     rtt[i][got[i]] = now - sent_at[i][got[i]]
                     outs[i].append(r.audio)
                     got[i] += 1
+                    left -= 1
                     progress = now
             if time.perf_counter() - progress > timeout:
                 total = sum(map(len, starts))
