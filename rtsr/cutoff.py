@@ -375,7 +375,7 @@ class CutoffTracker:
 
     The decision that takes effect at frame d sees the detector frames that end by frame d -
     DECIDE_LAG, so it can be made in any round between those frames' arrival and frame d: each
-    tracker makes its own at a turn of its own within that window (`feed`), and streams that
+    tracker makes its own at a turn of its own within that window (`take`, `decide`), and streams that
     started together do not all decide in one round. When it is made changes nothing it holds; a
     decision still pending when frame d is analysed is made then."""
 
@@ -393,21 +393,14 @@ class CutoffTracker:
         self.pending: tuple[int, _TrackerState] | None = None  # (frame, the state its decision sets)
         self.turn = next(self._turns) % DECIDE_LAG + 1  # frames after its data are complete that it decides
 
-    def feed(self, x48: np.ndarray) -> None:
-        """The stream's 48 kHz samples (samples, channels), from its first sample on. Once
-        COMMIT_FRAMES frames are held, those that end by the next decision's data are counted now
-        (the decision would count the same ones, in the same order): a decision round does not make
-        a second's frames at once, and streams that started together do not all make theirs in one
-        round. The next decision is made at this tracker's turn. `take`, then `decide` after the
-        spectrum is committed up to what `take` said: the same, for many trackers' frames in one
-        FFT call (`due_spectra`)."""
-        if (until := self.take(x48)) is not None:
-            self.spectrum.commit(until)
-            self.decide()
-
     def take(self, x48: np.ndarray) -> int | None:
-        """`feed`'s first half: keep the samples; returns the sample up to which the spectrum is to
-        be committed now, or None, and then no decision is due (`decide` would make none)."""
+        """The stream's next 48 kHz samples (samples, channels; from its first sample on), kept.
+        Returns the sample up to which the spectrum is to be committed now, or None, and then no
+        decision is due. Once COMMIT_FRAMES frames are held, those that end by the next decision's
+        data are committed (the decision would count the same ones, in the same order): a decision
+        round does not make a second's frames at once, and streams that started together do not
+        all make theirs in one round. After the commit (many trackers' frames in one FFT call:
+        `due_spectra`), `decide` makes the next decision at this tracker's turn."""
         if not (self.deciding and len(x48)):
             return None
         self.spectrum.feed(x48)
@@ -419,7 +412,7 @@ class CutoffTracker:
         return None
 
     def decide(self) -> None:
-        """`feed`'s second half: the next decision, at this tracker's turn."""
+        """The next decision, at this tracker's turn (after `take`'s commit)."""
         if self._decision_due():
             self._prepare(self.boundary)
 

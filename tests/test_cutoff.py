@@ -135,12 +135,19 @@ def test_a_stream_lowers_its_cutoff_after_a_second_then_restores_it(model):
     assert changes == 2
 
 
+def feed(tracker: CutoffTracker, x48: np.ndarray) -> None:
+    """A block of a tracker's samples, as the engine gives them (rtsr.engine.analyse)."""
+    if (until := tracker.take(x48)) is not None:
+        tracker.spectrum.commit(until)
+        tracker.decide()
+
+
 def tracked(x: np.ndarray, block: int) -> list[tuple[int, Band, bool]]:
     """A band tracker fed x (48 kHz) in blocks, as the engine feeds it: each frame's band and
     whether the tracker still decides, per block."""
     tracker, t, out = CutoffTracker(48000, 1), 0, []
     for i in range(0, len(x), block):
-        tracker.feed(x[i:i + block])
+        feed(tracker, x[i:i + block])
         t1 = (i + block) // HOP
         moved = tracker.decides_within(t, t1)
         rows = tracker.rows(t, t1)
@@ -159,7 +166,7 @@ def test_a_decision_is_the_same_whenever_its_tracker_makes_it():
         tracker, t, rows, made_at = CutoffTracker(48000, 1), 0, [], []
         tracker.turn = turn
         for i in range(0, len(x), 960):
-            tracker.feed(x[i:i + 960])
+            feed(tracker, x[i:i + 960])
             if tracker.pending is not None:
                 made_at.append(i)
             rows.append(tracker.rows(t, (i + 960) // HOP))
