@@ -13,7 +13,9 @@ given its state (`__call__`, as `SuperResModel.run`), a store of the call's rows
 the bucket, its caches copied in and out. Either way a call packs its inputs, the row mask and
 the rows into one host buffer (pinned on CUDA) for one upload, replays, and downloads its rows'
 spectra: the call's one host sync. Hops over GRAPH_MAX_FRAMES frames (offline's long hops) are
-few kernels per frame of work and run eagerly.
+few kernels per frame of work and run eagerly, and so does a shape until it has been asked for
+GRAPH_AFTER times: a live stream's hop repeats every round, but an offline segment's last short
+hop is a one-off whose capture would cost more than the hop.
 
 The same code runs on a CPU with `capture=False` (each call runs the captured step itself rather
 than replaying it), which is how it is tested without a GPU.
@@ -22,6 +24,7 @@ than replaying it), which is how it is tested without a GPU.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 GRAPH_MAX_FRAMES = 32  # a live hop's frames; longer (offline) hops run eagerly
 WARMUP_CALLS = 2  # eager calls on a side stream before a capture (cuBLAS's workspaces, the taps' memory)
+GRAPH_AFTER = 3  # calls of one shape (bucket, frames) before it is graphed; the ones before run eagerly
 MASK = 3 * N_MELS + 1  # the packed input's channel that says which entries run (after cond, low, noise, cutoff)
 ROW = MASK + 1  # ...and the one that names each entry's row of the store (exact as a float below 2 ** 24)
 
@@ -58,23 +62,36 @@ class GraphedRun:
     """Called like `SuperResModel.run` (state, cond, low, cutoff, noise) -> complex spectra on the
     CPU, the state's caches replaced by the new ones; `run_bank` for the rows of a state bank."""
 
-    def __init__(self, model: SuperResModel, capture: bool | None = None):
-        """capture: record CUDA graphs (default: where the model is on CUDA)."""
+    def __init__(self, model: SuperResModel, capture: bool | None = None, graph_after: int = GRAPH_AFTER):
+        """capture: record CUDA graphs (default: where the model is on CUDA); graph_after: calls
+        of a shape before it is graphed."""
         self.model = model
         self.capture = str(model.device).startswith("cuda") if capture is None else capture
+        self.graph_after = graph_after
+        self.asked: Counter[tuple[str, int, int]] = Counter()  # calls per (store, bucket, frames)
         self.graphs: dict[tuple[int, int], _Graph] = {}  # calls given their state: (bucket, frames)
         self.banked: dict[tuple[int, int], _Graph] = {}  # the bank's rows: (bucket, frames), of one generation
         self._generation = -1  # the bank generation `banked` was made over
-        self._lock = threading.Lock()  # one store per shape: one call given its state at a time
+        self._lock = threading.Lock()  # one store per shape: one call given its state at a time; `asked`
 
     def _eager(self, state: ModelState, *inputs: torch.Tensor) -> torch.Tensor:
         return type(self.model).run(self.model, state, *inputs)
+
+    def _graphs(self, store: str, rows: int, frames: int) -> bool:
+        """Whether a call of this shape runs a graph: a live-sized hop asked for GRAPH_AFTER times."""
+        if frames > GRAPH_MAX_FRAMES:
+            return False
+        key = store, bucket(rows), frames
+        self.asked[key] += 1
+        return self.asked[key] >= self.graph_after
 
     @torch.inference_mode()
     def __call__(self, state: ModelState, cond: torch.Tensor, low: torch.Tensor, cutoff: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
         rows, frames = cond.shape[0], cond.shape[2]
-        if frames > GRAPH_MAX_FRAMES:
+        with self._lock:
+            graphed = self._graphs("given", rows, frames)
+        if not graphed:
             return self._eager(state, cond, low, cutoff, noise)
         with self._lock:
             shape = bucket(rows), frames
@@ -93,11 +110,12 @@ class GraphedRun:
     def run_bank(self, bank: StateBank, slots: list[Slot] | slice, cond: torch.Tensor, low: torch.Tensor,
                  cutoff: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`SuperResModel.run_slots`: the slots' rows of the bank run and updated where they lie."""
-        frames = cond.shape[2]
-        if frames > GRAPH_MAX_FRAMES:  # written back into the tensors the graphs hold
+        frames, rows = cond.shape[2], row_index(slots)
+        with self._lock:
+            graphed = self._graphs("bank", len(rows), frames)
+        if not graphed:  # written back into the tensors the graphs hold
             with bank.state_of(slots, adopt=False) as state:
                 return self._eager(state, cond, low, cutoff, noise)
-        rows = row_index(slots)
         with bank.whole() as (store, generation):
             if generation != self._generation:  # the bank's tensors were replaced: every graph is stale
                 self.banked.clear()

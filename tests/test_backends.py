@@ -12,7 +12,7 @@ from rtsr import SuperResModel, Upscaler, backends
 from rtsr.backends import BackendUnavailable, apply_backend
 from rtsr.engine import Stream
 from rtsr.features import N_MELS
-from rtsr.graphs import GRAPH_MAX_FRAMES, GraphedRun
+from rtsr.graphs import GRAPH_AFTER, GRAPH_MAX_FRAMES, GraphedRun
 from rtsr.models.nets import Denoiser, Vocoder
 
 
@@ -223,7 +223,7 @@ def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, 
 
     graphed, eager = flagged(), flagged()
     made = request.getfixturevalue("fake_cuda_graphs") if capture else []
-    run = GraphedRun(graphed, capture=capture)
+    run = GraphedRun(graphed, capture=capture, graph_after=1)
     for i, batch in enumerate((1, 3, 5, 1, 8)):
         states = graphed.new_state(batch), eager.new_state(batch)
         for state in states:
@@ -244,7 +244,7 @@ def test_a_hop_that_waits_for_the_device_cannot_be_captured(fake_cuda_graphs, mo
     for sync in (lambda re: float(re.sum()), lambda re: re[re > 0]):
         monkeypatch.setattr(model, "hop", lambda *a, sync=sync: (sync(hop(*a)[0]), hop(*a))[1])
         with pytest.raises(RuntimeError, match="waits for the device"):
-            GraphedRun(model, capture=True)(model.new_state(2), *_hop_inputs(2))
+            GraphedRun(model, capture=True, graph_after=1)(model.new_state(2), *_hop_inputs(2))
 
 
 def test_a_graphed_hop_that_fails_leaves_the_state_and_long_hops_run_eagerly(monkeypatch):
@@ -252,7 +252,7 @@ def test_a_graphed_hop_that_fails_leaves_the_state_and_long_hops_run_eagerly(mon
     gave (the bank writes back only after a call returns). A hop over GRAPH_MAX_FRAMES frames
     (offline) makes no graph and equals eager."""
     model, eager = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
-    run = GraphedRun(model, capture=False)
+    run = GraphedRun(model, capture=False, graph_after=1)
     state = model.new_state(2)
     run(state, *_hop_inputs(2))
     before = {k: t.clone() for k, t in state.vocoder.items()}
@@ -265,6 +265,24 @@ def test_a_graphed_hop_that_fails_leaves_the_state_and_long_hops_run_eagerly(mon
     frames = GRAPH_MAX_FRAMES + 8
     got = run(model.new_state(2), *_hop_inputs(2, frames))
     torch.testing.assert_close(got, eager.run(eager.new_state(2), *_hop_inputs(2, frames)))
+    assert list(run.graphs) == [(2, 4)]
+
+
+def test_a_hop_shape_is_graphed_only_once_it_repeats():
+    """A shape runs eagerly until it has been asked for GRAPH_AFTER times (an offline segment's
+    last short hop is a one-off, not worth a capture), then as a graph: for a call given its state
+    and for a bank's rows alike, every output equal to eager's."""
+    model, eager = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
+    run = model.run = GraphedRun(model, capture=False)
+    state, own = model.new_state(2), eager.new_state(2)
+    slots, twins = [model.bank.join(1) for _ in range(2)], [eager.bank.join(1) for _ in range(2)]
+    for hop in range(GRAPH_AFTER):
+        assert not run.graphs and not run.banked
+        inputs = _hop_inputs(2, seed=hop)
+        torch.testing.assert_close(run(state, *inputs), eager.run(own, *inputs))
+        torch.testing.assert_close(model.run_slots(slots, *inputs), eager.run_slots(twins, *inputs))
+    assert list(run.graphs) == list(run.banked) == [(2, 4)]
+    run(model.new_state(1), *_hop_inputs(1, seed=9))  # another shape, once
     assert list(run.graphs) == [(2, 4)]
 
 

@@ -163,7 +163,7 @@ def test_graphed_hops_run_the_bank_where_it_lies():
     again), each its eager offline output; no state copied in or out."""
     model, eager = SuperResModel.random(steps=2, seed=5), SuperResModel.random(steps=2, seed=5)
     model.guidance = eager.guidance = 1.5
-    model.run = GraphedRun(model, capture=False)
+    model.run = GraphedRun(model, capture=False, graph_after=1)
     specs = [(16000, 1), (8000, 2), (44100, 1), (16000, 2), (22050, 1), (16000, 1), (8000, 2), (16000, 2)]
     got, inputs = run_mixed(model, specs, 0.4, 9, join_at=3, leave=1)
     banked = model.run.banked
@@ -179,7 +179,7 @@ def test_graphs_replayed_over_the_bank_equal_eager_offline(fake_cuda_graphs, mon
     output; a graph made once per bucket and hop length while the bank keeps its tensors."""
     model, eager = SuperResModel.random(steps=2, seed=5), SuperResModel.random(steps=2, seed=5)
     model.guidance = eager.guidance = 1.5
-    run = model.run = GraphedRun(model, capture=True)
+    run = model.run = GraphedRun(model, capture=True, graph_after=1)
     made = []  # (bank generation, bucket and hop length) of every graph made
     monkeypatch.setattr(graphs._Graph, "__init__", lambda self, *a, init=graphs._Graph.__init__:
                         (made.append((run._generation, a[2])), init(self, *a))[1])
@@ -198,7 +198,7 @@ def test_a_bank_run_eagerly_then_graphed_carries_its_streams_on():
     slots, own = [model.bank.join(1), model.bank.join(2)], eager.new_state(3)
     for hop in range(6):
         if hop == 3:
-            model.run = GraphedRun(model, capture=False)
+            model.run = GraphedRun(model, capture=False, graph_after=1)
         inputs = hop_inputs(3, 4, hop)
         got, ref = model.run_slots(slots, *inputs), eager.run(own, *inputs)
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -209,7 +209,7 @@ def test_long_hops_beside_graphed_ones_keep_the_graph_and_equal_eager():
     write into the bank's own tensors (not taking the call's as the bank's), so the graph over
     them stays valid and is not made again; every hop equals eager's."""
     model, eager = SuperResModel.random(steps=1, seed=6), SuperResModel.random(steps=1, seed=6)
-    run = model.run = GraphedRun(model, capture=False)
+    run = model.run = GraphedRun(model, capture=False, graph_after=1)
     slots, own = [model.bank.join(1), model.bank.join(2)], eager.new_state(3)
     for hop, frames in enumerate((4, 40, 4, 40, 4)):
         inputs = hop_inputs(3, frames, hop)
@@ -231,7 +231,7 @@ def test_a_graphed_round_of_a_few_streams_runs_their_bucket_and_leaves_every_oth
     made = request.getfixturevalue("fake_cuda_graphs") if mode == "fake_graphs" else []
     model = SuperResModel.random(steps=2, seed=8, device="cuda" if mode == "cuda" else "cpu")
     eager = SuperResModel.random(steps=2, seed=8)
-    run = model.run = GraphedRun(model, capture=mode != "step")
+    run = model.run = GraphedRun(model, capture=mode != "step", graph_after=1)
     tol = 1e-4 if mode == "cuda" else 1e-5  # the bar's float32 tolerance on a device; the CPU's own arithmetic here
     slots, twins = [model.bank.join(1) for _ in range(8)], [eager.bank.join(1) for _ in range(8)]
     for r, picked in enumerate(([5], [0, 3, 6], [2, 7], [1, 2, 3, 4, 6, 7], [0, 3, 6])):
