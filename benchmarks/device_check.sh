@@ -1,7 +1,7 @@
 #!/bin/bash
 # The one prepared run on a lent GPU machine: the CUDA tests, then gpu_check, logs into $OUT.
 #   bash benchmarks/device_wheels.sh     # here, once: .whl/ (the packages its image lacks)
-#   device tool: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=590)
+#   device tool: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 #   OUT=/tmp/out WHEELS=/tmp/wh bash benchmarks/device_check.sh --device cpu --quick   # a dry run here
 # Installs the wheels (--target /tmp/site, no index: no network there) and rtsr itself (editable,
 # no build isolation: setuptools is in the image), checks that everything the run imports imports,
@@ -18,7 +18,10 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
   || { echo "device_check: rtsr did not install" >&2; exit 4; }
 python3 -c "import rtsr.kernels.intake, rtsr.serve, rtsr.bench, rtsr.graphs, torch; print('torch', torch.__version__,
 'cuda', torch.cuda.is_available())" || { echo "device_check: an import failed" >&2; exit 5; }
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_backends.py tests/test_bank.py 2>&1 \
-  | tee "$out/cuda_tests.txt" | tail -15
-timeout 420 python3 benchmarks/gpu_check.py "$@" 2>&1 | tee "$out/gpu_check.txt"
+# the graphs and the bank first (quick), then compile's and auto's (their first compiles take a while)
+timeout 75 python3 -m pytest -q -p no:cacheprovider -k "cuda and not compile and not auto" tests/test_bank.py \
+  tests/test_backends.py 2>&1 | tee "$out/cuda_tests.txt" | tail -15
+timeout 60 python3 -m pytest -q -p no:cacheprovider -k "cuda and (compile or auto)" tests/test_backends.py 2>&1 \
+  | tee -a "$out/cuda_tests.txt" | tail -15
+timeout 400 python3 benchmarks/gpu_check.py "$@" 2>&1 | tee "$out/gpu_check.txt"
 exit "${PIPESTATUS[0]}"
