@@ -36,7 +36,7 @@ def _bands() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def log_mel_frames(spec: np.ndarray) -> np.ndarray:
     """(frames, bins) complex64 spectra -> (frames, mels) float32 normalised log-mel."""
     out = _mel_power(spec, *_bands(), np.float32(LOG_FLOOR))
-    np.log(out, out=out)  # numpy's float32 log is vectorised; a compiled loop's is one call per value
+    np.log(out, out=out)  # numpy's float32 log is vectorised; a compiled loop's is one libm call per value
     out -= np.float32(MEL_MEAN)
     out /= np.float32(MEL_STD)
     return out

@@ -230,9 +230,9 @@ class LongTermSpectrum:
 
 def _spectra(frames: np.ndarray) -> np.ndarray:
     """The detector frames' real FFT along their last axis (float32 in, complex64 out). torch's:
-    4096-point frames in a batch cost 2.0 us each against scipy's 6.0 (single frames about the
-    same, ~20 us a call), and each row's FFT is its own, whatever the batch (tested), so a
-    spectrum's sums do not depend on how its frames were grouped."""
+    a third of scipy's time for a batch of 4096-point frames (RESULTS.md), and each row's FFT is
+    its own, whatever the batch (tested), so a spectrum's sums do not depend on how its frames
+    were grouped."""
     import torch  # not for the protocol's imports (it takes `given_band` from here)
 
     return torch.fft.rfft(torch.from_numpy(frames), dim=-1).numpy()
@@ -241,7 +241,7 @@ def _spectra(frames: np.ndarray) -> np.ndarray:
 def due_spectra(due: list[tuple[LongTermSpectrum, int]]) -> list[np.ndarray | None]:
     """For each (spectrum, until), the spectra of the frames `spectrum.commit(until)` would count
     (None: none is due), for its `count`: all made by one FFT call (`_spectra`: a server's
-    deciding streams make theirs in the same round, and a batch of frames costs a third of a
+    deciding streams make theirs in the same round, and a batch costs far less a frame than a
     frame or two at a time), so the counts are `commit`'s. Nothing is counted here."""
     todo = [(lts, lts.due(until)) for lts, until in due]
     at = np.cumsum([0, *(n * lts.channels for lts, n in todo)])  # each spectrum's first row of frames
