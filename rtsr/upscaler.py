@@ -19,6 +19,7 @@ from rtsr.engine import Stream
 from rtsr.model import SuperResModel, load_model
 from rtsr.offline import OFFLINE_BLOCK, OFFLINE_HOP_MS, Signal, upscale_signals
 
+WARM_UP_S = 1.6  # a warm-up stream's audio: its band tracker decides by ~1.4 s whatever its turn
 
 def known_device(device: str) -> bool:
     """Whether `device` names one: auto, cpu, cuda or cuda:N (one GPU of several: a server per GPU)."""
@@ -62,7 +63,11 @@ class Upscaler:
         return up
 
     def warm_up(self, sr: int = 16000, channels: int = 1, hop_ms: float = 20.0) -> None:
-        self.stream(sr, channels, hop_ms).feed(np.zeros((sr // 2, channels), np.float32))
+        """A throwaway stream of WARM_UP_S of quiet noise: long enough that its band tracker makes
+        its first decision, whose compiled kernels would otherwise be compiled (or loaded from
+        numba's cache) in the middle of the first live stream, ~1.2 s in (RESULTS.md)."""
+        noise = np.random.default_rng(0).standard_normal((round(sr * WARM_UP_S), channels))
+        self.stream(sr, channels, hop_ms).feed((0.01 * noise).astype(np.float32))
 
     def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
                cutoff: float | Band | None = None, fill_holes: bool = False) -> Stream:

@@ -80,3 +80,16 @@ def test_leading_silence_is_held_back_and_fed_as_it_was(loaded: Upscaler) -> Non
     silent = loaded.upscale(np.zeros(16000, np.float32), 16000)
     assert silent.shape == (48000,) and not silent.any()
     assert loaded.upscale(np.zeros(0, np.float32), 16000).shape == (0,)
+
+
+@pytest.mark.parametrize(("sr", "channels"), [(16000, 1), (44100, 2)])
+def test_a_warm_up_makes_a_band_decision(loaded: Upscaler, monkeypatch, sr: int, channels: int) -> None:
+    """The warm-up stream reaches its band tracker's first decision, so its compiled kernels are
+    not compiled (or loaded) ~1.2 s into the first live stream."""
+    from rtsr import cutoff
+
+    decided = []
+    band_of = cutoff.band_of
+    monkeypatch.setattr(cutoff, "band_of", lambda *a: (decided.append(a[1]), band_of(*a))[1])
+    loaded.warm_up(sr, channels)
+    assert decided == [sr]
