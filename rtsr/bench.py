@@ -42,7 +42,6 @@ from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
 IMPULSE = 0.5
-WARMUP_S = 0.5  # audio run through a throw-away stream first: lazy torch init, kernel loading
 # throughput's warm-up is long enough to be cut for two workers and to run 2 s hops (each worker
 # thread's first call and each new hop shape cost once): what a batch of files runs at
 THROUGHPUT_WARMUP_S = 20.0
@@ -218,7 +217,7 @@ def latency_report(args: argparse.Namespace) -> Report:
     x, sr, what = bench_input(args, 10.0)
     block = round(sr * args.hop_ms / 1000)
     hop_s = block / sr
-    time_rounds([up.stream(sr, x.shape[1], args.hop_ms)], x[: round(sr * WARMUP_S)], block)
+    up.warm_up(sr, x.shape[1], args.hop_ms)  # as `rtsr live` does before its stream
     latency = measure_latency(up, sr, args.hop_ms)
     rows = []
     for n in stream_counts(args.streams):
