@@ -65,9 +65,11 @@ class Upscaler:
     def warm_up(self, sr: int = 16000, channels: int = 1, hop_ms: float = 20.0) -> None:
         """A throwaway stream of WARM_UP_S of quiet noise: long enough that its band tracker makes
         its first decision, whose compiled kernels would otherwise be compiled (or loaded from
-        numba's cache) in the middle of the first live stream, ~1.2 s in (RESULTS.md)."""
+        numba's cache) in the middle of the first live stream, ~1.2 s in (RESULTS.md). It is
+        taken as decoded from a lossy codec: its hops run every kernel a plain stream's do, and
+        the level matching and hole filling such a stream's add."""
         noise = np.random.default_rng(0).standard_normal((round(sr * WARM_UP_S), channels))
-        self.stream(sr, channels, hop_ms).feed((0.01 * noise).astype(np.float32))
+        self.stream(sr, channels, hop_ms, fill_holes=True).feed((0.01 * noise).astype(np.float32))
 
     def stream(self, input_sr: int, channels: int = 1, hop_ms: float = 20.0,
                cutoff: float | Band | None = None, fill_holes: bool = False) -> Stream:

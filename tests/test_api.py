@@ -83,13 +83,17 @@ def test_leading_silence_is_held_back_and_fed_as_it_was(loaded: Upscaler) -> Non
 
 
 @pytest.mark.parametrize(("sr", "channels"), [(16000, 1), (44100, 2)])
-def test_a_warm_up_makes_a_band_decision(loaded: Upscaler, monkeypatch, sr: int, channels: int) -> None:
-    """The warm-up stream reaches its band tracker's first decision, so its compiled kernels are
-    not compiled (or loaded) ~1.2 s into the first live stream."""
+def test_a_warm_up_makes_a_band_decision_and_matches_levels(loaded: Upscaler, monkeypatch, sr: int,
+                                                             channels: int) -> None:
+    """The warm-up stream reaches its band tracker's first decision and, taken as decoded from a
+    lossy codec, runs the level matching, so none of their compiled kernels is compiled (or
+    loaded) in the middle of the first live stream."""
     from rtsr import cutoff
+    from rtsr.hopbank import HopBank
 
-    decided = []
-    band_of = cutoff.band_of
+    decided, matched = [], []
+    band_of, match_levels = cutoff.band_of, HopBank.match_levels
     monkeypatch.setattr(cutoff, "band_of", lambda *a: (decided.append(a[1]), band_of(*a))[1])
+    monkeypatch.setattr(HopBank, "match_levels", lambda *a: (matched.append(1), match_levels(*a))[1])
     loaded.warm_up(sr, channels)
-    assert decided == [sr]
+    assert decided == [sr] and matched
