@@ -74,8 +74,6 @@ def offline(model, device: str, files: int, seconds: float) -> float:
 
 DECIDING = slice(5, 60)  # rounds timed from a stream's start (the first compile or capture): its band tracker deciding
 SETTLED_FROM = 80  # rounds after its first decision (~1.4 s), the band settled: most of a live call
-
-
 WAVES = 4  # a server's polls in a round, each finding some streams' blocks
 
 

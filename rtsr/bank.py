@@ -212,6 +212,11 @@ def cache_entries(state: ModelState) -> list[tuple[int, Cache, str]]:
     return [(k, cache, key) for k, cache in (*enumerate(state.steps), (-1, state.vocoder)) for key in cache]
 
 
+def cache_tensors(state: ModelState) -> list[torch.Tensor]:
+    """Every cache tensor of a state, in `cache_entries`' order."""
+    return [cache[key] for _, cache, key in cache_entries(state)]
+
+
 def _caches(state: ModelState) -> dict[tuple[int, str], torch.Tensor]:
     """Every cache of a state by (sampler step, key)."""
     return {(k, key): cache[key] for k, cache, key in cache_entries(state)}

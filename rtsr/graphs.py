@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rtsr.bank import ModelState, Slot, StateBank, cache_entries, row_index
+from rtsr.bank import ModelState, Slot, StateBank, cache_entries, cache_tensors, row_index
 from rtsr.features import N_BINS, N_MELS
 
 if TYPE_CHECKING:
@@ -98,8 +98,8 @@ class GraphedRun:
             graph = self.graphs.get(shape)
             if graph is None:
                 graph = self.graphs[shape] = _Graph(self.model, self.model.new_state(shape[0]), shape, self.capture)
-            stored = [graph.rows_of(t, rows) for t in _caches(graph.store)]
-            torch._foreach_copy_(stored, [t.view(-1, rows, *t.shape[1:]) for t in _caches(state)])
+            stored = [graph.by_branch(t)[:, :rows] for t in cache_tensors(graph.store)]
+            torch._foreach_copy_(stored, [t.view(-1, rows, *t.shape[1:]) for t in cache_tensors(state)])
             graph.store.lossy[:rows].copy_(state.lossy)
             spectra = graph.run(np.arange(shape[0]), rows, cond, low, cutoff, noise)
             for (_, cache, key), t in zip(cache_entries(state), stored, strict=True):
@@ -144,9 +144,9 @@ class _Graph:
         if capture:
             self._capture()
 
-    def rows_of(self, t: torch.Tensor, rows: int) -> torch.Tensor:
-        """A stored cache's first `rows` rows of each branch, (branches, rows, ...)."""
-        return t.view(-1, self.rows, *t.shape[1:])[:, :rows]
+    def by_branch(self, t: torch.Tensor) -> torch.Tensor:
+        """A stored cache (branches x the store's rows, ...) as (branches, rows, ...), a view."""
+        return t.view(-1, self.rows, *t.shape[1:])
 
     def _step(self) -> None:
         """The hop on every entry's row, new caches written back where the mask says (what is captured)."""
@@ -154,20 +154,20 @@ class _Graph:
         runs, at = x[:, MASK, 0] > 0, x[:, ROW, 0].long()
 
         def take(t: torch.Tensor) -> torch.Tensor:  # (branches x rows, ...) -> (branches x size, ...), branch-major
-            return t.view(-1, self.rows, *t.shape[1:]).index_select(1, at).flatten(0, 1)
+            return self.by_branch(t).index_select(1, at).flatten(0, 1)
 
         state = ModelState(steps=[{k: take(t) for k, t in c.items()} for c in self.store.steps],
                            vocoder={k: take(t) for k, t in self.store.vocoder.items()},
                            lossy=self.store.lossy.index_select(0, at))
-        taken = _caches(state)
+        taken = cache_tensors(state)
         re, im = self.model.hop(state, x[:, :m], x[:, m:2 * m], x[:, 3 * m], x[:, 2 * m:3 * m])
         self.spectra[..., 0].copy_(re)
         self.spectra[..., 1].copy_(im)
-        for t, old, new in zip(_caches(self.store), taken, _caches(state), strict=True):
+        for t, old, new in zip(cache_tensors(self.store), taken, cache_tensors(state), strict=True):
             if new is not old:
                 keep = runs.repeat(old.shape[0] // self.size).view(-1, *([1] * (old.dim() - 1)))
                 kept = torch.where(keep, new, old)
-                t.view(-1, self.rows, *t.shape[1:]).index_copy_(1, at, kept.view(-1, self.size, *kept.shape[1:]))
+                self.by_branch(t).index_copy_(1, at, kept.view(-1, self.size, *kept.shape[1:]))
 
     def _capture(self) -> None:
         self.inputs[:, ROW, 0] = torch.arange(self.size, device=self.inputs.device)  # distinct rows; mask all 0
@@ -201,7 +201,3 @@ class _Graph:
         else:
             self.graph.replay()
         return torch.view_as_complex(self.spectra[:n].cpu())
-
-
-def _caches(state: ModelState) -> list[torch.Tensor]:
-    return [cache[key] for _, cache, key in cache_entries(state)]

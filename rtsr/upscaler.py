@@ -21,6 +21,7 @@ from rtsr.offline import OFFLINE_BLOCK, OFFLINE_HOP_MS, Signal, upscale_signals
 
 WARM_UP_S = 1.6  # a warm-up stream's audio: its band tracker decides by ~1.4 s whatever its turn
 
+
 def known_device(device: str) -> bool:
     """Whether `device` names one: auto, cpu, cuda or cuda:N (one GPU of several: a server per GPU)."""
     return device in ("auto", "cpu", "cuda") or device.startswith("cuda:") and device[5:].isdigit()

@@ -8,7 +8,7 @@ import torch
 
 from rtsr import SuperResModel, Upscaler, graphs
 from rtsr.backends import apply_backend
-from rtsr.bank import StateBank, cache_entries
+from rtsr.bank import StateBank, cache_tensors
 from rtsr.batch import step
 from rtsr.engine import Stream
 from rtsr.features import N_MELS
@@ -248,10 +248,6 @@ def test_a_graphed_round_of_a_few_streams_runs_their_bucket_and_leaves_every_oth
     assert [g.replays for g in made] == ([1, 2, 1, 1] if mode == "fake_graphs" else [])
     for t, ref in zip(cache_tensors(model.bank.view(slots)), cache_tensors(eager.bank.view(twins)), strict=True):
         assert (t.cpu() - ref).abs().max() <= tol * max(ref.abs().max(), 1e-6)
-
-
-def cache_tensors(state) -> list[torch.Tensor]:
-    return [cache[key] for _, cache, key in cache_entries(state)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
