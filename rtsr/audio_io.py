@@ -102,11 +102,16 @@ def _reason(e: Exception) -> str:
 
 def _decode_with_ffmpeg(source: Path | BinaryIO, name: str | Path, refused: Exception):
     """What libsndfile refused (`refused`), decoded by FFmpeg; if FFmpeg cannot either, the
-    error gives libsndfile's reason (a WAV or FLAC's problem reads best in its words)."""
+    error gives libsndfile's reason (a WAV or FLAC's problem reads best in its words), except
+    where it says the file is not there (its words for a .mp3 with no MPEG frames in it): the
+    file was found, so FFmpeg's reason is the true one."""
     try:
         return decode(source)
     except DecodeError as e:
-        raise AudioError(name, f"not a readable audio file ({_reason(refused)})") from e
+        reason = _reason(refused)
+        if not reason or "does not exist" in reason:
+            reason = str(e)
+        raise AudioError(name, f"not a readable audio file ({reason})") from e
 
 
 def _checked(p: Path, x: np.ndarray, sr: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from rtsr.audio_io import AudioError, AudioReader, decode_audio
+from rtsr.audio_io import AudioError, AudioReader, decode_audio, read_audio
 from rtsr.av_decode import duration_s
 from rtsr.bench_band import music_like
 
@@ -91,3 +91,11 @@ def test_what_neither_reads_is_refused_in_libsndfiles_words(tmp_path):
     path.write_text("not audio")
     with pytest.raises(AudioError, match="not a readable audio file"):
         AudioReader(path)
+
+
+def test_a_file_that_is_there_is_not_called_missing(tmp_path):
+    path = tmp_path / "notes.mp3"  # libsndfile's MPEG reader says "File does not exist ..." of it
+    path.write_text("hello")
+    with pytest.raises(AudioError, match="not a readable audio file") as refused:
+        read_audio(path)
+    assert "does not exist" not in str(refused.value) and "Invalid data" in str(refused.value)
