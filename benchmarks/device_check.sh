@@ -29,7 +29,7 @@ rtsr.__file__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
 # the graphs and the bank first (quick), then compile's and auto's (their first compiles take a while)
 timeout 75 "${py[@]}" -m pytest -q -p no:cacheprovider -k "cuda and not compile and not auto" tests/test_bank.py \
   tests/test_backends.py 2>&1 | tee "$out/cuda_tests.txt" | tail -15
-timeout 60 "${py[@]}" -m pytest -q -p no:cacheprovider -k "cuda and (compile or auto)" tests/test_backends.py 2>&1 \
+timeout 90 "${py[@]}" -m pytest -q -p no:cacheprovider -k "cuda and (compile or auto)" tests/test_backends.py 2>&1 \
   | tee -a "$out/cuda_tests.txt" | tail -15
 timeout 400 "${py[@]}" benchmarks/gpu_check.py "$@" 2>&1 | tee "$out/gpu_check.txt"
 exit "${PIPESTATUS[0]}"

@@ -8,7 +8,7 @@ its image lacks (soundfile, pyzmq: wheels carried in .whl/, made here by
 benchmarks/device_wheels.sh) and rtsr, then runs the tests that need CUDA (the backends and the
 bank against the CPU, the graphs really captured), then this script.
 
-Measures, for each backend (eager, compile, cudagraph, tensorrt): GPU output vs the CPU eager output
+Measures, for each backend (eager, cudagraph, compile-cudagraph, compile, tensorrt): GPU output vs the CPU eager output
 (relative error), offline throughput (x real time) for one file and for a batch of files (as
 `rtsr upscale` runs them: bands found, segments on the machine's cores up to 8 threads), and
 live-style per-hop latency p50/p99 at 20 ms hops for 1, 16, 64 and 256 concurrent streams batched
@@ -41,9 +41,10 @@ from rtsr.report import markdown_table
 from rtsr.upscaler import Upscaler
 
 SR_IN = 16000
-# the device's own backends first, the one the bar rests on (a graph per hop) before compile, whose
-# first compiles take minutes where they go wrong; a backend that cannot run here says so at once
-ORDER = ("eager", "cudagraph", "compile", "tensorrt", "onnx", "onnx-int8")
+# the device's own backends first, the one the bar rests on (a graph per hop) and the same graphs
+# over compiled networks before compile alone, whose first compiles take minutes where they go
+# wrong and whose hops an H200 ran 10-25x slower than eager; a backend that cannot run here says so at once
+ORDER = ("eager", "cudagraph", "compile-cudagraph", "compile", "tensorrt", "onnx", "onnx-int8")
 assert sorted(ORDER) == sorted(BACKENDS[1:])
 
 

@@ -6,6 +6,10 @@
     cudagraph  the eager networks' whole hop captured as a CUDA graph over every row of the state
                bank (a row mask says which run) and replayed (rtsr.graphs): one launch where a
                live hop made ~200
+    compile-cudagraph
+               `compile`'s networks inside `cudagraph`'s graphs (as vLLM captures its compiled
+               model per batch size): Inductor's fused kernels, fewer than eager's ~250 per hop
+               at one stream, launched as one graph
     onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
                CPU the fastest, since a live hop's cost is per-operator dispatch
     onnx-int8  `onnx` with the pointwise layers' weights and inputs in int8 at fixed, calibrated
@@ -36,7 +40,9 @@ from rtsr.graphs import GraphedRun
 from rtsr.model import SuperResModel
 
 log = logging.getLogger("rtsr.backends")
-BACKENDS = ("auto", "eager", "onnx", "onnx-int8", "compile", "cudagraph", "tensorrt")
+BACKENDS = ("auto", "eager", "onnx", "onnx-int8", "compile", "cudagraph", "compile-cudagraph", "tensorrt")
+COMPILED = ("compile", "compile-cudagraph")  # the networks under torch.compile
+GRAPHED = ("cudagraph", "compile-cudagraph")  # the hop replayed as CUDA graphs (rtsr.graphs)
 
 
 class BackendUnavailable(RuntimeError):
@@ -90,26 +96,27 @@ def _onnx(model: SuperResModel, int8: bool = False) -> None:
 
 
 def _apply(model: SuperResModel, name: str) -> None:
-    if name == "eager":
-        return
-    if name == "compile":
-        model.denoiser, model.vocoder = Compiled(model.denoiser), Compiled(model.vocoder)
-    elif name == "cudagraph":
-        _cuda_only(name, model)
-        model.run = GraphedRun(model)
-    elif name == "tensorrt":
+    if name == "tensorrt":
         _tensorrt(model)
     elif name in ("onnx", "onnx-int8"):
         _onnx(model, int8=name == "onnx-int8")
-    else:
+    elif name not in ("eager", *COMPILED, *GRAPHED):
         raise BackendUnavailable(f"unknown backend {name!r}; one of {', '.join(BACKENDS)}")
+    if name in GRAPHED:
+        _cuda_only(name, model)
+    if name in COMPILED:
+        model.denoiser, model.vocoder = Compiled(model.denoiser), Compiled(model.vocoder)
+    if name in GRAPHED:
+        model.run = GraphedRun(model)
 
 
 def auto_order(device: str) -> tuple[str, ...]:
     """The candidates in the order tried, fastest expected first. On a CPU the networks are too
     small for compilation to pay for itself, and ONNX Runtime's lower per-operator overhead is
     what counts; on CUDA every candidate is timed anyway (`measures`)."""
-    return ("tensorrt", "cudagraph", "compile", "eager") if str(device).startswith("cuda") else ("onnx", "eager")
+    if str(device).startswith("cuda"):
+        return "tensorrt", "compile-cudagraph", "cudagraph", "compile", "eager"
+    return "onnx", "eager"
 
 
 def measures(device: str) -> bool:

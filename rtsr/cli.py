@@ -77,7 +77,7 @@ COMMANDS = {  # name: (the module that defines it, its line in `rtsr --help`)
     "live": ("rtsr.live", "microphone (or any input device) -> engine -> speakers and/or a file"),
 }
 # rtsr.backends.BACKENDS, named here so that `upscale --help` needs no torch (a test keeps them equal)
-BACKEND_NAMES = ("auto", "eager", "onnx", "onnx-int8", "compile", "cudagraph", "tensorrt")
+BACKEND_NAMES = ("auto", "eager", "onnx", "onnx-int8", "compile", "cudagraph", "compile-cudagraph", "tensorrt")
 # what a folder is searched for: what libsndfile reads, and the audio files FFmpeg decodes (a video's
 # sound track is taken when the video is named, or with --glob)
 AUDIO_EXTS = ("wav", "flac", "ogg", "opus", "mp3", "aiff", "aif", "au", "caf", "w64", "m4a", "m4b", "aac", "mka")

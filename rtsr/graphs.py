@@ -1,4 +1,5 @@
-"""The `cudagraph` backend: a hop's model call captured once as a CUDA graph, then replayed.
+"""The `cudagraph` backend (and `compile-cudagraph`, the same over compiled networks): a hop's
+model call captured once as a CUDA graph, then replayed.
 
 Why: a live hop is ~200 small kernels, and launched one by one from Python they cost more than
 they compute (an H200 ran one stream at RTF 0.3, slower than two CPU cores). A graph launches

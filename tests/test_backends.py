@@ -56,7 +56,7 @@ def test_onnx_streams_equal_to_eager_and_reuses_its_export(onnx_cache):
     assert len(list(onnx_cache.glob("hop-*.onnx"))) == 2
 
 
-@pytest.mark.parametrize("name", ["cudagraph", "tensorrt"])
+@pytest.mark.parametrize("name", ["cudagraph", "compile-cudagraph", "tensorrt"])
 def test_gpu_backends_refuse_a_cpu_model(name):
     with pytest.raises(BackendUnavailable, match="CUDA"):
         apply_backend(SuperResModel.random(), name)
@@ -208,6 +208,28 @@ def test_compile_reuses_one_graph_for_every_batch_size():
                 assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_compiled_networks_in_the_graphed_hop_equal_eager_in_every_bucket_without_recompiles():
+    """`compile-cudagraph`'s step (its graph's step run, not replayed, on a CPU): the compiled
+    networks inside the graphed hop, with its gather and masked write-back around them, equal
+    eager at buckets of 1, 4 and 8 rows with the state carried, compiled once (the first bucket)."""
+    import torch._dynamo
+
+    from rtsr.backends import Compiled
+
+    torch._dynamo.reset()
+    compiled, eager = SuperResModel.random(seed=3), SuperResModel.random(seed=3)
+    compiled.denoiser, compiled.vocoder = Compiled(compiled.denoiser), Compiled(compiled.vocoder)
+    run = GraphedRun(compiled, capture=False, graph_after=1)
+    for i, batch in enumerate((1, 3, 8, 1)):
+        states = compiled.new_state(batch), eager.new_state(batch)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            for hop in range(2):
+                inputs = _hop_inputs(batch, seed=10 * i + hop)
+                got, ref = run(states[0], *inputs), eager.run(states[1], *inputs)
+                assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert sorted(run.graphs) == [(1, 4), (4, 4), (8, 4)]
+
+
 @pytest.mark.parametrize("capture", [False, True])
 @pytest.mark.parametrize(("steps", "guidance"), [(0, 1.0), (2, 1.0), (2, 1.5)])
 def test_graphed_hops_equal_eager_in_every_bucket_with_the_state_carried(steps, guidance, capture, request):
@@ -326,7 +348,7 @@ class _Altered:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["compile", "cudagraph", "auto"])
+@pytest.mark.parametrize("name", ["compile", "cudagraph", "compile-cudagraph", "auto"])
 def test_cuda_backends_equal_eager_over_hops_at_every_batch_size(name):
     """On the device: each backend (auto: whichever it proves fastest) runs hops with the state
     carried at batches 1, 3, 5 and 1 again, equal to eager on the CPU within 1e-4 of the peak."""
