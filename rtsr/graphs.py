@@ -164,10 +164,13 @@ class _Graph:
         re, im = self.model.hop(state, x[:, :m], x[:, m:2 * m], x[:, 3 * m], x[:, 2 * m:3 * m])
         self.spectra[..., 0].copy_(re)
         self.spectra[..., 1].copy_(im)
+        keeps: dict[int, torch.Tensor] = {}  # the mask per branch count: one kernel each, not one per cache
         for t, old, new in zip(cache_tensors(self.store), taken, cache_tensors(state), strict=True):
             if new is not old:
-                keep = runs.repeat(old.shape[0] // self.size).view(-1, *([1] * (old.dim() - 1)))
-                kept = torch.where(keep, new, old)
+                branches = old.shape[0] // self.size
+                if branches not in keeps:
+                    keeps[branches] = runs.repeat(branches)
+                kept = torch.where(keeps[branches].view(-1, *([1] * (old.dim() - 1))), new, old)
                 self.by_branch(t).index_copy_(1, at, kept.view(-1, self.size, *kept.shape[1:]))
 
     def _capture(self) -> None:
