@@ -19,7 +19,7 @@ def _splitmix64(z):
     return z ^ (z >> uint64(31))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # offline workers draw noise side by side
 def _fill(out, seed, channel0, frame0):
     n_ch, n_bands, n_frames = out.shape
     for c in range(n_ch):
