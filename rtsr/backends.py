@@ -8,8 +8,8 @@
                live hop made ~200
     compile-cudagraph
                `compile`'s networks inside `cudagraph`'s graphs (as vLLM captures its compiled
-               model per batch size): Inductor's fused kernels, fewer than eager's ~250 per hop
-               at one stream, launched as one graph
+               model per batch size): Inductor's fused kernels launched as one graph (whether
+               fewer launches beat `cudagraph`'s eager ones is for a GPU run to show)
     onnx       ONNX Runtime's CPU provider on exports with explicit state (rtsr.onnx_backend): on a
                CPU the fastest, since a live hop's cost is per-operator dispatch
     onnx-int8  `onnx` with the pointwise layers' weights and inputs in int8 at fixed, calibrated
