@@ -186,6 +186,7 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
             if i not in failed:
                 by_bank.setdefault(streams[i].hops, []).append(i)
         more: list[int] = []
+        starved: list[int] = []
         for bank, idx in by_bank.items():
             first = np.array([streams[i].hop_row for i in idx], np.int64)
             has_left = np.array([id(streams[i]) in left for i in idx]) if left else np.zeros(len(idx), bool)
@@ -195,11 +196,15 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
                 pick = np.flatnonzero(n_of == n)
                 pick = pick[np.argsort(bank.slot_start[first[pick]], kind="stable")]  # the model bank's row order
                 _run_group(bank, int(n), [idx[k] for k in pick], first[pick], streams, out, failed)
-            # asked again: a stream that ran and has another hop queued, or one with input to analyse
-            again = ((n_of > 0) & (bank.ready_frames(first, all_in) > 0)) | has_left
-            more += [idx[k] for k in np.flatnonzero(again) if idx[k] not in failed]
-        waiting = [streams[i] for i in more if id(streams[i]) in left]
-        left = {id(s) for s in analyse(waiting)}
+            # asked again: a stream that ran and has another hop queued, or one with input to analyse;
+            # analysed again only once its next hop waits for frames (each analysis takes a little
+            # more than a hop's input: analysed at every hop, a long block's frames would pile up)
+            ready = bank.ready_frames(first, all_in) > 0
+            more += [idx[k] for k in np.flatnonzero(((n_of > 0) & ready) | has_left) if idx[k] not in failed]
+            starved += [idx[k] for k in np.flatnonzero(has_left & ~ready) if idx[k] not in failed]
+        waiting = set(starved)
+        left = {id(s) for s in analyse([streams[i] for i in starved])} | {
+            id(streams[i]) for i in more if i not in waiting and id(streams[i]) in left}
         asking = more
 
 

@@ -43,6 +43,19 @@ def test_streaming_equals_offline(model, sr):
     assert np.abs(streamed - offline).max() <= 1e-4 * np.abs(offline).max()
 
 
+def test_a_long_block_queues_no_more_frames_than_live_blocks():
+    """Two seconds fed at once run hop after hop as 20 ms blocks do, and the frames queued ahead
+    of the hops stay as few (each analysis takes a little more than a hop's input: analysed at
+    every hop, a block's frames piled up, 2 more a hop, and every stream of the bank kept room for
+    them: 128 frames a row after a 1.6 s block)."""
+    x = noise(16000, 2.0)
+    whole, live = (Stream(SuperResModel.random(), 16000) for _ in range(2))
+    y = np.concatenate([whole.feed(x), whole.flush()])
+    y_live = np.concatenate([live.feed(x[i:i + 320]) for i in range(0, len(x), 320)] + [live.flush()])
+    np.testing.assert_array_equal(y, y_live)
+    assert whole.hops.spec.shape[1] == live.hops.spec.shape[1] <= 16
+
+
 def test_one_sample_blocks_equal_offline(model):
     x = noise(16000, 0.15)
     s = Stream(model, 16000, 1, 10.0)
