@@ -401,6 +401,9 @@ class CutoffTracker:
         self.boundary = UPDATE_EVERY  # the next decision frame not made yet (0: none)
         self.pending: tuple[int, _TrackerState] | None = None  # (frame, the state its decision sets)
         self.turn = next(self._turns) % DECIDE_LAG + 1  # frames after its data are complete that it decides
+        # ...and the samples it holds past COMMIT_FRAMES frames before it commits them: trackers fed
+        # alike (streams that started together) commit in different rounds, not all in one
+        self.commit_at = DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP + self.turn * HOP % (COMMIT_FRAMES * DETECT_HOP)
 
     def take(self, x48: np.ndarray) -> int | None:
         """The stream's next 48 kHz samples (samples, channels; from its first sample on), kept.
@@ -416,7 +419,7 @@ class CutoffTracker:
         if not self.boundary:  # the pending decision ends the deciding
             return None
         data_end = self._data_end(self.boundary)
-        if self._decision_due() or self.spectrum.held >= DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP:
+        if self._decision_due() or self.spectrum.held >= self.commit_at:
             return data_end
         return None
 
