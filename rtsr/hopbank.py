@@ -107,16 +107,20 @@ class HopBank(RowBank):
     def band_id(self, row: tuple[float, float, float]) -> int:
         """The table index of a band row (cutoff Hz, merge start, merge end), added when new; the
         values are taken at float32, as the band tracker's frame rows hold them."""
-        row = tuple(float(v) for v in np.float32(row))
+        if (k := self._band_ids.get(row)) is not None:  # as given before (a tracker's rows repeat);
+            return k  # a key is added only once its table rows are (read here without the lock)
+        given, row = row, tuple(float(v) for v in np.float32(row))
         with self.lock:
             if (k := self._band_ids.get(row)) is None:
-                k = self._band_ids[row] = len(self.band_hz)
+                k = len(self.band_hz)
                 self.band_hz = np.append(self.band_hz, np.float32(row[0]))
                 self.band_weights = np.concatenate([self.band_weights, merge_weights(row[1], row[2])[None]])
                 # a fade from the edge itself is a lossy input's (rtsr.cutoff.Band.merge_range)
                 e = round(row[0] / BIN_HZ) if row[1] == row[0] else -1
                 self.edge_bin = np.append(self.edge_bin, e)
                 self.level_taper = np.concatenate([self.level_taper, level_taper(e)[None]])
+                self._band_ids[row] = k
+            self._band_ids[given] = k
             return k
 
     def set_band_now(self, first: int, row: tuple[float, float, float]) -> None:
