@@ -11,8 +11,8 @@ accelerator removes (issue 28). Rounds after `--warmup` (by default past the ban
 decision, ~1.4 s, as in a long live call) are timed; the first rounds, while the tracker still
 decides (a 4096-point spectrum every 2048 samples, then the decisions), are reported apart; so is
 the spread of whole rounds from the first (`round_ms`: p50, p99, max; the decision rounds are a
-server's tail when its streams start together). One stream runs a few hops first, so one-off
-loading is in neither.
+server's tail when its streams start together). The model is warmed up first as `rtsr serve`
+warms it up (`Upscaler.warm_up`), so one-off loading is in neither.
 
     python benchmarks/glue_bench.py --streams 256 --json
     python benchmarks/glue_bench.py --streams 256 --versus /tmp/before   # another checkout beside this one
@@ -40,6 +40,7 @@ from rtsr.features import N_BINS
 from rtsr.hopbank import HopBank
 from rtsr.model import SuperResModel, bundled_path
 from rtsr.models.nets import Denoiser, Vocoder
+from rtsr.upscaler import Upscaler
 
 HERE = Path(__file__).resolve().parents[1]
 SR_IN = 16000
@@ -102,10 +103,9 @@ def rounds(n_streams: int, n_rounds: int, warmup: int, band_hz: float | None = N
 
 def _timed(model: ShapeStub, timer: Timer, n_streams: int, n_rounds: int, warmup: int,
            band_hz: float | None, waves: int) -> dict:
-    primer = Stream(model, SR_IN, 1, 20.0)  # one-off loading (compiled kernels, lazy imports) goes first
-    primer.push(speech_like(SR_IN, 0.1))
-    batch.step([primer])
-    del primer  # its slot is free again: the streams below take the bank's rows from the first
+    # one-off loading (compiled kernels, the band decision's too; lazy imports) goes first, as
+    # `rtsr serve` and `rtsr live` warm up; its stream is gone after, its bank rows free again
+    Upscaler(model).warm_up(SR_IN)
     streams = [Stream(model, SR_IN, 1, 20.0, seed=k) for k in range(n_streams)]
     x = speech_like(SR_IN, (n_rounds + warmup) * BLOCK / SR_IN + 0.1)
     if band_hz:
@@ -148,7 +148,6 @@ def service_rounds(n_streams: int, n_rounds: int, warmup: int) -> dict:
     a message, sequencing, the reply)."""
     from rtsr import protocol as P
     from rtsr.serve import Limits, Service
-    from rtsr.upscaler import Upscaler
 
     up = Upscaler(ShapeStub.like())
     service = Service({"basic": up}, "basic", Limits(max_streams=n_streams, max_streams_per_peer=n_streams))
