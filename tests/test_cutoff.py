@@ -157,6 +157,16 @@ def tracked(x: np.ndarray, block: int) -> list[tuple[int, Band, bool]]:
     return out
 
 
+def tracked_rows(x: np.ndarray, block: int) -> list[tuple[Band, np.ndarray]]:
+    """A band tracker alone fed x (48 kHz) in blocks as the engine feeds it: per block, its band
+    and the band rows of the block's frames."""
+    tracker, out = CutoffTracker(SR, 1), []
+    for i in range(0, len(x), block):
+        feed(tracker, x[i:i + block])
+        out.append((tracker.current, tracker.rows(i // HOP, (i + block) // HOP)))
+    return out
+
+
 def test_a_decision_is_the_same_whenever_its_tracker_makes_it():
     """Trackers at other turns make their decisions in other blocks (a server's streams that
     started together do not all decide in one round) and give every frame the same band."""
@@ -294,3 +304,24 @@ def test_spectra_committed_together_are_the_ones_committed_each_alone():
         for a, b in zip(together, alone, strict=True):
             assert (a.base, a.held, a.active) == (b.base, b.held, b.active) and np.array_equal(a.power, b.power)
     assert sum(lts.active for lts in together) > 0 and together[1].base > 0
+
+
+def test_trackers_fed_alike_commit_in_different_rounds_and_decide_alike():
+    """Streams that started together feed their trackers the same samples at the same time; each
+    commits its detector frames at a held count of its own (by its turn), so a round's FFT call
+    is not every tracker's at once, and each gives every frame the band a tracker alone gives."""
+    x = phone_then_full(3.0, 0.0)
+    trackers, block = [CutoffTracker(SR, 1) for _ in range(DECIDE_LAG)], SR // 50
+    committing, rows = [], [[] for _ in trackers]
+    for i in range(0, len(x), block):
+        committing.append(0)
+        for t, r in zip(trackers, rows, strict=True):
+            if (until := t.take(x[i:i + block])) is not None:
+                committing[-1] += t.spectrum.due(until) > 0
+                t.spectrum.commit(until)
+                t.decide()
+            r.append(t.rows(i // HOP, (i + block) // HOP))
+    assert sum(committing) > 2 * len(trackers) and max(committing) <= len(trackers) // 2
+    alone = [frames for _, frames in tracked_rows(x, block)]
+    assert all(np.array_equal(np.concatenate(r), np.concatenate(alone)) for r in rows)
+    assert abs(trackers[0].current.hz - 4000) < 500 and trackers[0].lowered
