@@ -192,14 +192,14 @@ class _Graph:
         """Entries 0..n-1 (store rows at[:n]) take these inputs (cutoff (T,) or one row per input)
         and a hop; the rest of `at` (distinct spare rows) keep their state. The n rows' spectra,
         in that order, on the CPU."""
-        m, h = N_MELS, self.host
+        m, h = N_MELS, self.host.numpy()  # packed by numpy: a third of torch's time for such small copies
         for part, t in ((slice(0, m), cond), (slice(m, 2 * m), low), (slice(2 * m, 3 * m), noise)):
-            h[:n, part] = t.to(h)
-        h[:n, 3 * m] = cutoff.to(h).expand(n, -1)
+            h[:n, part] = t.numpy(force=True)
+        h[:n, 3 * m] = cutoff.numpy(force=True)
         h[:, MASK] = 0.0
         h[:n, MASK] = 1.0
-        h[:, ROW] = torch.from_numpy(at).to(h)[:, None]
-        self.inputs.copy_(h, non_blocking=True)
+        h[:, ROW] = at[:, None]
+        self.inputs.copy_(self.host, non_blocking=True)
         if self.graph is None:
             self._step()
         else:
