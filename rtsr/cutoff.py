@@ -403,7 +403,8 @@ class CutoffTracker:
         self.turn = next(self._turns) % DECIDE_LAG + 1  # frames after its data are complete that it decides
         # ...and the samples it holds past COMMIT_FRAMES frames before it commits them: trackers fed
         # alike (streams that started together) commit in different rounds, not all in one
-        self.commit_at = DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP + self.turn * HOP % (COMMIT_FRAMES * DETECT_HOP)
+        offset = (self.turn * HOP) % (COMMIT_FRAMES * DETECT_HOP)
+        self.commit_at = DETECT_FFT + (COMMIT_FRAMES - 1) * DETECT_HOP + offset
 
     def take(self, x48: np.ndarray) -> int | None:
         """The stream's next 48 kHz samples (samples, channels; from its first sample on), kept.

@@ -202,9 +202,8 @@ def run_hops(streams: list[Stream], out: list[list[np.ndarray]], failed: dict[in
             ready = bank.ready_frames(first, all_in) > 0
             more += [idx[k] for k in np.flatnonzero(((n_of > 0) & ready) | has_left) if idx[k] not in failed]
             starved += [idx[k] for k in np.flatnonzero(has_left & ~ready) if idx[k] not in failed]
-        waiting = set(starved)
-        left = {id(s) for s in analyse([streams[i] for i in starved])} | {
-            id(streams[i]) for i in more if i not in waiting and id(streams[i]) in left}
+        # the streams analysed now say whether input is left; the others' input waits as it was
+        left = (left - {id(streams[i]) for i in starved}) | {id(s) for s in analyse([streams[i] for i in starved])}
         asking = more
 
 
